@@ -1,0 +1,152 @@
+"""The :class:`Family` adapter: what lvlm_probe needs to know about one VLM architecture.
+
+An adapter is data first: the module paths of the language model's layers, the vision tower's
+layers and the projector, written as dotted paths from the top-level Hugging Face model (as
+TransformerLens's ``supported_architectures`` declare them). The few behaviours that differ between
+families (how a prompt is templated, how placeholder tokens form image grids) are small methods.
+
+Subclasses register themselves: defining ``class Llava(Family)`` with a ``name`` is the only
+registration there is (see ``lvlm_probe.families``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import LayoutError
+from ..layout import ImageLayout, grid_from_run
+
+_REGISTRY: dict[str, type[Family]] = {}
+
+
+class Family:
+    """Base adapter. Class attributes are module paths (dotted, from the top-level HF model)."""
+
+    name: ClassVar[str]
+    hf_classes: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values, for checkpoints without `architectures`
+
+    # language model
+    lm_layers: ClassVar[str] = "model.language_model.layers"
+    lm_embed: ClassVar[str] = "model.language_model.embed_tokens"
+    lm_norm: ClassVar[str] = "model.language_model.norm"
+    lm_head: ClassVar[str] = "lm_head"
+    lm_attn: ClassVar[str] = "self_attn"  # relative to a layer
+    lm_attn_out: ClassVar[str] = "self_attn.o_proj"
+    lm_mlp: ClassVar[str] = "mlp"
+    # vision tower and projector
+    vision_layers: ClassVar[str | None] = "model.vision_tower.encoder.layers"
+    projector: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector",)
+    # config attributes
+    text_config_attr: ClassVar[str] = "text_config"
+    vision_config_attr: ClassVar[str] = "vision_config"
+
+    image_mode: ClassVar[str] = "tokens"
+    multi_image: ClassVar[bool] = True  # several images in one prompt
+    requires_image: ClassVar[bool] = False  # every prompt needs at least one image
+    nested_images: ClassVar[bool] = False  # the processor takes one list of images per prompt
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in _REGISTRY:
+                raise RuntimeError(f"family {cls.name!r} is defined twice")
+            _REGISTRY[cls.name] = cls
+
+    # --- configuration -------------------------------------------------------------------------
+    def text_config(self, config) -> Any:
+        return getattr(config, self.text_config_attr)
+
+    def vision_config(self, config) -> Any:
+        return getattr(config, self.vision_config_attr)
+
+    def n_vision_layers(self, config) -> int:
+        return self.vision_config(config).num_hidden_layers
+
+    def image_token_id(self, config, processor) -> int:
+        """Id of the placeholder token whose embeddings are replaced by image features."""
+        for attr in ("image_token_id", "image_token_index"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
+        return int(processor.image_token_id)
+
+    # --- prompts -------------------------------------------------------------------------------
+    def format_prompt(self, processor, prompt: str, n_images: int) -> str:
+        """The text passed to the processor: the user's prompt in the checkpoint's chat template with
+        the images first, ending with the generation prompt (the assistant's turn)."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def processor_images(self, images: list[list[Any]]) -> Any:
+        """The images argument for the processor, from one list of images per prompt."""
+        if self.nested_images:
+            return images
+        flat = [img for per_prompt in images for img in per_prompt]
+        return flat or None
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    # --- layout --------------------------------------------------------------------------------
+    def image_layouts(
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+    ) -> list[ImageLayout]:
+        """Split one example's placeholder positions into its images and their grids.
+
+        Args:
+            inputs: the processor's output for the whole batch.
+            example: index of the example in the batch.
+            image_ids: indices, in the batch's flat image list, of this example's images.
+            placeholders: sorted sequence positions of this example's placeholder tokens.
+
+        The default fits families with one fixed square grid per image.
+        """
+        return [
+            ImageLayout(index=k, grids=(square_grid(chunk),))
+            for k, chunk in enumerate(split_evenly(placeholders, len(image_ids)))
+        ]
+
+    def attended_grid(self, config) -> dict[str, tuple[int, int]]:
+        """For images outside the sequence: the grid of states the language model attends to."""
+        return {}
+
+
+def split_evenly(positions: Tensor, n: int) -> list[Tensor]:
+    """Split placeholder positions equally among ``n`` images (families with a fixed count)."""
+    if n == 0:
+        if positions.numel():
+            raise LayoutError(f"{positions.numel()} image placeholder tokens but no image")
+        return []
+    if positions.numel() % n:
+        raise LayoutError(f"{positions.numel()} image placeholder tokens do not split among {n} images")
+    return list(positions.split(positions.numel() // n))
+
+
+def split_counts(positions: Tensor, counts: list[int]) -> list[Tensor]:
+    """Split placeholder positions into runs of the given lengths, checking they add up."""
+    if sum(counts) != positions.numel():
+        raise LayoutError(
+            f"the images need {counts} placeholder tokens ({sum(counts)} in all) but the sequence "
+            f"holds {positions.numel()}"
+        )
+    return list(positions.split(counts))
+
+
+def square_grid(positions: Tensor, name: str = "patches") -> Any:
+    side = math.isqrt(positions.numel())
+    if side * side != positions.numel():
+        raise LayoutError(f"{positions.numel()} image tokens do not form a square grid")
+    return grid_from_run(positions, side, side, name=name)
+
+
+def registry() -> dict[str, type[Family]]:
+    return _REGISTRY
+
+
+def as_long(values) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.long)

@@ -1,0 +1,380 @@
+"""The :class:`LVLM` wrapper and :func:`load`.
+
+An ``LVLM`` holds a Hugging Face vision-language model, its processor and its family adapter. It
+prepares inputs (with a :class:`~lvlm_probe.layout.TokenLayout` per example), runs the HF model
+unchanged, and answers the questions a probe asks of it (next-token log-probabilities of answers).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from jaxtyping import Float
+from torch import Tensor
+
+from . import families
+from .errors import InputError, LVLMProbeError, UnsupportedModelError
+from .families.base import Family
+from .inputs import Batch, normalize
+from .layout import GROUPS, TokenLayout, locate_prompt
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(LVLMProbeError, OSError):
+    """A checkpoint that could not be read."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"bfloat16"``, ``torch.float16``, ... -> a torch dtype (None means float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise InputError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {sorted(_DTYPES)}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when it is available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'") from err
+
+
+class LVLM:
+    """A Hugging Face vision-language model with its processor and family adapter.
+
+    Args:
+        hf: the HF model (e.g. ``LlavaForConditionalGeneration``).
+        processor: its processor.
+        family: the adapter; found from ``hf.config`` when omitted.
+
+    Attributes:
+        hf, processor, family, tokenizer, config.
+    """
+
+    def __init__(self, hf: transformers.PreTrainedModel, processor: Any, family: Family | None = None):
+        self.hf = hf
+        self.processor = processor
+        self.family = family or families.for_config(hf.config)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Left padding keeps every example's last token at position -1, where answers are read.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # --- shape facts ---------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def text_config(self):
+        return self.family.text_config(self.config)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of language-model layers."""
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        """Attention heads per language-model layer."""
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the language model's residual stream."""
+        return int(self.text_config.hidden_size)
+
+    @property
+    def d_head(self) -> int:
+        return int(getattr(self.text_config, "head_dim", None) or self.d_model // self.n_heads)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.hf.get_output_embeddings().weight.shape[0])
+
+    @property
+    def vision_layers(self) -> int:
+        """Number of vision-tower layers."""
+        return int(self.family.n_vision_layers(self.config))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def image_token_id(self) -> int:
+        return self.family.image_token_id(self.config, self.processor)
+
+    def module(self, path: str) -> torch.nn.Module:
+        """The submodule at a dotted path of the HF model, e.g. ``family.lm_layers``."""
+        return self.hf.get_submodule(path)
+
+    # --- inputs --------------------------------------------------------------------------------
+    def prepare(self, images: Any = None, prompts: str | list[str] = "") -> Batch:
+        """Process images and prompts into model inputs with a token layout per example.
+
+        Args:
+            images: for one prompt, an image or a list of images; for a list of prompts, one entry
+                per prompt (an image, a list of images, or None). Images are PIL images, numpy
+                arrays ``[H, W, 3]`` or tensors ``[3, H, W]``.
+            prompts: a prompt or a list of prompts; each is placed in the checkpoint's chat
+                template after its images, ending with the assistant's turn.
+
+        Returns:
+            A :class:`Batch`; ``batch.inputs`` is exactly what the HF model receives.
+
+        Raises:
+            InputError: mismatched counts, a missing image where the family needs one, or more
+                images than the family takes.
+            ImageTypeError: an image of an unsupported type.
+
+        Example:
+            >>> batch = model.prepare(images=[img], prompts=["Is there a red heart?"])
+            >>> batch.layouts[0].positions("image")
+        """
+        images, prompts = normalize(images, prompts)
+        fam = self.family
+        for i, imgs in enumerate(images):
+            if fam.requires_image and not imgs:
+                raise InputError(
+                    f"prompt {i} ({prompts[i]!r}) has no image, but {fam.name} needs one image per prompt"
+                )
+            if not fam.multi_image and len(imgs) > 1:
+                raise InputError(
+                    f"prompt {i} has {len(imgs)} images, but {fam.name} takes at most one per prompt"
+                )
+        if any(images) and not all(images) and fam.nested_images:
+            raise InputError(
+                f"{fam.name} cannot batch prompts with and without images; got image counts "
+                f"{[len(x) for x in images]}"
+            )
+        texts = [fam.format_prompt(self.processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+        kwargs = dict(text=texts, return_tensors="pt", padding=True, **fam.processor_kwargs())
+        proc_images = fam.processor_images(images)
+        if proc_images is not None:
+            kwargs["images"] = proc_images
+        try:
+            inputs = self.processor(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise InputError(
+                f"the {type(self.processor).__name__} rejected the batch "
+                f"(image counts {[len(x) for x in images]}): {err}"
+            ) from err
+        layouts = [self._layout(inputs, i, images, prompts[i]) for i in range(len(prompts))]
+        inputs = inputs.to(self.device)
+        for key, value in inputs.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                inputs[key] = value.to(self.dtype)
+        return Batch(inputs=inputs, layouts=layouts, prompts=prompts, texts=texts, images=images)
+
+    def _layout(self, inputs, i: int, images: list[list], prompt: str) -> TokenLayout:
+        from .layout import ImageLayout
+
+        ids = inputs["input_ids"][i]
+        mask = inputs.get("attention_mask")
+        valid = mask[i].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        placeholders = ((ids == self.image_token_id) & valid).nonzero().flatten()
+        first = sum(len(x) for x in images[:i])
+        image_ids = list(range(first, first + len(images[i])))
+        image_layouts = self.family.image_layouts(
+            inputs, i, image_ids, placeholders, self.config, self.processor
+        )
+        sizes = [(img.height, img.width) for img in images[i]]
+        attended = self.family.attended_grid(self.config) if images[i] else {}
+        image_layouts = tuple(
+            ImageLayout(index=k, grids=lay.grids, separators=lay.separators, size=sizes[k],
+                        main=lay.main, attended=lay.attended or attended)
+            for k, lay in enumerate(image_layouts)
+        )
+        covered = torch.cat([lay.positions for lay in image_layouts]) if image_layouts else placeholders[:0]
+        if not torch.equal(covered.sort().values, placeholders):
+            raise LVLMProbeError(
+                f"internal: the {self.family.name} layout covers {covered.numel()} positions but "
+                f"the sequence holds {placeholders.numel()} image placeholders"
+            )
+        start = int(placeholders[-1]) + 1 if placeholders.numel() else int(valid.nonzero()[0])
+        prompt_pos, spans = locate_prompt(self.tokenizer, ids.tolist(), start, prompt)
+        prompt_pos = torch.tensor(prompt_pos, dtype=torch.long)
+        group_of = torch.full(ids.shape, 2, dtype=torch.long)  # template unless claimed below
+        group_of[~valid] = 3
+        group_of[placeholders] = 0
+        group_of[prompt_pos] = 1
+        groups = {g: (group_of == k).nonzero().flatten() for k, g in enumerate(GROUPS)}
+        return TokenLayout(
+            length=int(ids.numel()),
+            groups=groups,
+            images=image_layouts,
+            image_mode=self.family.image_mode,
+            tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids.tolist())),
+            prompt=prompt,
+            prompt_spans=torch.tensor(spans, dtype=torch.long).reshape(-1, 2),
+        )
+
+    # --- running -------------------------------------------------------------------------------
+    def forward(self, batch: Batch, *, grad: bool = False, **kwargs: Any):
+        """Run the HF model on ``batch.inputs`` and return its output unchanged.
+
+        Args:
+            grad: keep the autograd graph (for gradient attribution); off by default.
+            **kwargs: passed to the HF model (e.g. ``output_hidden_states=True``).
+        """
+        with torch.set_grad_enabled(grad):
+            return self.hf(**batch.inputs, **kwargs)
+
+    def generate(self, batch: Batch, max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
+        """Greedy generation; returns the new text of each example (special tokens removed)."""
+        kwargs.setdefault("do_sample", False)
+        with torch.no_grad():
+            out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, **kwargs)
+        new = out[:, batch.input_ids.shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def answer_token_ids(self, batch: Batch, answers: list[str | int] | list[list[str | int]]) -> Tensor:
+        """Token id that starts each answer after each example's text: ``[batch, n_answers]``.
+
+        An answer string is tokenized as it would continue the templated text (with a leading
+        space when the template does not end in whitespace), and its first token is kept; an int
+        is taken as a token id. ``answers`` is one list for the whole batch or one list per example.
+        """
+        if not answers:
+            raise InputError("answers is empty; expected e.g. ['yes', 'no']")
+        per_example = answers if isinstance(answers[0], (list, tuple)) else [answers] * len(batch)
+        if len(per_example) != len(batch):
+            raise InputError(f"got answers for {len(per_example)} examples, the batch has {len(batch)}")
+        rows = []
+        for text, row in zip(batch.texts, per_example):
+            rows.append([self._first_token(text, a) for a in row])
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _first_token(self, text: str, answer: str | int) -> int:
+        if isinstance(answer, int):
+            if not 0 <= answer < self.d_vocab:
+                raise InputError(f"answer token id {answer} is outside the vocabulary [0, {self.d_vocab})")
+            return answer
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"an answer must be a non-empty string or a token id, got {answer!r}")
+        joined = text + (answer if text[-1:].isspace() or answer[:1].isspace() else " " + answer)
+        base = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
+        k = 0
+        while k < min(len(base), len(full)) and base[k] == full[k]:
+            k += 1
+        if k >= len(full):
+            raise InputError(f"answer {answer!r} adds no token to the prompt text")
+        return int(full[k])
+
+    def answer_logprobs(
+        self, batch: Batch, answers: list[str | int] | list[list[str | int]]
+    ) -> Float[Tensor, "batch n_answers"]:
+        """Next-token log-probabilities of each answer's first token at the last position.
+
+        Returns:
+            ``[batch, n_answers]`` log-probabilities (float32).
+        """
+        ids = self.answer_token_ids(batch, answers)
+        logits = self.forward(batch).logits[:, -1].float()
+        return torch.log_softmax(logits, dim=-1).gather(1, ids)
+
+    # --- persistence and display ---------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save the model (safetensors) and processor in Hugging Face format; ``lp.load`` reads it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        return path
+
+    def summary(self) -> str:
+        n_params = sum(p.numel() for p in self.hf.parameters())
+        return (
+            f"{type(self.hf).__name__} (family {self.family.name}): {n_params / 1e6:.2f}M parameters, "
+            f"{self.vision_layers} vision layers, {self.n_layers} LM layers x {self.n_heads} heads, "
+            f"d_model={self.d_model}, vocab={self.d_vocab}, {self.dtype} on {self.device}"
+        )
+
+    def __repr__(self) -> str:
+        return f"LVLM({self.summary()})"
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    **hf_kwargs: Any,
+) -> LVLM:
+    """Load a supported vision-language model and its processor.
+
+    Args:
+        name_or_path: a Hugging Face hub id or a local directory in HF format (works offline
+            with ``HF_HUB_OFFLINE=1``).
+        device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        attn_implementation: ``"eager"``, ``"sdpa"``, ... passed to transformers.
+        trust_remote_code: off unless asked; only safetensors weights are read.
+        **hf_kwargs: passed to ``from_pretrained`` (e.g. ``device_map``, ``revision``).
+
+    Returns:
+        An :class:`LVLM` in eval mode.
+
+    Raises:
+        UnsupportedModelError: the checkpoint's class has no adapter (names the supported ones).
+        ModelLoadError: the checkpoint cannot be read.
+
+    Example:
+        >>> model = lp.load("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    source = str(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read a model config from {source!r}: {err}") from err
+    family = families.for_config(config)
+    archs = [a for a in (config.architectures or []) if a in family.hf_classes]
+    cls_name = archs[0] if archs else family.hf_classes[0]
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} has no class {cls_name}; upgrade transformers"
+        )
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(hf_kwargs)
+    try:
+        hf = cls.from_pretrained(source, **kwargs)
+        processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load {cls_name} from {source!r}: {err}") from err
+    if "device_map" not in hf_kwargs:
+        hf.to(torch_device)
+    hf.eval()
+    return LVLM(hf, processor, family)
+
+
