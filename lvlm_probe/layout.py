@@ -163,14 +163,20 @@ class TokenLayout:
             keep |= (self.prompt_spans[:, 0] < end) & (self.prompt_spans[:, 1] > start)
         return self.groups["prompt"][keep]
 
+    def describe_images(self) -> str:
+        """One line per image: its grids and separators, e.g. ``base 4x4 + tiles 8x6 + 8 newline``."""
+        lines = []
+        for img in self.images:
+            parts = [f"{g.name} {g.shape[0]}x{g.shape[1]}" for g in img.grids]
+            parts += [f"{len(p)} {name}" for name, p in img.separators.items()]
+            parts += [f"attends {name} {r}x{c}" for name, (r, c) in img.attended.items()]
+            lines.append(" + ".join(parts))
+        return "\n".join(lines)
+
     def summary(self) -> str:
         counts = ", ".join(f"{g}={len(self.groups[g])}" for g in GROUPS)
-        grids = "; ".join(
-            " + ".join(f"{g.name} {g.shape[0]}x{g.shape[1]}" for g in img.grids)
-            + "".join(f" + {len(p)} {name}" for name, p in img.separators.items())
-            for img in self.images
-        )
-        return f"TokenLayout(length={self.length}, {counts}, images=[{grids}], mode={self.image_mode})"
+        grids = "; ".join(self.describe_images().splitlines())
+        return f"TokenLayout(length={self.length}, {counts}, images=({grids}), mode={self.image_mode})"
 
     __repr__ = summary
 
@@ -210,9 +216,15 @@ def locate_prompt(
     text = tokenizer.decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     if "".join(pieces) == text:
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
-    else:  # tokenizers whose pieces depend on context (sentencepiece's leading space)
-        ends = [len(tokenizer.decode(tail[: k + 1], skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)) for k in range(len(tail))]
+    else:
+        # Context-dependent pieces (sentencepiece's leading space) or characters split across
+        # byte-level tokens: decode growing prefixes. A prefix that ends inside a character decodes
+        # to a trailing U+FFFD; that token gets zero width and joins the token that completes it.
+        ends = []
+        for k in range(len(tail)):
+            prefix = tokenizer.decode(tail[: k + 1], skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+            ends.append(max(len(prefix.rstrip("\ufffd")), ends[-1] if ends else 0))
     target = prompt
     at = text.find(target)
     if at < 0:
@@ -224,13 +236,16 @@ def locate_prompt(
             "changed the prompt text (normalisation?), so prompt positions cannot be derived"
         )
     offset = prompt.find(target)
+    stop = at + len(target)
+    begins = [0] + ends[:-1]
+    inside = [b < stop and e > at and e > b for b, e in zip(begins, ends)]
+    for k in range(len(tail) - 2, -1, -1):  # zero-width tokens belong with the token after them
+        if begins[k] == ends[k]:
+            inside[k] = inside[k + 1]
     positions, spans = [], []
-    begin = 0
-    for k, end in enumerate(ends):
-        if begin < at + len(target) and end > at and end > begin:
-            lo = max(begin, at) - at + offset
-            hi = min(end, at + len(target)) - at + offset
+    for k, (b, e) in enumerate(zip(begins, ends)):
+        if inside[k]:
+            lo, hi = (max(b, at), min(e, stop)) if e > b else (max(b, at),) * 2
             positions.append(start + k)
-            spans.append((lo, hi))
-        begin = end
+            spans.append((lo - at + offset, hi - at + offset))
     return positions, spans
