@@ -172,6 +172,11 @@ class LVLM:
             )
         texts = [fam.format_prompt(self.processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
         kwargs = dict(text=texts, return_tensors="pt", padding=True, **fam.processor_kwargs())
+        bos = self.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in texts):
+            # The chat template already wrote BOS (Gemma 3, Llama 3): don't let the tokenizer add
+            # a second one, as apply_chat_template(tokenize=True) would not.
+            kwargs["add_special_tokens"] = False
         proc_images = fam.processor_images(images)
         if proc_images is not None:
             kwargs["images"] = proc_images
@@ -254,8 +259,8 @@ class LVLM:
     def answer_token_ids(self, batch: Batch, answers: list[str | int] | list[list[str | int]]) -> Tensor:
         """Token id that starts each answer after each example's text: ``[batch, n_answers]``.
 
-        An answer string is tokenized as it would continue the templated text (with a leading
-        space when the template does not end in whitespace), and its first token is kept; an int
+        An answer string is tokenized as it would continue the text the model sees (with a leading
+        space when that text does not end in whitespace), and its first token is kept; an int
         is taken as a token id. ``answers`` is one list for the whole batch or one list per example.
         """
         if not answers:
@@ -264,9 +269,18 @@ class LVLM:
         if len(per_example) != len(batch):
             raise InputError(f"got answers for {len(per_example)} examples, the batch has {len(batch)}")
         rows = []
-        for text, row in zip(batch.texts, per_example):
-            rows.append([self._first_token(text, a) for a in row])
+        for i, row in enumerate(per_example):
+            context = self._context_text(batch, i)
+            rows.append([self._first_token(context, a) for a in row])
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _context_text(self, batch: Batch, i: int, n_tokens: int = 8) -> str:
+        """The text of the last tokens the model actually sees (after the processor's own
+        additions, e.g. PaliGemma's trailing newline), for tokenizing an answer after it."""
+        layout = batch.layouts[i]
+        valid = layout.positions("all")
+        tail = batch.input_ids[i, valid[-n_tokens:]].tolist()
+        return self.tokenizer.decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _first_token(self, text: str, answer: str | int) -> int:
         if isinstance(answer, int):

@@ -85,7 +85,8 @@ class Family:
     def processor_images(self, images: list[list[Any]]) -> Any:
         """The images argument for the processor, from one list of images per prompt."""
         if self.nested_images:
-            return images
+            # A nested list of empty lists makes image processors fail; no image means None.
+            return images if any(images) else None
         flat = [img for per_prompt in images for img in per_prompt]
         return flat or None
 

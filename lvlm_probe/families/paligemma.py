@@ -1,0 +1,34 @@
+"""PaliGemma (``PaliGemmaForConditionalGeneration``): SigLIP vision tower, linear projector, Gemma LM.
+
+There is no chat template. The processor takes ``<image>`` tokens followed by the bare prompt,
+expands each ``<image>`` into ``image_seq_length`` placeholders, inserts BOS after the last one and
+appends a newline: ``<image> x N <bos> prompt \\n``. Each image is one fixed square grid of
+(image_size / patch_size)^2 tokens, so the base class's layout applies.
+"""
+from __future__ import annotations
+
+from .base import Family
+
+
+class PaliGemma(Family):
+    name = "paligemma"
+    hf_classes = ("PaliGemmaForConditionalGeneration",)
+    model_types = ("paligemma",)
+    lm_layers = "model.language_model.layers"
+    lm_embed = "model.language_model.embed_tokens"
+    lm_norm = "model.language_model.norm"
+    vision_layers = "model.vision_tower.encoder.layers"
+    projector = ("model.multi_modal_projector",)
+
+    # PaliGemmaProcessor.validate_inputs raises without images; several images per prompt are
+    # accepted (each "<image>" is expanded and the model fills them in order).
+    requires_image = True
+    multi_image = True
+
+    def format_prompt(self, processor, prompt: str, n_images: int) -> str:
+        """``<image>`` once per image, then the bare prompt.
+
+        Writing the image tokens ourselves keeps the processor off its warning path (which infers
+        them); the processor then adds BOS after the last image token and the trailing newline.
+        """
+        return processor.image_token * n_images + prompt
