@@ -84,17 +84,22 @@ def test_forward_equals_hf_and_layout_accounts_for_every_image_token(reloaded, i
 
 
 def test_batch_of_examples_with_padding(reloaded, images):
-    """Two prompts of different lengths in one batch: each layout matches the example processed alone."""
+    """Two prompts of different lengths in one batch: each layout matches the example processed
+    alone, mapped through the batch row's non-pad positions (padding is usually on the left, but
+    BLIP-2's processor puts the query tokens before it)."""
     model = reloaded
     prompts = ["Is there a heart?", PROMPT]
     batch = model.prepare(images=[[images[0]], [images[1]]], prompts=prompts)
     for i, prompt in enumerate(prompts):
-        alone = model.prepare(images=[[images[i]]], prompts=[prompt]).layouts[0]
-        pad = batch.layouts[i].positions("pad").numel()
-        assert batch.layouts[i].length == alone.length + pad
+        single = model.prepare(images=[[images[i]]], prompts=[prompt])
+        alone, batched = single.layouts[0], batch.layouts[i]
+        pad = batched.positions("pad").numel()
+        assert batched.length == alone.length + pad
+        kept = batched.positions("all")  # the unpadded example's positions, in order
+        assert torch.equal(batch.input_ids[i, kept], single.input_ids[0])
         for group in ("image", "prompt", "template"):
-            assert torch.equal(batch.layouts[i].positions(group), alone.positions(group) + pad)
-        assert batch.layouts[i].image_grids == alone.image_grids
+            assert torch.equal(batched.positions(group), kept[alone.positions(group)])
+        assert batched.image_grids == alone.image_grids
 
 
 def test_answer_logprobs_match_logits(reloaded, images):
