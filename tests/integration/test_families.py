@@ -110,3 +110,20 @@ def test_answer_logprobs_match_logits(reloaded, images):
     assert torch.allclose(model.answer_logprobs(batch, ["yes", "no"]),
                           logits.log_softmax(-1).gather(1, ids))
     assert ids[0, 0] != ids[0, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_stay_small_and_deterministic(family, tmp_path, monkeypatch):
+    """Tiny checkpoints stay under 5 MB; a rebuild from the same seed gives the same weights,
+    another seed different ones."""
+    from lvlm_probe.zoo.tiny import build_dir
+
+    path = build_dir(family, seed=0)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 5 * 2**20, f"{family}: {size / 2**20:.1f} MB"
+    first = lp.zoo.tiny(family, seed=0, device="cpu").hf.state_dict()
+    monkeypatch.setenv("LVLM_PROBE_CACHE", str(tmp_path))  # force a rebuild
+    rebuilt = lp.zoo.tiny(family, seed=0, device="cpu").hf.state_dict()
+    other = lp.zoo.tiny(family, seed=1, device="cpu").hf.state_dict()
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
