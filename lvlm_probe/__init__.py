@@ -6,7 +6,7 @@ Example:
     >>> batch = model.prepare(images=[img], prompts=["Is there a red heart?"])
     >>> model.answer_logprobs(batch, ["yes", "no"])
 """
-from . import errors, families, zoo
+from . import bench, errors, families, worlds, zoo
 from .errors import (HookNameError, ImageTypeError, InputError, LayoutError, LVLMProbeError,
                      StoreError, UnsupportedModelError)
 from .inputs import Batch
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LVLM", "Batch", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
+    "worlds", "bench",
     "LVLMProbeError", "UnsupportedModelError", "InputError", "ImageTypeError", "LayoutError",
     "HookNameError", "StoreError", "ModelLoadError", "__version__",
 ]

@@ -69,21 +69,83 @@ def layout(
 @app.command()
 def demo(
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if available)"),
+    n: int = typer.Option(60, help="questions per level and split asked of shapes-llava"),
 ) -> None:
-    """Run every supported family on one picture and show its token layout."""
-    _quiet_transformers()
-    from . import demo as demo_lib, families
+    """The main job on the shipped reference model, then every family's token layout."""
+    from . import demo as demo_lib, families, zoo
 
+    _quiet_transformers()
+    if "shapes-llava" in zoo.checkpoints():
+        console.rule("shapes-llava on fresh ShapesWorld questions")
+        report = demo_lib.reference_report(n=n, device=device)
+        console.print(report.summary)
+        console.print(_table(report.examples, title="One question per split and level"))
+        console.print(_table(report.accuracy, title="Accuracy per split and level"))
+        console.print(_table(_frame(report.priors), title="The training priors in its answers"))
+
+    console.rule("Every supported family (tiny random weights) on one picture")
     names = families.names()
-    table = Table("family", "class", "image tokens", "prompt", "template",
-                  "per image", "P(yes)", title="Token layout of one picture and prompt, per family")
+    table = Table("family", "class", "image tokens", "prompt", "template", "per image", "P(yes)")
     reports = demo_lib.run(family_names=names, device=device)
     for report in track(reports, total=len(names), description="tiny models", console=console):
         table.add_row(report.family, report.hf_class.removesuffix("ForConditionalGeneration"),
-                      str(report.counts["image"]),
-                      str(report.counts["prompt"]), str(report.counts["template"]),
-                      escape(report.images), f"{report.p_yes:.3f}")
+                      str(report.counts["image"]), str(report.counts["prompt"]),
+                      str(report.counts["template"]), escape(report.images), f"{report.p_yes:.3f}")
     console.print(table)
+
+
+def _frame(figures: dict[str, float]):
+    import pandas as pd
+
+    return pd.DataFrame({"figure": list(figures), "value": list(figures.values())})
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="Reference models: train and evaluate.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument("shapes-llava", help="the reference model to train"),
+    out: Path = typer.Option(Path("shapes-llava"), help="output folder (resumes a run found there)"),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda if available)"),
+) -> None:
+    """Train a reference model on ShapesWorld with its recorded recipe."""
+    from .zoo import train as train_lib
+    from .zoo.shapes_llava import NAME
+
+    if name != NAME:
+        raise typer.BadParameter(f"unknown reference model {name!r}; expected {NAME!r}")
+    path = train_lib.train(out, device=device)
+    console.print(f"saved to {path}")
+
+
+@zoo_app.command("eval")
+def zoo_eval(
+    model: str = typer.Argument("shapes-llava", help="shipped checkpoint name, directory, or tiny:<family>"),
+    n: int = typer.Option(300, help="questions per level and split"),
+    seed: int = typer.Option(1000, help="world seed of the questions (not the training seed)"),
+    device: str = typer.Option(None),
+) -> None:
+    """Accuracy per level on typical and counterfactual ShapesWorld questions."""
+    from .zoo import evaluate
+
+    _quiet_transformers()
+    from .bench import accuracy_by
+
+    lvlm = _load(model, device, None)
+    results = evaluate.answers(lvlm, n=n, seed=seed)
+    table = accuracy_by(results, "split", "level")
+    console.print(_table(table, title=f"{model}: accuracy on fresh questions (world seed {seed})"))
+    for key, value in evaluate.prior_figures(results).items():
+        console.print(f"{key}: {value:.3f}")
+
+
+def _table(frame, title: str | None = None) -> Table:
+    table = Table(*map(str, frame.columns), title=title)
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else escape(str(v)) for v in row))
+    return table
 
 
 def _load(model: str, device: str | None, dtype: str | None):
@@ -92,6 +154,8 @@ def _load(model: str, device: str | None, dtype: str | None):
     _quiet_transformers()
     if model.startswith("tiny:"):
         return lp.zoo.tiny(model.removeprefix("tiny:"), device=device, dtype=dtype)
+    if model in lp.zoo.checkpoints():
+        return lp.zoo.load(model, device=device, dtype=dtype)
     return lp.load(model, device=device, dtype=dtype)
 
 

@@ -45,6 +45,7 @@ def build_tokenizer(
     vocab_size: int = 512,
     chat_template: str | None = None,
     add_bos: bool = False,
+    corpus: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer whose special tokens are never split.
 
@@ -57,6 +58,7 @@ def build_tokenizer(
         vocab_size: target size of the BPE vocabulary, special tokens included.
         chat_template: Jinja chat template to attach.
         add_bos: prepend ``bos_token`` to every encoded sequence, as Llama-style tokenizers do.
+        corpus: sentences to train the merges on (default: a small set about ShapesWorld scenes).
 
     Returns:
         A ``PreTrainedTokenizerFast`` that ``save_pretrained``/``from_pretrained`` round-trip.
@@ -72,7 +74,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.train_from_iterator(corpus or _corpus(), trainer=trainer)
     if add_bos and bos_token:
         from tokenizers import processors
 

@@ -1,0 +1,55 @@
+"""Ground-truth object masks of a scene: which object covers each pixel or image patch.
+
+The masks come from the same polygons as the rendered image, so they are the reference for
+anything spatial: a heatmap's mass on the object asked about, or per-patch labels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from einops import rearrange
+from PIL import Image, ImageDraw
+
+from ..errors import InputError
+from .render import SUPERSAMPLE, outline
+from .scene import Scene
+
+
+def object_mask(scene: Scene, size: int | None = None) -> np.ndarray:
+    """``[size, size]`` int array: 0 for background, ``k + 1`` where object ``k`` covers most of
+    the pixel.
+
+    Drawn like the image (``SUPERSAMPLE`` x finer, later objects on top) and reduced per pixel to
+    the label of most sub-samples, so a pixel labelled ``k + 1`` is at least half object ``k``'s
+    colour in the rendered image.
+    """
+    size = scene.image_size if size is None else int(size)
+    big = size * SUPERSAMPLE
+    canvas = Image.new("I", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    scale = big / scene.image_size
+    for k, obj in enumerate(scene.objects):
+        x0, y0, x1, y1 = (v * scale for v in obj.bbox)
+        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        draw.polygon([(cx + px * hw, cy + py * hh) for px, py in outline(obj.shape)], fill=k + 1)
+    samples = rearrange(np.asarray(canvas, dtype=np.int64), "(h a) (w b) -> h w (a b)",
+                        a=SUPERSAMPLE, b=SUPERSAMPLE)
+    counts = np.stack([(samples == k).sum(-1) for k in range(len(scene.objects) + 1)], axis=-1)
+    return counts.argmax(-1)
+
+
+def patch_objects(scene: Scene, grid: int, min_fraction: float = 0.125, size: int | None = None) -> np.ndarray:
+    """``[grid, grid]`` int array: the object (``k + 1``) covering most of each patch, 0 if no
+    object covers at least ``min_fraction`` of it.
+
+    Raises:
+        InputError: if the image side is not a multiple of ``grid``.
+    """
+    mask = object_mask(scene, size)
+    if mask.shape[0] % grid:
+        raise InputError(f"image side {mask.shape[0]} is not a multiple of the grid {grid}")
+    patches = rearrange(mask, "(r h) (c w) -> r c (h w)", r=grid, c=grid)
+    counts = np.stack([(patches == k).sum(-1) for k in range(len(scene.objects) + 1)], axis=-1)
+    counts[..., 0] = 0
+    best = counts.argmax(-1)
+    enough = counts.max(-1) >= min_fraction * patches.shape[-1]
+    return np.where(enough, best, 0)

@@ -1,0 +1,101 @@
+"""shapes-llava: a standard ``LlavaForConditionalGeneration`` trained on ShapesWorld.
+
+This module holds the recipe (world settings, architecture, optimisation) and builds the untrained
+model, tokenizer and processor from it; :mod:`lvlm_probe.zoo.train` trains it. The recipe that
+produced the shipped checkpoint is saved beside it as ``recipe.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaImageProcessor, LlavaProcessor)
+
+from ..worlds import ShapesWorld
+from .tiny.llava import CHAT_TEMPLATE
+from .tiny.tokenizer import build_tokenizer
+
+NAME = "shapes-llava"
+COMMAND = "lvlm-probe zoo train shapes-llava"
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a shapes-llava training run.
+
+    Attributes:
+        seed: seed of the weights' initialisation and of the training stream's world.
+        world: keyword arguments of :class:`~lvlm_probe.worlds.ShapesWorld` for the training stream
+            (the priors it teaches live here).
+        steps, batch_size, lr, warmup, weight_decay: optimisation.
+        vision, text: CLIP vision tower and Llama language model sizes.
+        caption_rate: share of training examples that ask for a caption instead of a question.
+        vision_steps, vision_batch_size, vision_lr: stage 1, per-patch pre-training of the vision
+            tower (see :mod:`lvlm_probe.zoo.vision_pretrain`).
+        vocab_size: BPE vocabulary size of the tokenizer trained on the world's corpus.
+    """
+
+    seed: int = 0
+    world: dict[str, Any] = field(default_factory=lambda: dict(
+        image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.8))
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    vision: dict[str, int] = field(default_factory=lambda: dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        patch_size=8))
+    text: dict[str, int] = field(default_factory=lambda: dict(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256))
+    vocab_size: int = 400
+    caption_rate: float = 0.25
+    vision_steps: int = 600
+    vision_batch_size: int = 64
+    vision_lr: float = 2e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def training_world(self) -> ShapesWorld:
+        return ShapesWorld(seed=self.seed, **self.world)
+
+
+def build_untrained(recipe: Recipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The randomly initialised model and its processor (call under a seeded RNG)."""
+    world = recipe.training_world()
+    tokenizer = build_tokenizer(
+        ["<image>"], bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_attributes={"image_token": "<image>"}, add_bos=True, vocab_size=recipe.vocab_size,
+        corpus=world.corpus() + ["USER: ASSISTANT:", CAPTION_PROMPT],
+    )
+    image_size = recipe.world["image_size"]
+    vision = dict(recipe.vision)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=image_size, **vision),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, **recipe.text),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # a 4-layer tower has no spare layer to skip, unlike CLIP-L's -2
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=vision["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
