@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import families
-from .errors import InputError, LVLMProbeError, UnsupportedModelError
+from .errors import InputError, LayoutError, LVLMProbeError, UnsupportedModelError
 from .families.base import Family
 from .inputs import Batch, normalize
 from .layout import GROUPS, TokenLayout, locate_prompt
@@ -219,8 +219,16 @@ class LVLM:
                 f"internal: the {self.family.name} layout covers {covered.numel()} positions but "
                 f"the sequence holds {placeholders.numel()} image placeholders"
             )
-        start = int(placeholders[-1]) + 1 if placeholders.numel() else int(valid.nonzero()[0])
-        prompt_pos, spans = locate_prompt(self.tokenizer, ids.tolist(), start, prompt)
+        first = int(valid.nonzero()[0])
+        start = int(placeholders[-1]) + 1 if placeholders.numel() else first
+        try:
+            prompt_pos, spans = locate_prompt(self.tokenizer, ids.tolist(), start, prompt)
+        except LayoutError:
+            if start == first:
+                raise
+            # templates that put the question before the image
+            prompt_pos, spans = locate_prompt(self.tokenizer, ids.tolist(), first, prompt)
+            prompt_pos = [p for p in prompt_pos if p < int(placeholders[0])] or prompt_pos
         prompt_pos = torch.tensor(prompt_pos, dtype=torch.long)
         group_of = torch.full(ids.shape, 2, dtype=torch.long)  # template unless claimed below
         group_of[~valid] = 3

@@ -14,12 +14,22 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           LlavaImageProcessor, LlavaProcessor)
 
 from ..worlds import ShapesWorld
-from .tiny.llava import CHAT_TEMPLATE
 from .tiny.tokenizer import build_tokenizer
 
 NAME = "shapes-llava"
 COMMAND = "lvlm-probe zoo train shapes-llava"
 CAPTION_PROMPT = "Describe the image."
+
+# LLaVA's chat format with the question before the image, an order LLaVA's own instruction data
+# uses too: every image token can then attend to the question, so a model this small learns to
+# match the asked shape at the image tokens themselves instead of only at the answer position.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + '\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'user' %}{{ ' ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -41,20 +51,20 @@ class Recipe:
     seed: int = 0
     world: dict[str, Any] = field(default_factory=lambda: dict(
         image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.8))
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 150
+    lr: float = 2e-3
+    warmup: int = 200
     weight_decay: float = 0.01
     vision: dict[str, int] = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        patch_size=8))
+        patch_size=16))
     text: dict[str, int] = field(default_factory=lambda: dict(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=256))
     vocab_size: int = 400
     caption_rate: float = 0.25
-    vision_steps: int = 600
+    vision_steps: int = 1500
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
 
@@ -76,7 +86,7 @@ def build_untrained(recipe: Recipe) -> tuple[LlavaForConditionalGeneration, Llav
     tokenizer = build_tokenizer(
         ["<image>"], bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         extra_attributes={"image_token": "<image>"}, add_bos=True, vocab_size=recipe.vocab_size,
-        corpus=world.corpus() + ["USER: ASSISTANT:", CAPTION_PROMPT],
+        corpus=world.corpus() + [CAPTION_PROMPT] + ["USER: <image> ASSISTANT:"] * 50,
     )
     image_size = recipe.world["image_size"]
     vision = dict(recipe.vision)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .shapes_llava import CAPTION_PROMPT, COMMAND, Recipe, build_untrained
-from .vision_pretrain import PatchHeads, patch_targets, vision_loss
+from .vision_pretrain import PatchHeads, patch_targets, vision_loss, word_table
 
 STATE = "train_state"  # subfolder of the output holding the resumable state
 VISION_STREAM = 10**8  # stage 1 reads the training stream from here on, apart from stage 2's examples
@@ -159,8 +159,9 @@ def train(
         torch.manual_seed(recipe.seed)
         model, processor = build_untrained(recipe)
         cfg = world.config
+        grid = recipe.world["image_size"] // recipe.vision["patch_size"]
         heads = PatchHeads(model.config.vision_config.hidden_size, len(cfg.shapes), len(cfg.colors),
-                           len(cfg.sizes))
+                           len(cfg.sizes), grid)
     model.to(device)
     heads.to(device)
     state_dir = out / STATE
@@ -170,11 +171,13 @@ def train(
     bar = tqdm(total=total, initial=done, desc="training shapes-llava", disable=not progress)
     losses: list[float] = []
     tower = model.model.vision_tower
-    grid = recipe.world["image_size"] // recipe.vision["patch_size"]
 
-    # Stage 1: the vision tower learns per-patch shape, colour and size.
+    # Stage 1: the vision tower learns per-patch shape, colour and size; the projector maps each
+    # patch onto the word embeddings naming its object.
+    projector = model.model.multi_modal_projector
+    words = word_table(cfg, processor.tokenizer, model.get_input_embeddings())
     if done < recipe.vision_steps:
-        params = list(tower.parameters()) + list(heads.parameters())
+        params = list(tower.parameters()) + list(heads.parameters()) + list(projector.parameters())
         optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
         modules = {"model": model, "heads": heads}
         if done:
@@ -188,7 +191,7 @@ def train(
             targets = patch_targets(cfg, scenes, grid).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = _schedule(recipe.vision_lr, recipe.warmup, recipe.vision_steps, step)
-            loss = vision_loss(tower, heads, pixels, targets)
+            loss = vision_loss(tower, heads, pixels, targets, projector, words)
             _step(optimizer, loss, params)
             losses.append(round(loss.item(), 5))
             _report(bar, losses, "vision", on_step, step)
@@ -210,7 +213,7 @@ def train(
         batch = collate(processor, training_batch(world, recipe, step), device)
         for group in optimizer.param_groups:
             group["lr"] = _schedule(recipe.lr, recipe.warmup, recipe.steps, step)
-        loss = model(**batch).loss
+        loss = example_mean_loss(model, batch)
         _step(optimizer, loss, params)
         losses.append(round(loss.item(), 5))
         _report(bar, losses, "answers", on_step, recipe.vision_steps + step)
@@ -227,6 +230,22 @@ def train(
          "torch": torch.__version__, "threads": torch.get_num_threads()}))
     shutil.rmtree(state_dir, ignore_errors=True)
     return out
+
+
+def example_mean_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy averaged over each example's answer tokens, then over examples.
+
+    HF's loss averages over all tokens of the batch, which would let a 20-token caption outweigh a
+    one-word answer twentyfold; here every example counts the same.
+    """
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)
+    counted = (targets != -100).sum(1).clamp_min(1)
+    return (per_token.sum(1) / counted).mean()
 
 
 def _step(optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:

@@ -1,10 +1,12 @@
-"""Stage 1 of shapes-llava training: teach the vision tower what is where.
+"""Stage 1 of shapes-llava training: teach the vision tower what is where, and align the projector.
 
 Each patch token of the CLIP vision tower is trained to predict the shape, colour and size of the
 object covering its patch (or background), read off the world's ground-truth object masks. This is
 dense supervision (one label per patch) that a from-scratch tower learns in minutes, playing the
-role CLIP pre-training plays for LLaVA: stage 2 then trains the projector and the language model on
-the frozen tower, as LLaVA does.
+role CLIP pre-training plays for LLaVA. At the same time the projector learns to map each patch into
+the language model's input-embedding space, onto the sum of the embeddings of the words naming its
+object ("small", "red", "heart"); that is what LLaVA's feature-alignment stage achieves with
+captions. Stage 2 then trains the projector and the language model on the frozen tower.
 """
 from __future__ import annotations
 
@@ -16,19 +18,27 @@ from ..worlds.masks import patch_objects
 
 
 class PatchHeads(nn.Module):
-    """Linear read-outs of shape, colour and size from each patch state (0 = background)."""
+    """Linear read-outs from each patch state of its object's shape, colour and size (0 =
+    background) and of the patch's own row and column, so that what and where both stay linearly
+    readable for the language model."""
 
-    def __init__(self, d_model: int, n_shapes: int, n_colors: int, n_sizes: int):
+    def __init__(self, d_model: int, n_shapes: int, n_colors: int, n_sizes: int, grid: int):
         super().__init__()
         self.shape = nn.Linear(d_model, n_shapes + 1)
         self.color = nn.Linear(d_model, n_colors + 1)
         self.size = nn.Linear(d_model, n_sizes + 1)
+        self.row = nn.Linear(d_model, grid)
+        self.col = nn.Linear(d_model, grid)
+        self.grid = grid
 
     def loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """states ``[batch, patches, d]``; targets ``[batch, 3, patches]`` -> mean cross-entropy."""
-        heads = (self.shape, self.color, self.size)
-        return sum(nn.functional.cross_entropy(head(states).flatten(0, 1), targets[:, k].flatten())
-                   for k, head in enumerate(heads)) / 3
+        cells = torch.arange(states.shape[1], device=states.device)
+        where = torch.stack([cells // self.grid, cells % self.grid]).unsqueeze(0).expand(len(states), -1, -1)
+        heads = ((self.shape, targets[:, 0]), (self.color, targets[:, 1]), (self.size, targets[:, 2]),
+                 (self.row, where[:, 0]), (self.col, where[:, 1]))
+        return sum(nn.functional.cross_entropy(head(states).flatten(0, 1), target.flatten())
+                   for head, target in heads) / len(heads)
 
 
 def patch_targets(config, scenes, grid: int) -> torch.Tensor:
@@ -44,7 +54,27 @@ def patch_targets(config, scenes, grid: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def vision_loss(vision_tower, heads: PatchHeads, pixel_values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Loss of the patch states (the CLS state is dropped, as LLaVA's "default" strategy does)."""
+def word_table(config, tokenizer, embed: nn.Embedding) -> torch.Tensor:
+    """``[3, max_values + 1, d]``: input embeddings of each shape / colour / size word, as it appears
+    after a space in a prompt (row 0 of each attribute, background, is zero)."""
+    groups = (config.shapes, config.colors, config.sizes)
+    table = torch.zeros(3, max(map(len, groups)) + 1, embed.embedding_dim)
+    with torch.no_grad():
+        for a, words in enumerate(groups):
+            for v, word in enumerate(words):
+                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+                table[a, v + 1] = embed.weight[ids].sum(0).float().cpu()
+    return table
+
+
+def vision_loss(vision_tower, heads: PatchHeads, pixel_values: torch.Tensor, targets: torch.Tensor,
+                projector: nn.Module | None = None, words: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch-label loss of the patch states (the CLS state is dropped, as LLaVA's "default" strategy
+    does), plus, with a projector, the relative squared error between each projected patch and the
+    sum of its object's word embeddings."""
     states = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
-    return heads.loss(states, targets)
+    loss = heads.loss(states, targets)
+    if projector is not None:
+        goal = sum(words[a].to(states.device)[targets[:, a]] for a in range(3))  # [batch, patches, d]
+        loss = loss + ((projector(states) - goal) ** 2).mean() / (goal ** 2).mean().clamp_min(1e-12)
+    return loss

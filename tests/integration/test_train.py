@@ -63,3 +63,20 @@ def test_training_lowers_the_loss(tmp_path):
     train(tmp_path / "m", recipe, device="cpu", progress=False,
           on_step=lambda step, loss: losses.append(loss))
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_every_example_counts_the_same_in_the_loss():
+    """The batch loss is the mean of each example's own loss (HF's would weight by token count)."""
+    from lvlm_probe.zoo.shapes_llava import build_untrained
+    from lvlm_probe.zoo.train import collate, example_mean_loss, training_batch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, processor = build_untrained(MICRO)
+    recipe = dataclasses.replace(MICRO, batch_size=4, caption_rate=0.5)
+    examples = training_batch(recipe.training_world(), recipe, 0)
+    assert {len(a.split()) > 1 for _, _, a in examples} == {True, False}  # captions and one-word answers
+    with torch.no_grad():
+        batched = example_mean_loss(model, collate(processor, examples, torch.device("cpu")))
+        alone = [model(**collate(processor, [ex], torch.device("cpu"))).loss for ex in examples]
+    assert torch.allclose(batched, torch.stack(alone).mean(), atol=1e-5)

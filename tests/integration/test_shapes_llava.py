@@ -1,0 +1,57 @@
+"""The shipped reference model: loads offline, answers ShapesWorld questions from a world seed it
+never saw in training, and shows the priors it was given (the acceptance figures of shapes-llava)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lvlm_probe as lp
+from lvlm_probe.bench import accuracy_by
+from lvlm_probe.zoo import evaluate
+from lvlm_probe.zoo.shapes_llava import COMMAND, Recipe
+
+pytestmark = pytest.mark.skipif("shapes-llava" not in lp.zoo.checkpoints(),
+                                reason="shapes-llava checkpoint not shipped")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lp.zoo.load("shapes-llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def results(model):
+    return evaluate.answers(model, n=150, seed=evaluate.EVAL_SEED + 7, progress=False)
+
+
+def test_checkpoint_is_small_and_records_its_recipe():
+    path = lp.zoo.checkpoint_dir("shapes-llava")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+    recipe = json.loads((path / "recipe.json").read_text())
+    assert recipe["command"].startswith(COMMAND)
+    assert Recipe.from_dict(recipe).world["image_size"] == 64
+    assert evaluate.EVAL_SEED != recipe["seed"]
+
+
+def test_it_is_a_standard_llava(model):
+    assert type(model.hf).__name__ == "LlavaForConditionalGeneration"
+    assert model.family.name == "llava"
+    assert 1e6 <= sum(p.numel() for p in model.hf.parameters()) <= 5e6
+
+
+def test_accuracy_on_typical_scenes(results):
+    table = accuracy_by(results[results.split == "typical"], "level").set_index("level")["accuracy"]
+    assert table["object"] >= 0.95
+    assert table["attribute"] >= 0.95
+    assert table["relation"] >= 0.90
+
+
+def test_it_shows_its_priors(results):
+    attribute = accuracy_by(results[results.level == "attribute"], "split").set_index("split")["accuracy"]
+    assert attribute["counterfactual"] <= attribute["typical"] - 0.05
+    figures = evaluate.prior_figures(results)
+    assert figures["cf_color_errors_naming_typical"] > 0.5
+    assert figures["pope_yes_ratio_adversarial"] > figures["pope_yes_ratio_random"]
