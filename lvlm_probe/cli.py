@@ -19,7 +19,7 @@ def _quiet_transformers() -> None:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Interpretability diagnostics for vision-language models.")
-console = Console()
+console = Console(width=max(Console().width, 120))  # tables stay readable when piped
 
 
 @app.command("families")

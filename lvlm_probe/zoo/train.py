@@ -224,7 +224,10 @@ def train(
     processor.tokenizer.padding_side = "left"
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "recipe.json").write_text(json.dumps({"command": COMMAND, **recipe.to_dict()}, indent=2))
+    # the default recipe is what the CLI trains; any other is reproduced from this file's fields
+    command = (f"{COMMAND} --out {out}" if recipe == Recipe()
+               else f"lvlm_probe.zoo.train.train({str(out)!r}, Recipe.from_dict(<this file>))")
+    (out / "recipe.json").write_text(json.dumps({"command": command, **recipe.to_dict()}, indent=2))
     (out / "training.json").write_text(json.dumps(
         {"losses": losses, "seconds_this_run": round(time.time() - started, 1),
          "torch": torch.__version__, "threads": torch.get_num_threads()}))

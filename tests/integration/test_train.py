@@ -54,7 +54,7 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path):
     log = json.loads((resumed / "training.json").read_text())
     assert len(log["losses"]) == MICRO.vision_steps + MICRO.steps
     recipe = json.loads((resumed / "recipe.json").read_text())
-    assert Recipe.from_dict(recipe) == MICRO and recipe["command"].startswith("lvlm-probe zoo train")
+    assert Recipe.from_dict(recipe) == MICRO and "Recipe.from_dict" in recipe["command"]
 
 
 def test_training_lowers_the_loss(tmp_path):
