@@ -1,4 +1,5 @@
-"""Idefics3 layouts on the tiny model: split crops form a ``crops`` mosaic plus a ``global`` view.
+"""Idefics3 and SmolVLM layouts on the tiny models: split crops form a ``crops`` mosaic plus a
+``global`` view (SmolVLM through its own connector, processor and video processor).
 
 Expected crop counts come from the image processor (``return_row_col_info=True``) and from the
 arithmetic of its resize (longest edge to 96 px, then up to whole 32 px crops); expected positions
@@ -16,7 +17,6 @@ from PIL import Image
 import lvlm_probe as lp
 from lvlm_probe.errors import LayoutError
 
-FAMILY = "idefics3"
 SIDE = 2  # tokens per crop side: (32 px / 8 px patches) / scale factor 2
 PROMPT = "Is there a red heart?"
 # (height, width) -> (rows, cols) of crops: the longest edge becomes 96 px = 3 crops, the other
@@ -29,9 +29,9 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return lp.zoo.tiny(FAMILY, device="cpu")
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def model(request):
+    return lp.zoo.tiny(request.param, device="cpu")
 
 
 def processor_splits(model, imgs) -> list[tuple[int, int]]:
@@ -125,3 +125,15 @@ def test_broken_markers_raise_layout_errors(model, images):
     with pytest.raises(LayoutError, match="has 3 placeholder tokens; the model expects 4"):
         fam.image_layouts({"input_ids": batch.input_ids}, 0, [0], placeholders[1:], model.config,
                           model.processor)
+
+
+def test_smolvlm_processor_reads_markers_from_the_tokenizer(model):
+    if model.family.name != "smolvlm":
+        pytest.skip("Idefics3's processor hard-codes its marker strings")
+    proc = model.processor
+    assert type(proc).__name__ == "SmolVLMProcessor"
+    assert type(proc.video_processor).__name__ == "SmolVLMVideoProcessor"
+    assert (proc.image_token, proc.fake_image_token, proc.global_image_token) == (
+        "<image>", "<fake_token_around_image>", "<global-img>")
+    assert model.family.global_token(proc) == "<global-img>"
+    assert model.image_token_id == proc.image_token_id

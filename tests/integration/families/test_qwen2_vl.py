@@ -1,5 +1,7 @@
-"""Qwen2-VL layout on the tiny model: one merged grid per image, shaped from ``image_grid_thw`` and
-laid over exactly that image's ``<|image_pad|>`` run, row-major as the model's M-RoPE sees it."""
+"""Qwen2-VL and Qwen2.5-VL layouts on the tiny models: one merged grid per image, shaped from
+``image_grid_thw`` and laid over exactly that image's ``<|image_pad|>`` run, row-major as the
+model's M-RoPE sees it (Qwen2.5-VL's windowed vision attention reorders patches only inside the
+tower)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +12,6 @@ from PIL import Image
 import lvlm_probe as lp
 from lvlm_probe.errors import LayoutError
 
-FAMILY = "qwen2_vl"
 PROMPT = "Is there a red heart?"
 # Tiny processor: 8 px patches, 2x2 merge, so sides are rounded to multiples of 16 px
 # (smart_resize: round(side / 16) * 16, area within [32*32, 80*80]).
@@ -25,9 +26,9 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return lp.zoo.tiny(FAMILY, device="cpu")
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model(request):
+    return lp.zoo.tiny(request.param, device="cpu")
 
 
 @pytest.fixture(scope="module")
