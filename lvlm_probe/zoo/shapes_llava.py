@@ -45,6 +45,7 @@ class Recipe:
         caption_rate: share of training examples that ask for a caption instead of a question.
         vision_steps, vision_batch_size, vision_lr: stage 1, per-patch pre-training of the vision
             tower (see :mod:`lvlm_probe.zoo.vision_pretrain`).
+        position_code: also align each projected patch's position with the relation words.
         vocab_size: BPE vocabulary size of the tokenizer trained on the world's corpus.
     """
 
@@ -67,6 +68,7 @@ class Recipe:
     vision_steps: int = 1500
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
+    position_code: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

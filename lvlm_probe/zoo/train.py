@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .shapes_llava import CAPTION_PROMPT, COMMAND, Recipe, build_untrained
-from .vision_pretrain import PatchHeads, patch_targets, vision_loss, word_table
+from .vision_pretrain import PatchHeads, patch_targets, position_basis, vision_loss, word_table
 
 STATE = "train_state"  # subfolder of the output holding the resumable state
 VISION_STREAM = 10**8  # stage 1 reads the training stream from here on, apart from stage 2's examples
@@ -176,6 +176,7 @@ def train(
     # patch onto the word embeddings naming its object.
     projector = model.model.multi_modal_projector
     words = word_table(cfg, processor.tokenizer, model.get_input_embeddings())
+    basis = position_basis(processor.tokenizer, model.get_input_embeddings()) if recipe.position_code else None
     if done < recipe.vision_steps:
         params = list(tower.parameters()) + list(heads.parameters()) + list(projector.parameters())
         optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
@@ -191,7 +192,7 @@ def train(
             targets = patch_targets(cfg, scenes, grid).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = _schedule(recipe.vision_lr, recipe.warmup, recipe.vision_steps, step)
-            loss = vision_loss(tower, heads, pixels, targets, projector, words)
+            loss = vision_loss(tower, heads, pixels, targets, projector, words, basis)
             _step(optimizer, loss, params)
             losses.append(round(loss.item(), 5))
             _report(bar, losses, "vision", on_step, step)

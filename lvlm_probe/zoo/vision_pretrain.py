@@ -67,14 +67,32 @@ def word_table(config, tokenizer, embed: nn.Embedding) -> torch.Tensor:
     return table
 
 
+def position_basis(tokenizer, embed: nn.Embedding) -> torch.Tensor:
+    """``[2, d]``: half the difference of the embeddings of "right" and "left", and of "below" and
+    "above" (the words relation answers use)."""
+    def word(w: str) -> torch.Tensor:
+        return embed.weight[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
+
+    with torch.no_grad():
+        return torch.stack([word("right") - word("left"), word("below") - word("above")]).float().cpu() / 2
+
+
 def vision_loss(vision_tower, heads: PatchHeads, pixel_values: torch.Tensor, targets: torch.Tensor,
-                projector: nn.Module | None = None, words: torch.Tensor | None = None) -> torch.Tensor:
+                projector: nn.Module | None = None, words: torch.Tensor | None = None,
+                basis: torch.Tensor | None = None) -> torch.Tensor:
     """Patch-label loss of the patch states (the CLS state is dropped, as LLaVA's "default" strategy
     does), plus, with a projector, the relative squared error between each projected patch and the
-    sum of its object's word embeddings."""
+    sum of its object's word embeddings; with a position ``basis``, plus the patch's column and row
+    (scaled to [-1, 1]) along the right-left and below-above word directions, so where a patch is
+    reads like the relation words."""
     states = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
     loss = heads.loss(states, targets)
     if projector is not None:
         goal = sum(words[a].to(states.device)[targets[:, a]] for a in range(3))  # [batch, patches, d]
+        if basis is not None:
+            cells = torch.arange(states.shape[1], device=states.device)
+            half = (heads.grid - 1) / 2
+            col, row = (cells % heads.grid - half) / half, (cells // heads.grid - half) / half
+            goal = goal + col[:, None] * basis[0].to(states.device) + row[:, None] * basis[1].to(states.device)
         loss = loss + ((projector(states) - goal) ** 2).mean() / (goal ** 2).mean().clamp_min(1e-12)
     return loss

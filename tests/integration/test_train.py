@@ -12,7 +12,7 @@ from lvlm_probe.zoo.shapes_llava import Recipe
 from lvlm_probe.zoo.train import STATE, train
 
 MICRO = Recipe(
-    steps=5, batch_size=2, warmup=1, vocab_size=300, vision_steps=3, vision_batch_size=2,
+    steps=5, batch_size=2, warmup=1, vocab_size=300, vision_steps=3, vision_batch_size=2, position_code=True,
     world=dict(image_size=32, max_objects=2, p_typical_color=0.85, p_cooccur=0.8),
     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 patch_size=16),
