@@ -7,8 +7,15 @@ Example:
     >>> model.answer_logprobs(batch, ["yes", "no"])
 """
 from . import bench, errors, families, worlds, zoo
-from .errors import (HookNameError, ImageTypeError, InputError, LayoutError, LVLMProbeError,
-                     StoreError, UnsupportedModelError)
+from .errors import (
+                     HookNameError,
+                     ImageTypeError,
+                     InputError,
+                     LayoutError,
+                     LVLMProbeError,
+                     StoreError,
+                     UnsupportedModelError,
+)
 from .inputs import Batch
 from .layout import ImageGrid, ImageLayout, TokenLayout
 from .model import LVLM, ModelLoadError, load

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
 
+
 # The command line is an application: quiet transformers' per-load progress bars there (never in
 # the library, which must not change global state).
 def _quiet_transformers() -> None:
@@ -72,7 +73,8 @@ def demo(
     n: int = typer.Option(60, help="questions per level and split asked of shapes-llava"),
 ) -> None:
     """The main job on the shipped reference model, then every family's token layout."""
-    from . import demo as demo_lib, families, zoo
+    from . import demo as demo_lib
+    from . import families, zoo
 
     _quiet_transformers()
     if "shapes-llava" in zoo.checkpoints():

@@ -14,7 +14,7 @@ import transformers
 from jaxtyping import Float
 from torch import Tensor
 
-from . import families
+from . import families, hooks
 from .errors import InputError, LayoutError, LVLMProbeError, UnsupportedModelError
 from .families.base import Family
 from .inputs import Batch, normalize
@@ -201,8 +201,8 @@ class LVLM:
         mask = inputs.get("attention_mask")
         valid = mask[i].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         placeholders = ((ids == self.image_token_id) & valid).nonzero().flatten()
-        first = sum(len(x) for x in images[:i])
-        image_ids = list(range(first, first + len(images[i])))
+        offset = sum(len(x) for x in images[:i])  # this example's first image in the flat list
+        image_ids = list(range(offset, offset + len(images[i])))
         image_layouts = self.family.image_layouts(
             inputs, i, image_ids, placeholders, self.config, self.processor
         )
@@ -228,7 +228,6 @@ class LVLM:
                 raise
             # templates that put the question before the image
             prompt_pos, spans = locate_prompt(self.tokenizer, ids.tolist(), first, prompt)
-            prompt_pos = [p for p in prompt_pos if p < int(placeholders[0])] or prompt_pos
         prompt_pos = torch.tensor(prompt_pos, dtype=torch.long)
         group_of = torch.full(ids.shape, 2, dtype=torch.long)  # template unless claimed below
         group_of[~valid] = 3
@@ -253,13 +252,13 @@ class LVLM:
             grad: keep the autograd graph (for gradient attribution); off by default.
             **kwargs: passed to the HF model (e.g. ``output_hidden_states=True``).
         """
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), hooks.running(batch):
             return self.hf(**batch.inputs, **kwargs)
 
     def generate(self, batch: Batch, max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
         """Greedy generation; returns the new text of each example (special tokens removed)."""
         kwargs.setdefault("do_sample", False)
-        with torch.no_grad():
+        with torch.no_grad(), hooks.running(batch):
             out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, **kwargs)
         new = out[:, batch.input_ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -318,6 +317,34 @@ class LVLM:
         ids = self.answer_token_ids(batch, answers)
         logits = self.forward(batch).logits[:, -1].float()
         return torch.log_softmax(logits, dim=-1).gather(1, ids)
+
+    # --- capture ------------------------------------------------------------------------------
+    def capture(self, names: str | list[str], positions: Any = "all", reduce: str = "none") -> hooks.Capture:
+        """A context manager that captures activations by hook name (see :mod:`lvlm_probe.hooks`).
+
+        Args:
+            names: names or ``*`` patterns, e.g. ``["blocks.*.hook_resid_post", "blocks.3.attn.hook_z"]``.
+            positions: ``"all"``, ``"image"``, ``"prompt"``, ``"template"``, ``"last"``, a prompt word,
+                or a callable ``layout -> LongTensor``.
+            reduce: ``"none"`` (padded ``[batch, pos, ...]``), ``"mean"`` or ``"last"`` (``[batch, ...]``).
+
+        Returns:
+            A context manager whose ``__enter__`` gives the :class:`~lvlm_probe.hooks.ActivationCache`.
+
+        Raises:
+            HookNameError: for a name this model does not offer (see :meth:`hook_names`).
+            InputError: for a bad selector or reduction.
+
+        Example:
+            >>> with model.capture("blocks.*.hook_resid_post", positions="image") as cache:
+            ...     model.forward(batch)
+            >>> cache.stack("blocks.*.hook_resid_post")   # [layer, batch, pos, d_model]
+        """
+        return hooks.Capture(self, names, positions=positions, reduce=reduce)
+
+    def hook_names(self) -> list[str]:
+        """Every hook name this model offers, in the order a forward pass runs them."""
+        return list(hooks.hook_points(self))
 
     # --- persistence and display ---------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError
-from ..model import LVLM, load as load_model
-from .tiny import available as tiny_families, build_dir
+from ..model import LVLM
+from ..model import load as load_model
+from .tiny import available as tiny_families
+from .tiny import build_dir
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 

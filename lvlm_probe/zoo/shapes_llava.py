@@ -10,8 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaImageProcessor, LlavaProcessor)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+)
 
 from ..worlds import ShapesWorld
 from .tiny.tokenizer import build_tokenizer

@@ -6,8 +6,14 @@ into a 2x2 grid, as the real checkpoints pool 64x64 patches into 16x16 tokens.
 """
 from __future__ import annotations
 
-from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor,
-                          Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    SiglipVisionConfig,
+)
 
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer

@@ -1,8 +1,14 @@
 """Tiny LlavaForConditionalGeneration: CLIP vision tower, MLP projector, Llama LM, LLaVA-1.5 template."""
 from __future__ import annotations
 
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaImageProcessor, LlavaProcessor)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+)
 
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer

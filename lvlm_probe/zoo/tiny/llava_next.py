@@ -2,8 +2,14 @@
 llava-v1.6-mistral template, and anyres pinpoints scaled from the real checkpoint's."""
 from __future__ import annotations
 
-from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig)
+from transformers import (
+    CLIPVisionConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    MistralConfig,
+)
 
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer

@@ -2,9 +2,15 @@
 llava-onevision-qwen2 template, and anyres-max-9 pinpoints scaled from the real checkpoint's."""
 from __future__ import annotations
 
-from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                          LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
-                          LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer

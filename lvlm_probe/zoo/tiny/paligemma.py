@@ -5,8 +5,14 @@ BOS after the last image token and appends a newline.
 """
 from __future__ import annotations
 
-from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                          PaliGemmaProcessor, SiglipImageProcessor, SiglipVisionConfig)
+from transformers import (
+    GemmaConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
 
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer
