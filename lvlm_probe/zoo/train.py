@@ -1,9 +1,11 @@
 """Training of the reference models on ShapesWorld.
 
-The loop is plain PyTorch on the real ``LlavaForConditionalGeneration``: each step draws the next
-``batch_size`` examples of the world's training stream (so the data never repeats and never sits in
-memory), runs them through the real processor, and trains on the answer tokens only. Every
-``checkpoint_every`` steps the model and optimiser state are written atomically, so a run that is
+Two stages on the real ``LlavaForConditionalGeneration``: stage 1 pre-trains the vision tower on
+per-patch labels and aligns the projector (:mod:`lvlm_probe.zoo.vision_pretrain`); stage 2 trains the
+projector and language model, tower frozen, on the world's questions and captions, with the loss on
+the answer tokens only. Each step draws the next examples of the world's endless training stream (so
+the data never repeats and never sits in memory) and runs them through the real processor. Every
+``checkpoint_every`` steps the weights and optimiser state are written atomically, so a run that is
 killed resumes where it stopped and ends with the same weights.
 """
 from __future__ import annotations
