@@ -10,7 +10,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from .render import SUPERSAMPLE, outline
+from .render import SUPERSAMPLE, polygon
 from .scene import Scene
 
 
@@ -28,9 +28,7 @@ def object_mask(scene: Scene, size: int | None = None) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     scale = big / scene.image_size
     for k, obj in enumerate(scene.objects):
-        x0, y0, x1, y1 = (v * scale for v in obj.bbox)
-        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-        draw.polygon([(cx + px * hw, cy + py * hh) for px, py in outline(obj.shape)], fill=k + 1)
+        draw.polygon(polygon(obj, scale), fill=k + 1)
     samples = rearrange(np.asarray(canvas, dtype=np.int64), "(h a) (w b) -> h w (a b)",
                         a=SUPERSAMPLE, b=SUPERSAMPLE)
     counts = np.stack([(samples == k).sum(-1) for k in range(len(scene.objects) + 1)], axis=-1)

@@ -11,7 +11,7 @@ from functools import cache, lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scene import Scene, check_image_size
+from .scene import Obj, Scene, check_image_size
 from .vocab import PALETTE
 
 SUPERSAMPLE = 4
@@ -81,6 +81,14 @@ def outline(shape: str) -> tuple[tuple[float, float], ...]:
     return _fill_unit_box(pts)
 
 
+def polygon(obj: Obj, scale: float) -> list[tuple[float, float]]:
+    """The outline of ``obj`` stretched over its bbox, in pixels of a canvas ``scale`` times the
+    scene's size (shared by the image and the object masks, so both draw the same shape)."""
+    x0, y0, x1, y1 = (v * scale for v in obj.bbox)
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return [(cx + px * hw, cy + py * hh) for px, py in outline(obj.shape)]
+
+
 def render_scene(scene: Scene, size: int | None = None) -> Image.Image:
     """Render ``scene`` at ``size`` x ``size`` pixels (default: its own ``image_size``).
 
@@ -105,9 +113,5 @@ def _render(scene: Scene, size: int) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     scale = big / scene.image_size
     for obj in scene.objects:
-        x0, y0, x1, y1 = (v * scale for v in obj.bbox)
-        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-        draw.polygon(
-            [(cx + px * hw, cy + py * hh) for px, py in outline(obj.shape)], fill=PALETTE[obj.color]
-        )
+        draw.polygon(polygon(obj, scale), fill=PALETTE[obj.color])
     return canvas.resize((size, size), Image.Resampling.BOX)
