@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import os
 import pkgutil
 import shutil
@@ -39,19 +38,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("LVLM_PROBE_CACHE", Path.home() / ".cache" / "lvlm_probe"))
 
 
-def _fingerprint(module: ModuleType) -> str:
-    from . import tokenizer
-
-    h = hashlib.sha256()
-    for part in (inspect.getsource(module), inspect.getsource(tokenizer), transformers.__version__):
-        h.update(part.encode())
+def _fingerprint() -> str:
+    """Hash of every source file of this package (builders import shared sizes, the tokenizer and
+    each other) and the transformers version: any change rebuilds, and builds take under a second."""
+    h = hashlib.sha256(transformers.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.read_bytes())
     return h.hexdigest()[:12]
 
 
 def build_dir(family: str, seed: int = 0) -> Path:
     """Build (once, then cached) the tiny model of ``family`` and return its HF-format directory.
 
-    The cache key includes the builder's source and the transformers version, so a changed builder
+    The cache key includes the builders' sources and the transformers version, so a changed builder
     never serves a stale model. Writes go to a temporary folder renamed into place (atomic).
 
     Raises:
@@ -62,7 +61,7 @@ def build_dir(family: str, seed: int = 0) -> Path:
             f"no tiny model for family {family!r}; available: {', '.join(available())}"
         )
     module = _BUILDERS[family]
-    target = cache_root() / "tiny" / f"{family}-seed{seed}-{_fingerprint(module)}"
+    target = cache_root() / "tiny" / f"{family}-seed{seed}-{_fingerprint()}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

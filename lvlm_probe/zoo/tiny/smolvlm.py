@@ -17,16 +17,13 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 
+# Same sizes and crop arithmetic as the tiny Idefics3, whose architecture SmolVLM shares.
+from .idefics3 import IMAGE_SEQ_LEN, LONGEST_EDGE, SCALE_FACTOR, row_col_tokens
 from .sizes import IMAGE_SIZE, PATCH_SIZE, TEXT, VISION
 from .tokenizer import build_tokenizer
 
 FAMILY = "smolvlm"
 
-SCALE_FACTOR = 2
-# Tokens per crop: (IMAGE_SIZE / PATCH_SIZE)^2 patches, merged SCALE_FACTOR^2 at a time.
-IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-MAX_SPLITS = 3  # crops along an image's longest side
-LONGEST_EDGE = MAX_SPLITS * IMAGE_SIZE
 
 # HuggingFaceTB/SmolVLM2's template: "<|im_start|>User:<image>text<end_of_utterance>\nAssistant:".
 CHAT_TEMPLATE = (
@@ -48,10 +45,9 @@ NAMED_TOKENS = {
 
 
 def build():
-    row_cols = [f"<row_{i}_col_{j}>" for i in range(1, MAX_SPLITS + 1) for j in range(1, MAX_SPLITS + 1)]
     # The template writes BOS itself, so the tokenizer does not add a second one.
     tokenizer = build_tokenizer(
-        [*NAMED_TOKENS.values(), *row_cols], bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+        [*NAMED_TOKENS.values(), *row_col_tokens()], bos_token="<|im_start|>", eos_token="<end_of_utterance>",
         pad_token="<|im_end|>", unk_token="<|endoftext|>", extra_attributes=NAMED_TOKENS,
     )
     config = SmolVLMConfig(
