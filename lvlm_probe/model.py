@@ -6,6 +6,7 @@ unchanged, and answers the questions a probe asks of it (next-token log-probabil
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,6 @@ class LVLM:
         return Batch(inputs=inputs, layouts=layouts, prompts=prompts, texts=texts, images=images)
 
     def _layout(self, inputs, i: int, images: list[list], prompt: str) -> TokenLayout:
-        from .layout import ImageLayout
-
         ids = inputs["input_ids"][i]
         mask = inputs.get("attention_mask")
         valid = mask[i].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -209,8 +208,7 @@ class LVLM:
         sizes = [(img.height, img.width) for img in images[i]]
         attended = self.family.attended_grid(self.config) if images[i] else {}
         image_layouts = tuple(
-            ImageLayout(index=k, grids=lay.grids, separators=lay.separators, size=sizes[k],
-                        main=lay.main, attended=lay.attended or attended)
+            dataclasses.replace(lay, index=k, size=sizes[k], attended=lay.attended or attended)
             for k, lay in enumerate(image_layouts)
         )
         covered = torch.cat([lay.positions for lay in image_layouts]) if image_layouts else placeholders[:0]
