@@ -113,3 +113,8 @@ def test_offline_load_from_local_directory(llava, tmp_path, monkeypatch):
     again = lp.load(path, device="cpu")
     for a, b in zip(llava.hf.state_dict().values(), again.hf.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_unknown_shipped_checkpoint_names_the_available_ones():
+    with pytest.raises(UnsupportedModelError, match="no shipped checkpoint 'nope'.*shapes-llava"):
+        lp.zoo.load("nope")
