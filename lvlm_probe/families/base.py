@@ -37,6 +37,9 @@ class Family:
     lm_attn: ClassVar[str] = "self_attn"  # relative to a layer
     lm_attn_out: ClassVar[str] = "self_attn.o_proj"
     lm_mlp: ClassVar[str] = "mlp"
+    # relative to a layer: the norm whose input is the residual stream between attention and MLP
+    lm_resid_mid: ClassVar[str] = "post_attention_layernorm"
+    lm_qkv: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")  # relative to lm_attn
     # vision tower and projector
     vision_layers: ClassVar[str | None] = "model.vision_tower.encoder.layers"
     projector: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector",)

@@ -39,9 +39,16 @@ class Blip2(Family):
     # residual stream (before dropout, which is off in eval mode).
     lm_mlp = "fc2"
     lm_mlp_in: ClassVar[str] = "fc1"
+    # with OPT's pre-norm layers (do_layer_norm_before, as in BLIP-2's OPT checkpoints) the
+    # residual stream between attention and MLP enters final_layer_norm (flattened to [b * p, d])
+    lm_resid_mid = "final_layer_norm"
     vision_layers = "vision_model.encoder.layers"
     qformer_layers: ClassVar[str] = "qformer.encoder.layer"
     projector = ("qformer", "language_projection")
+
+    def n_qformer_layers(self, config) -> int:
+        """Number of layers at ``qformer_layers``."""
+        return int(config.qformer_config.num_hidden_layers)
 
     # BLIP-2 has no chat template. Its model card asks questions as "Question: ... Answer:" (OPT
     # variants); set "{prompt}" here for raw prompts (captioning prefixes).

@@ -30,6 +30,9 @@ class Gemma3(Family):
     lm_layers = "model.language_model.layers"
     lm_embed = "model.language_model.embed_tokens"
     lm_norm = "model.language_model.norm"
+    # sandwich norms: the attention output is normalised (post_attention_layernorm) before it is
+    # added, so the residual stream between attention and MLP enters pre_feedforward_layernorm
+    lm_resid_mid = "pre_feedforward_layernorm"
     vision_layers = "model.vision_tower.encoder.layers"
     projector = ("model.multi_modal_projector",)
 

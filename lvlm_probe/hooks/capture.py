@@ -15,8 +15,16 @@ GPU capture costs no transfer it does not need).
 Position selectors need the running batch's layouts: :meth:`LVLM.forward` and
 :meth:`LVLM.generate` run inside :func:`running`, which publishes the batch to the hooks through a
 context variable. Calling the HF model directly works with ``positions="all", reduce="none"`` only.
-Vision and projector values are not in the token sequence, so they are captured whole: asking for
-them with another selector or a reduction raises :class:`InputError`.
+Vision, Q-Former and projector values (and cross-attention keys and values) are not in the token
+sequence, so they are captured whole: asking for them with another selector or a reduction raises
+:class:`InputError`.
+
+Attention patterns and scores (``attn.hook_pattern``, ``attn.hook_attn_scores``,
+``[batch, head, query, key]``) switch the language model to eager attention for the duration of
+the block (see :mod:`lvlm_probe.hooks.attention`); the other names leave the configured
+implementation alone. Position selectors and reductions apply to their query axis: with
+``positions="last", reduce="last"`` the pattern is ``[batch, head, key]``, the attention of each
+example's last token to every key.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError, LVLMProbeError
+from . import attention
 from . import positions as P
 from .names import HookPoint, expand, hook_points, pattern_regex
 
@@ -150,6 +159,7 @@ class Capture:
         self._resolved: tuple[Any, Tensor] | None = None  # (batch, positions) of the running batch
         self._entered = False
         self._seq_shape: tuple[int, int] | None = None  # [batch, pos] of the last block input
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> ActivationCache:
         if self._entered:
@@ -158,17 +168,22 @@ class Capture:
         try:
             # OPT (BLIP-2) flattens [batch, pos] before its MLP; a pre-hook on each block records
             # the sequence shape so such values can be unflattened (see _store).
-            blocks = {p.layer for p in self.points if p.space == "lm" and p.layer is not None}
+            lm_layers = self.model.family.lm_layers + "."
+            blocks = {p.layer for p in self.points if p.path.startswith(lm_layers)}
             for layer in sorted(blocks):
                 module = self.model.hf.get_submodule(f"{self.model.family.lm_layers}.{layer}")
                 self._handles.append(module.register_forward_pre_hook(self._shape_hook, with_kwargs=True))
+            watch = []
             for point in self.points:
                 module = self.model.hf.get_submodule(point.path)
-                if point.kind == "input":
-                    handle = module.register_forward_pre_hook(self._pre_hook(point), with_kwargs=True)
+                if point.kind == "attention":
+                    watch.append((module, self._listener(point)))
+                elif point.kind == "input":
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(point), with_kwargs=True))
                 else:
-                    handle = module.register_forward_hook(self._hook(point))
-                self._handles.append(handle)
+                    self._handles.append(module.register_forward_hook(self._hook(point)))
+            if watch:
+                self._stack.enter_context(attention.listening(watch))
         except BaseException:
             self._remove()
             raise
@@ -178,9 +193,12 @@ class Capture:
         self._remove()
 
     def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+        finally:
+            self._stack.close()  # restores the attention implementation
 
     # --- hooks ---------------------------------------------------------------------------------
     def _shape_hook(self, module, args, kwargs):
@@ -205,6 +223,13 @@ class Capture:
             self._store(point, output[0] if isinstance(output, (tuple, list)) else output)
         return hook
 
+    def _listener(self, point: HookPoint):
+        def listener(pattern: Tensor, scores):
+            value = scores() if point.transform == "scores" else pattern
+            # the query axis is the sequence axis position selectors apply to
+            self._store(point, rearrange(value, "b h q k -> b q h k"))
+        return listener
+
     def _store(self, point: HookPoint, value: Tensor) -> None:
         value = value.detach()
         if point.space == "lm" and value.ndim == 2 and self._seq_shape is not None:
@@ -214,15 +239,18 @@ class Capture:
         pos = self._batch_positions() if point.space == "lm" else None
         if pos is not None:
             value = P.gather(value, pos, length=self._resolved[0].input_ids.shape[1])
-        elif point.transform != "result":
+        elif point.transform not in ("result", "scores"):
             # a whole tensor still shares memory with the model's; copy it so in-place updates
-            # later in the forward pass cannot change what was captured (gather and the per-head
-            # product already make new tensors)
+            # later in the forward pass cannot change what was captured (gather, the per-head
+            # product and the scores already make new tensors)
             value = value.clone()
-        if point.transform is not None:
+        if point.transform in ("heads", "result"):
             value = self._split_heads(point, value)
         if pos is not None:
             value = P.reduce_kept(value, pos, self.reduce)
+        if point.kind == "attention" and value.ndim == 4:
+            # back to [batch, head, query, key]; a reduction over queries leaves [batch, head, key]
+            value = rearrange(value, "b q h k -> b h q k")
         self.cache._calls.setdefault(point.name, []).append(value)
 
     def _batch_positions(self) -> Tensor | None:
@@ -241,18 +269,22 @@ class Capture:
         return self._resolved[1]
 
     def _split_heads(
-        self, point: HookPoint, z: Float[Tensor, "batch pos h_d"]
+        self, point: HookPoint, x: Float[Tensor, "batch pos h_d"]
     ) -> Float[Tensor, "batch pos head d"]:
-        """``[b, p, (h d)]`` -> z ``[b, p, h, d]`` or per-head result ``[b, p, h, d_model]``."""
-        n_heads, d_head = self.model.n_heads, self.model.d_head
-        if z.shape[-1] != n_heads * d_head:
+        """``[b, p, (h d)]`` -> ``[b, p, h, d]``, or for ``result`` each head's write through the
+        out-projection ``[b, p, h, d_model]``."""
+        if x.shape[-1] % point.heads:
             raise LVLMProbeError(
-                f"internal: {point.name} has width {z.shape[-1]}, expected n_heads * d_head = "
-                f"{n_heads} * {d_head}"
+                f"internal: {point.name} has width {x.shape[-1]}, not a multiple of its "
+                f"{point.heads} heads"
             )
-        z = rearrange(z, "b p (h d) -> b p h d", h=n_heads)
-        if point.transform == "z":
-            return z
+        if point.space == "vision" and self._seq_shape and x.shape[0] != self._seq_shape[0]:
+            # Mllama's cross-attention keys/values: the vision states come per tile
+            # [(b tiles), p, e]; the attention merges each example's tiles into one key axis
+            x = rearrange(x, "(b t) p e -> b (t p) e", b=self._seq_shape[0])
+        x = rearrange(x, "b p (h d) -> b p h d", h=point.heads)
+        if point.transform == "heads":
+            return x
         weight = self.model.hf.get_submodule(point.attn_out).weight.detach()
-        w = rearrange(weight, "m (h d) -> h d m", h=n_heads)
-        return einsum(z, w, "b p h d, h d m -> b p h m")
+        w = rearrange(weight, "m (h d) -> h d m", h=point.heads)
+        return einsum(x, w, "b p h d, h d m -> b p h m")

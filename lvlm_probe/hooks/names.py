@@ -5,35 +5,47 @@ here. Each name maps to a :class:`HookPoint`: a module path (from the family ada
 declares paths as data), whether the value is the module's output or its input (forward pre-hook),
 and an optional transform of that value:
 
-=====================================  =========================================================
-name                                   value
-=====================================  =========================================================
-``hook_embed``                         output of ``lm_embed`` (token embeddings, before image
-                                       features replace the placeholder embeddings)
-``blocks.{l}.hook_resid_pre``          hidden states entering LM layer ``l``
-``blocks.{l}.hook_resid_post``         LM layer ``l``'s output
-``blocks.{l}.hook_attn_out``           output of the layer's attention module
-``blocks.{l}.hook_mlp_out``            output of the layer's MLP (BLIP-2/OPT: of ``fc2``)
-``blocks.{l}.attn.hook_z``             input of the attention out-projection, ``[b, p, h, d_head]``
-``blocks.{l}.attn.hook_result``        each head's write through the out-projection, bias
-                                       excluded, ``[b, p, h, d_model]``: summed over heads plus
-                                       the out-projection's bias it equals ``hook_attn_out``
-``ln_final.hook_normalized``           output of ``lm_norm``
-``vision.blocks.{l}.hook_resid_post``  vision-tower layer ``l``'s output
-``projector.hook_out``                 output of the family's last projector module
-=====================================  =========================================================
+==========================================  ====================================================
+name                                        value
+==========================================  ====================================================
+``hook_embed``                              output of ``lm_embed`` (token embeddings, before image
+                                            features replace the placeholder embeddings)
+``blocks.{l}.hook_resid_pre``               hidden states entering LM layer ``l``
+``blocks.{l}.attn.hook_q`` / ``hook_k`` /   outputs of the query / key / value projections, heads
+``hook_v``                                  split: ``[b, p, head, d_head]`` (keys and values have
+                                            ``n_kv_heads`` heads); before any q/k norm and rotary
+``blocks.{l}.attn.hook_attn_scores``        pre-softmax scores ``[b, head, query, key]``: scaled
+                                            dot products (soft-capped where the family does) plus
+                                            the additive mask (a large negative at masked keys)
+``blocks.{l}.attn.hook_pattern``            attention weights ``[b, head, query, key]``
+``blocks.{l}.attn.hook_z``                  input of the attention out-projection, ``[b, p, h, d_head]``
+``blocks.{l}.attn.hook_result``             each head's write through the out-projection, bias
+                                            excluded, ``[b, p, h, d_model]``: summed over heads plus
+                                            the out-projection's bias it equals ``hook_attn_out``
+``blocks.{l}.hook_attn_out``                output of the layer's attention module
+``blocks.{l}.hook_resid_mid``               residual stream between attention and MLP (input of
+                                            the family's ``lm_resid_mid`` norm)
+``blocks.{l}.hook_mlp_out``                 output of the layer's MLP (BLIP-2/OPT: of ``fc2``)
+``blocks.{l}.hook_resid_post``              LM layer ``l``'s output
+``ln_final.hook_normalized``                output of ``lm_norm``
+``vision.blocks.{l}.hook_resid_post``       vision-tower layer ``l``'s output
+``vision.global_blocks.{l}.hook_resid_post``  Mllama's global vision encoder, layer ``l``
+``projector.hook_out``                      output of the family's last projector module
+``qformer.blocks.{l}.hook_resid_post``      BLIP-2's Q-Former layer ``l`` (its query states)
+==========================================  ====================================================
 
 Mllama's cross-attention layers (``cross_attention_layers(config)``) have no self-attention: there
-the attention names are ``blocks.{l}.cross_attn.hook_z``, ``.hook_result`` and ``.hook_attn_out``
-(the cross-attention module's output, before the layer's tanh gate), and ``blocks.{l}.attn.*`` and
-``blocks.{l}.hook_attn_out`` are not offered. So ``blocks.*.hook_attn_out`` there expands to the
-self-attention layers only.
+the attention names live under ``blocks.{l}.cross_attn.`` (``hook_q`` ... ``hook_result``, and
+``.hook_attn_out``: the cross-attention module's output, before the layer's tanh gate), and
+``blocks.{l}.attn.*`` and ``blocks.{l}.hook_attn_out`` are not offered. So
+``blocks.*.hook_attn_out`` there expands to the self-attention layers only. Cross-attention keys
+and values run over the vision states, not the token sequence, so they are captured whole.
 
 Sandwich-norm families (Gemma 3) normalise the attention and MLP outputs before adding them to the
 residual stream; ``hook_attn_out`` / ``hook_mlp_out`` are the module outputs, before that norm.
 
-Attention patterns and scores need eager attention, which this module does not switch to; they are
-captured by a separate mechanism, not by these hook points.
+Patterns and scores need eager attention: they are read from inside the attention computation
+(see :mod:`lvlm_probe.hooks.attention`), which runs eagerly only while they are captured.
 """
 from __future__ import annotations
 
@@ -45,12 +57,17 @@ from typing import Any
 from ..errors import HookNameError
 
 # How a hook point's value is read from its module.
-#   output: the module's output (its first element when the module returns a tuple)
-#   input:  the module's first input, read by a forward pre-hook
-KINDS = ("output", "input")
-# Where a value lives: LM values are [batch, pos, ...] over the token sequence; vision and projector
-# values are in the tower's own layout (e.g. Qwen2-VL packs every image's patches into one axis).
-SPACES = ("lm", "vision", "projector")
+#   output:    the module's output (its first element when the module returns a tuple)
+#   input:     the module's first input, read by a forward pre-hook
+#   attention: the attention module's pattern or scores, handed over by hooks.attention
+KINDS = ("output", "input", "attention")
+# Where a value lives: LM values are [batch, pos, ...] over the token sequence (attention patterns
+# and scores [batch, head, query, key]); the others are in their tower's own layout (e.g. Qwen2-VL
+# packs every image's patches into one axis) and are captured whole.
+SPACES = ("lm", "vision", "projector", "qformer")
+# Transforms of a value: "heads" splits the last axis into `heads` heads; "result" projects each
+# head of z through the out-projection; "pattern" and "scores" pick the attention value.
+TRANSFORMS = (None, "heads", "result", "pattern", "scores")
 
 
 @dataclass(frozen=True)
@@ -60,11 +77,12 @@ class HookPoint:
     Attributes:
         name: canonical name, e.g. ``"blocks.3.attn.hook_z"``.
         path: dotted module path from the top-level HF model.
-        kind: ``"output"`` or ``"input"`` (see ``KINDS``).
-        space: ``"lm"``, ``"vision"`` or ``"projector"`` (see ``SPACES``).
+        kind: ``"output"``, ``"input"`` or ``"attention"`` (see ``KINDS``).
+        space: where the value lives (see ``SPACES``).
         layer: the layer index, or None for names outside the blocks.
-        transform: None, ``"z"`` (split heads) or ``"result"`` (per-head out-projection).
-        attn_out: for ``z``/``result``, the path of the out-projection whose weight splits heads.
+        transform: see ``TRANSFORMS``.
+        heads: for ``"heads"`` and ``"result"``, the number of heads the last axis holds.
+        attn_out: for ``"result"``, the path of the out-projection whose weight splits heads.
     """
 
     name: str
@@ -73,6 +91,7 @@ class HookPoint:
     space: str
     layer: int | None = None
     transform: str | None = None
+    heads: int | None = None
     attn_out: str | None = None
 
 
@@ -81,39 +100,63 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
 
     Args:
         model: an ``LVLM`` (uses ``model.family``, ``model.config``, ``model.n_layers``,
-            ``model.vision_layers``).
+            ``model.n_heads``, ``model.n_kv_heads``, ``model.vision_layers``).
 
     Returns:
         ``{name: HookPoint}``.
     """
     fam, points = model.family, []
     if fam.vision_layers is not None:
-        for layer in range(model.vision_layers):
-            points.append(HookPoint(f"vision.blocks.{layer}.hook_resid_post",
-                                    f"{fam.vision_layers}.{layer}", "output", "vision", layer))
+        points += _tower(fam.vision_layers, model.vision_layers, "vision.blocks", "vision")
+    if getattr(fam, "vision_global_layers", None):
+        points += _tower(fam.vision_global_layers, fam.n_vision_global_layers(model.config),
+                         "vision.global_blocks", "vision")
+    if getattr(fam, "qformer_layers", None):
+        points += _tower(fam.qformer_layers, fam.n_qformer_layers(model.config), "qformer.blocks",
+                         "qformer")
     points.append(HookPoint("projector.hook_out", fam.projector[-1], "output", "projector"))
     points.append(HookPoint("hook_embed", fam.lm_embed, "output", "lm"))
     cross = set(getattr(fam, "cross_attention_layers", lambda config: [])(model.config))
     for layer in range(model.n_layers):
         block, prefix = f"{fam.lm_layers}.{layer}", f"blocks.{layer}"
+        points.append(HookPoint(f"{prefix}.hook_resid_pre", block, "input", "lm", layer))
         if layer in cross:
-            attn, attn_out, attn_prefix = fam.lm_cross_attn, fam.lm_cross_attn_out, "cross_attn"
-            attn_out_name = f"{prefix}.cross_attn.hook_attn_out"
+            points += _attention(model, layer, f"{block}.{fam.lm_cross_attn}", f"{block}.{fam.lm_cross_attn_out}",
+                                 f"{prefix}.cross_attn", f"{prefix}.cross_attn.hook_attn_out", cross=True)
         else:
-            attn, attn_out, attn_prefix = fam.lm_attn, fam.lm_attn_out, "attn"
-            attn_out_name = f"{prefix}.hook_attn_out"
-        out_path = f"{block}.{attn_out}"
+            points += _attention(model, layer, f"{block}.{fam.lm_attn}", f"{block}.{fam.lm_attn_out}",
+                                 f"{prefix}.attn", f"{prefix}.hook_attn_out", cross=False)
         points += [
-            HookPoint(f"{prefix}.hook_resid_pre", block, "input", "lm", layer),
-            HookPoint(f"{prefix}.{attn_prefix}.hook_z", out_path, "input", "lm", layer, "z", out_path),
-            HookPoint(f"{prefix}.{attn_prefix}.hook_result", out_path, "input", "lm", layer, "result",
-                      out_path),
-            HookPoint(attn_out_name, f"{block}.{attn}", "output", "lm", layer),
+            HookPoint(f"{prefix}.hook_resid_mid", f"{block}.{fam.lm_resid_mid}", "input", "lm", layer),
             HookPoint(f"{prefix}.hook_mlp_out", f"{block}.{fam.lm_mlp}", "output", "lm", layer),
             HookPoint(f"{prefix}.hook_resid_post", block, "output", "lm", layer),
         ]
     points.append(HookPoint("ln_final.hook_normalized", fam.lm_norm, "output", "lm"))
     return {p.name: p for p in points}
+
+
+def _tower(path: str, n_layers: int, prefix: str, space: str) -> list[HookPoint]:
+    return [HookPoint(f"{prefix}.{layer}.hook_resid_post", f"{path}.{layer}", "output", space, layer)
+            for layer in range(n_layers)]
+
+
+def _attention(
+    model: Any, layer: int, attn: str, out: str, prefix: str, out_name: str, cross: bool
+) -> list[HookPoint]:
+    """The names of one attention module, in the order its forward computes them."""
+    q, k, v = (f"{attn}.{name}" for name in model.family.lm_qkv)
+    # cross-attention keys and values run over the vision states, not the token sequence
+    kv_space = "vision" if cross else "lm"
+    return [
+        HookPoint(f"{prefix}.hook_q", q, "output", "lm", layer, "heads", model.n_heads),
+        HookPoint(f"{prefix}.hook_k", k, "output", kv_space, layer, "heads", model.n_kv_heads),
+        HookPoint(f"{prefix}.hook_v", v, "output", kv_space, layer, "heads", model.n_kv_heads),
+        HookPoint(f"{prefix}.hook_attn_scores", attn, "attention", "lm", layer, "scores"),
+        HookPoint(f"{prefix}.hook_pattern", attn, "attention", "lm", layer, "pattern"),
+        HookPoint(f"{prefix}.hook_z", out, "input", "lm", layer, "heads", model.n_heads),
+        HookPoint(f"{prefix}.hook_result", out, "input", "lm", layer, "result", model.n_heads, out),
+        HookPoint(out_name, attn, "output", "lm", layer),
+    ]
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:

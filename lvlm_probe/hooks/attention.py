@@ -1,0 +1,120 @@
+"""Attention patterns and scores, read from inside the attention computation.
+
+Hugging Face attention modules return the post-softmax pattern only under eager attention, and
+never return the pre-softmax scores. While a capture asks for ``hook_pattern`` or
+``hook_attn_scores``, the language model's attention runs through :data:`IMPLEMENTATION`, an
+attention implementation registered with transformers' ``AttentionInterface`` (and, for its masks,
+``AttentionMaskInterface``, as eager). It calls the family's own ``eager_attention_forward``, so the
+outputs are exactly those of eager attention, and hands the pattern (and, when asked, the scores)
+to the capture's listeners. The model's configured implementation (e.g. ``sdpa``) is restored when
+the last capture that needed eager attention exits, also when the block raises.
+
+Registering the implementation adds one namespaced key to transformers' registries; it changes
+nothing for models that do not select it.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from einops import einsum, repeat
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+IMPLEMENTATION = "lvlm_probe_eager"
+
+# listener(pattern, scores) for each attention module a capture watches; ``scores`` is a
+# zero-argument function, so the extra matmul runs only for captures that ask for scores
+Listener = Callable[[Tensor, Callable[[], Tensor]], None]
+_LISTENERS: weakref.WeakKeyDictionary[nn.Module, list[Listener]] = weakref.WeakKeyDictionary()
+# id(config) -> [config, its implementation before the switch, number of active switches]
+_SWITCHED: dict[int, list[Any]] = {}
+
+
+def attention_forward(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+    *args: Any, **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """The family's eager attention, with its pattern and scores handed to listening captures."""
+    family_module = sys.modules[type(module).__module__]
+    eager = family_module.eager_attention_forward
+    output, pattern = eager(module, query, key, value, attention_mask, *args, **kwargs)
+    listeners = _LISTENERS.get(module)
+    if listeners:
+        scaling = kwargs.get("scaling", args[0] if args else None)
+        def compute_scores() -> Tensor:
+            return attention_scores(query, key, attention_mask, scaling, kwargs.get("softcap"))
+        for listener in listeners:
+            listener(pattern, compute_scores)
+    return output, pattern
+
+
+def attention_scores(
+    query: Float[Tensor, "batch head q d"],
+    key: Float[Tensor, "batch kv_head k d"],
+    attention_mask: Float[Tensor, "batch 1 q k"] | None,
+    scaling: float | None,
+    softcap: float | None = None,
+) -> Float[Tensor, "batch head q k"]:
+    """Pre-softmax scores as every family's eager attention forms them: ``q . k * scaling``,
+    Gemma's soft cap, plus the additive mask (large negative at masked keys). Key heads are
+    repeated for grouped-query attention, as ``repeat_kv`` does."""
+    groups = query.shape[1] // key.shape[1]
+    key = repeat(key, "b kv k d -> b (kv g) k d", g=groups)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = einsum(query, key, "b h q d, b h k d -> b h q k") * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    return scores
+
+
+AttentionInterface.register(IMPLEMENTATION, attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+
+
+@contextlib.contextmanager
+def listening(watch: Iterable[tuple[nn.Module, Listener]]) -> Iterator[None]:
+    """Run the given attention modules under :data:`IMPLEMENTATION` and call each listener with
+    its module's pattern and scores, for the duration of the block.
+
+    Args:
+        watch: ``(attention module, listener)`` pairs; a module may appear more than once.
+    """
+    watch = list(watch)
+    configs = {id(m.config): m.config for m, _ in watch}
+    try:
+        for module, listener in watch:
+            _LISTENERS.setdefault(module, []).append(listener)
+        for key, config in configs.items():
+            entry = _SWITCHED.setdefault(key, [config, config._attn_implementation, 0])
+            entry[2] += 1
+            config._attn_implementation = IMPLEMENTATION
+        yield
+    finally:
+        for module, listener in watch:
+            listeners = _LISTENERS.get(module, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                _LISTENERS.pop(module, None)
+        for key in configs:
+            entry = _SWITCHED.get(key)
+            if entry is None:
+                continue
+            entry[2] -= 1
+            if entry[2] == 0:
+                entry[0]._attn_implementation = entry[1]
+                del _SWITCHED[key]
+
+
+def active() -> tuple[int, int]:
+    """(modules with listeners, configs switched to eager): both 0 when no capture is open."""
+    return len(_LISTENERS), len(_SWITCHED)

@@ -1,0 +1,220 @@
+"""Attention-internal names on every family's tiny model: q/k/v, scores and patterns (eager only
+while captured), resid_mid, and the names of the other towers (Q-Former, Mllama's global encoder)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from einops import einsum, rearrange, repeat
+from PIL import Image
+
+import lvlm_probe as lp
+from lvlm_probe.hooks import attention
+
+FAMILIES = lp.families.names()
+PROMPTS = ["Is there a heart?", "Is there a red heart left of the blue star? Answer yes or no."]
+ATTENTION = ("hook_pattern", "hook_attn_scores")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    """A tiny model and a padded two-example batch (different prompt lengths and image sizes)."""
+    model = lp.zoo.tiny(request.param, device="cpu")
+    images = [[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]]
+    return model, model.prepare(images=images, prompts=PROMPTS)
+
+
+def random_image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def attention_modules(model):
+    """Every LM attention module (self- and cross-attention), with its layer's attention prefix."""
+    fam = model.family
+    cross = set(getattr(fam, "cross_attention_layers", lambda c: [])(model.config))
+    for layer in range(model.n_layers):
+        path = fam.lm_cross_attn if layer in cross else fam.lm_attn
+        prefix = "cross_attn" if layer in cross else "attn"
+        yield layer, prefix, model.module(f"{fam.lm_layers}.{layer}.{path}")
+
+
+def implementations(model):
+    return {m.config._attn_implementation for _, _, m in attention_modules(model)}
+
+
+def lm_eager_logits(model, batch, **kwargs):
+    """The logits with the language model's attention set to eager by hand (the vision tower keeps
+    its own implementation, as during a capture)."""
+    configs = {id(m.config): m.config for _, _, m in attention_modules(model)}.values()
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = "eager"
+        return model.forward(batch, **kwargs)
+    finally:
+        for config, impl in zip(configs, saved):
+            config._attn_implementation = impl
+
+
+def test_patterns_run_eager_attention_and_only_while_captured(setup):
+    model, batch = setup
+    before = implementations(model)
+    assert "eager" not in before and attention.IMPLEMENTATION not in before
+    sdpa = model.forward(batch).logits
+    eager = lm_eager_logits(model, batch, output_attentions=True)
+    with model.capture(model.hook_names()) as cache:
+        assert implementations(model) == {attention.IMPLEMENTATION}
+        logits = model.forward(batch).logits
+    assert implementations(model) == before and attention.active() == (0, 0)
+    # exactly the eager model's logits and patterns; on real tokens within float error of sdpa
+    assert torch.equal(logits, eager.logits)
+    valid = batch.inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], sdpa[valid], atol=1e-5, rtol=0)
+    hf_patterns = getattr(eager, "language_model_outputs", eager).attentions
+    assert len(hf_patterns) == model.n_layers  # Mllama includes its cross-attention layers
+    for (layer, prefix, _), expected in zip(attention_modules(model), hf_patterns):
+        assert torch.equal(cache[f"blocks.{layer}.{prefix}.hook_pattern"], expected)
+    # a capture without patterns leaves the configured implementation alone
+    with model.capture("blocks.*.hook_resid_post"):
+        assert implementations(model) == before
+
+
+def test_qkv_scores_pattern_and_z_agree(setup):
+    """softmax(scores) is the pattern; the pattern applied to the captured values gives z."""
+    model, batch = setup
+    with model.capture(model.hook_names()) as cache:
+        model.forward(batch)
+    for layer, prefix, _ in attention_modules(model):
+        name = f"blocks.{layer}.{prefix}"
+        q, k, v = (cache[f"{name}.hook_{x}"] for x in "qkv")
+        scores, pattern, z = (cache[f"{name}.{leaf}"] for leaf in ("hook_attn_scores", "hook_pattern", "hook_z"))
+        b, p = batch.input_ids.shape
+        n_keys = k.shape[1]
+        assert q.shape == (b, p, model.n_heads, model.d_head)
+        assert k.shape == v.shape == (b, n_keys, model.n_kv_heads, model.d_head)
+        assert scores.shape == pattern.shape == (b, model.n_heads, p, n_keys)
+        torch.testing.assert_close(torch.softmax(scores, dim=-1), pattern, atol=1e-6, rtol=0)
+        v = repeat(v, "b k kv d -> b k (kv g) d", g=model.n_heads // model.n_kv_heads)
+        mixed = einsum(pattern, v, "b h q k, b k h d -> b q h d")
+        torch.testing.assert_close(mixed, z, atol=1e-5, rtol=0)
+        if prefix == "attn":
+            later = torch.ones(p, p, dtype=torch.bool).triu(1)
+            for i, valid in enumerate(batch.inputs["attention_mask"].bool()):
+                real = pattern[i][:, valid]  # [head, real query, key]
+                assert not real[..., ~valid].any()  # no real token attends to padding
+                # causal, except that Gemma 3's image tokens and PaliGemma's prefix attend both ways
+                if model.family.name not in ("gemma3", "paligemma"):
+                    assert not real[:, later[valid]].any()
+
+
+def test_pattern_positions_select_queries(setup):
+    model, batch = setup
+    name = next(f"blocks.{layer}.{prefix}.hook_pattern" for layer, prefix, _ in attention_modules(model))
+    with model.capture(name) as cache:
+        model.forward(batch)
+    full = cache[name]
+    last = torch.stack([lay.positions("all")[-1] for lay in batch.layouts])
+    rows = torch.arange(len(batch))
+    with model.capture(name, positions="last", reduce="last") as cache:
+        model.forward(batch)
+    assert torch.equal(cache[name], full[rows, :, last])  # [batch, head, key]
+    with model.capture(name, positions="prompt") as cache:
+        model.forward(batch)
+    kept = cache.positions()
+    assert cache[name].shape == (len(batch), model.n_heads, kept.shape[1], full.shape[-1])
+    for i, lay in enumerate(batch.layouts):
+        n = len(lay.positions("prompt"))
+        assert torch.equal(cache[name][i, :, :n], full[i, :, lay.positions("prompt")])
+        assert not cache[name][i, :, n:].any()  # padding rows
+
+
+def test_resid_mid_splits_each_layer(setup):
+    """resid_pre + attention write = resid_mid; resid_mid + MLP write = resid_post."""
+    model, batch = setup
+    with model.capture(model.hook_names()) as cache:
+        model.forward(batch)
+    layers = model.module(model.family.lm_layers)
+    checked = 0
+    for layer, prefix, _ in attention_modules(model):
+        block = layers[layer]
+        pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{x}"] for x in ("pre", "mid", "post"))
+        attn_out = cache[f"blocks.{layer}.cross_attn.hook_attn_out" if prefix == "cross_attn"
+                         else f"blocks.{layer}.hook_attn_out"]
+        mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]
+        with torch.no_grad():
+            if model.family.name == "gemma3":  # sandwich norms on both writes
+                attn_out = block.post_attention_layernorm(attn_out)
+                mlp_out = block.post_feedforward_layernorm(mlp_out)
+            elif prefix == "cross_attn":  # Mllama gates both writes (and masks text rows)
+                torch.testing.assert_close(mid, pre + block.cross_attn_attn_gate.tanh() * attn_out,
+                                           atol=1e-5, rtol=0)
+                continue
+        torch.testing.assert_close(mid, pre + attn_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(post, mid + mlp_out, atol=1e-5, rtol=0)
+        checked += 1
+    assert checked >= 1
+
+
+def test_other_towers_are_named(setup):
+    model, batch = setup
+    names = model.hook_names()
+    fam = model.family
+    if fam.name == "blip2":
+        qformer = [n for n in names if n.startswith("qformer.blocks.")]
+        assert qformer == [f"qformer.blocks.{i}.hook_resid_post"
+                           for i in range(model.config.qformer_config.num_hidden_layers)]
+        with model.capture("qformer.blocks.*.hook_resid_post") as cache:
+            out = model.forward(batch)
+        # the last Q-Former layer's states, normalised by nothing further, are the query output
+        torch.testing.assert_close(cache.stack("qformer.blocks.*.hook_resid_post")[-1],
+                                   out.qformer_outputs.last_hidden_state, atol=1e-6, rtol=0)
+    elif fam.name == "mllama":
+        n_global = model.config.vision_config.num_global_layers
+        assert [n for n in names if n.startswith("vision.global_blocks.")] == [
+            f"vision.global_blocks.{i}.hook_resid_post" for i in range(n_global)]
+        with model.capture("vision.global_blocks.*.hook_resid_post") as cache:
+            model.forward(batch)
+        assert len(cache.names()) == n_global
+        # cross-attention keys and values run over the vision states: captured whole only
+        cross = next(layer for layer, prefix, _ in attention_modules(model) if prefix == "cross_attn")
+        with model.capture(f"blocks.{cross}.cross_attn.hook_k") as alone:  # without other LM names
+            model.forward(batch)
+        assert alone[f"blocks.{cross}.cross_attn.hook_k"].shape[0] == len(batch)
+        with pytest.raises(lp.InputError, match="not in the token sequence"):
+            model.capture(f"blocks.{cross}.cross_attn.hook_k", positions="image")
+    else:
+        assert not [n for n in names if n.startswith(("qformer.", "vision.global_blocks."))]
+
+
+def test_attention_switch_never_leaks(setup):
+    model, batch = setup
+    before = implementations(model)
+    with pytest.raises(RuntimeError, match="user code"), model.capture("blocks.*.attn.hook_pattern"):
+        raise RuntimeError("user code")
+    # nested captures: the implementation comes back only when the outer one exits
+    with model.capture("blocks.*.attn.hook_pattern") as outer:
+        with model.capture("blocks.0.attn.hook_attn_scores") as inner:
+            model.forward(batch)
+        assert implementations(model) == {attention.IMPLEMENTATION}
+        model.forward(batch)
+    assert len(outer.calls("blocks.0.attn.hook_pattern")) == 2
+    assert len(inner.calls("blocks.0.attn.hook_attn_scores")) == 1
+    for _ in range(200):
+        with model.capture("blocks.0.attn.hook_pattern"):
+            pass
+    assert implementations(model) == before and attention.active() == (0, 0)
+
+
+def test_opt_scores_are_scaled_dot_products():
+    """OPT (BLIP-2) has no rotary embedding, so captured q and k give the scores directly."""
+    model = lp.zoo.tiny("blip2", device="cpu")
+    batch = model.prepare(images=[random_image(40, 56, seed=1)], prompts=PROMPTS[:1])
+    with model.capture(["blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_attn_scores"]) as cache:
+        model.forward(batch)
+    q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
+    scores = cache["blocks.0.attn.hook_attn_scores"]
+    expected = einsum(q, k, "b q h d, b k h d -> b h q k") * model.d_head ** -0.5
+    allowed = ~torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
+    torch.testing.assert_close(scores[..., allowed], expected[..., allowed], atol=1e-5, rtol=0)
+    assert rearrange(scores[..., ~allowed], "... -> (...)").max() < -1e30  # masked keys
