@@ -13,6 +13,7 @@ from PIL import Image
 from ..errors import InputError
 from . import sampling as S
 from . import text
+from .concepts import NEUTRAL_PROMPT, concept_rows
 from .config import make_config
 from .export import export as export_questions
 from .export import load_export as load_questions
@@ -155,6 +156,19 @@ class ShapesWorld:
     def describe(self, scene: Scene) -> str:
         """A text-only description, e.g. ``"a small red heart left of a large blue square"``."""
         return text.describe(scene)
+
+    def concepts(
+        self, n: int, objects: int = 1, split: str = "typical", modality: str = "image",
+        prompt: str = NEUTRAL_PROMPT,
+    ) -> list[dict[str, Any]]:
+        """Probe datasets: ``n`` scenes of ``objects`` objects as image rows or as text-only rows
+        (same scenes, same labels, same ``scene`` ids); see :func:`concepts.concept_rows`.
+
+        Example:
+            >>> images = world.concepts(300, modality="image")   # rows for lp.extract
+            >>> texts = world.concepts(300, modality="text")     # the same scenes, described
+        """
+        return concept_rows(self, n, objects=objects, split=split, modality=modality, prompt=prompt)
 
     def corpus(self) -> list[str]:
         """Every sentence form of prompts, answers, captions and descriptions (to train a tokenizer)."""

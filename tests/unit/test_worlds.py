@@ -365,3 +365,25 @@ def test_range_in_messages():
         ShapesWorld(shapes=("circle", "square", "star"), max_objects=4)
     with pytest.raises(InputError, match="max_objects >= 2"):
         ShapesWorld(max_objects=1).questions(2, level="relation")
+
+
+def test_concept_rows_pair_modalities_over_the_same_scenes():
+    world = ShapesWorld(seed=0, image_size=64)
+    images = world.concepts(20, objects=2, modality="image")
+    texts = world.concepts(30, objects=2, modality="text")
+    assert [r["scene"] for r in images] == [r["scene"] for r in texts[:20]]  # k independent of n
+    for img, txt in zip(images, texts):
+        assert img["image"].size == (64, 64) and txt["image"] is None
+        assert img["prompt"] == "Describe the image."
+        # the description names the labelled concepts of the first object, and the relation
+        assert f"{txt['size']} {txt['color']} {txt['shape']}" in txt["prompt"]
+        assert {k: img[k] for k in ("shape", "color", "size", "relation")} == \
+               {k: txt[k] for k in ("shape", "color", "size", "relation")}
+        if txt["relation"] is not None:
+            assert txt["relation"] in txt["prompt"]
+    single = world.concepts(10, objects=1)
+    assert all(r["n_objects"] == 1 and r["relation"] is None for r in single)
+    with pytest.raises(InputError, match="modality"):
+        world.concepts(1, modality="audio")
+    with pytest.raises(InputError, match="objects must be 1 or 2"):
+        world.concepts(1, objects=3)
