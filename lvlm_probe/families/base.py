@@ -40,6 +40,10 @@ class Family:
     # relative to a layer: the norm whose input is the residual stream between attention and MLP
     lm_resid_mid: ClassVar[str] = "post_attention_layernorm"
     lm_qkv: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")  # relative to lm_attn
+    # relative to a layer: modules whose outputs are the attention's and the MLP's writes into the
+    # residual stream, when these are not lm_attn / lm_mlp themselves (sandwich norms)
+    lm_attn_write: ClassVar[str | None] = None
+    lm_mlp_write: ClassVar[str | None] = None
     # vision tower and projector
     vision_layers: ClassVar[str | None] = "model.vision_tower.encoder.layers"
     projector: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector",)

@@ -33,6 +33,8 @@ class Gemma3(Family):
     # sandwich norms: the attention output is normalised (post_attention_layernorm) before it is
     # added, so the residual stream between attention and MLP enters pre_feedforward_layernorm
     lm_resid_mid = "pre_feedforward_layernorm"
+    lm_attn_write = "post_attention_layernorm"
+    lm_mlp_write = "post_feedforward_layernorm"
     vision_layers = "model.vision_tower.encoder.layers"
     projector = ("model.multi_modal_projector",)
 

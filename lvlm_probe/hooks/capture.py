@@ -34,12 +34,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError, LVLMProbeError
-from . import attention
+from . import attention, values
 from . import positions as P
 from .names import HookPoint, expand, hook_points, pattern_regex
 
@@ -231,21 +231,16 @@ class Capture:
         return listener
 
     def _store(self, point: HookPoint, value: Tensor) -> None:
-        value = value.detach()
-        if point.space == "lm" and value.ndim == 2 and self._seq_shape is not None:
-            b, p = self._seq_shape
-            if value.shape[0] == b * p:
-                value = rearrange(value, "(b p) d -> b p d", b=b)
+        value = values.as_sequence(point, value.detach(), self._seq_shape)
         pos = self._batch_positions() if point.space == "lm" else None
         if pos is not None:
             value = P.gather(value, pos, length=self._resolved[0].input_ids.shape[1])
-        elif point.transform not in ("result", "scores"):
+        elif point.kind != "attention" and point.transform not in ("result", "normalized"):
             # a whole tensor still shares memory with the model's; copy it so in-place updates
-            # later in the forward pass cannot change what was captured (gather, the per-head
-            # product and the scores already make new tensors)
+            # later in the forward pass cannot change what was captured (gather and the two
+            # transforms make new tensors; patterns and scores are never written to)
             value = value.clone()
-        if point.transform in ("heads", "result"):
-            value = self._split_heads(point, value)
+        value = values.finish(self.model, point, value)
         if pos is not None:
             value = P.reduce_kept(value, pos, self.reduce)
         if point.kind == "attention" and value.ndim == 4:
@@ -267,24 +262,3 @@ class Capture:
             self._resolved = (batch, P.resolve_batch(self.positions, batch.layouts))
             self.cache._positions.append(self._resolved[1])
         return self._resolved[1]
-
-    def _split_heads(
-        self, point: HookPoint, x: Float[Tensor, "batch pos h_d"]
-    ) -> Float[Tensor, "batch pos head d"]:
-        """``[b, p, (h d)]`` -> ``[b, p, h, d]``, or for ``result`` each head's write through the
-        out-projection ``[b, p, h, d_model]``."""
-        if x.shape[-1] % point.heads:
-            raise LVLMProbeError(
-                f"internal: {point.name} has width {x.shape[-1]}, not a multiple of its "
-                f"{point.heads} heads"
-            )
-        if point.space == "vision" and self._seq_shape and x.shape[0] != self._seq_shape[0]:
-            # Mllama's cross-attention keys/values: the vision states come per tile
-            # [(b tiles), p, e]; the attention merges each example's tiles into one key axis
-            x = rearrange(x, "(b t) p e -> b (t p) e", b=self._seq_shape[0])
-        x = rearrange(x, "b p (h d) -> b p h d", h=point.heads)
-        if point.transform == "heads":
-            return x
-        weight = self.model.hf.get_submodule(point.attn_out).weight.detach()
-        w = rearrange(weight, "m (h d) -> h d m", h=point.heads)
-        return einsum(x, w, "b p h d, h d m -> b p h m")

@@ -22,12 +22,17 @@ name                                        value
 ``blocks.{l}.attn.hook_result``             each head's write through the out-projection, bias
                                             excluded, ``[b, p, h, d_model]``: summed over heads plus
                                             the out-projection's bias it equals ``hook_attn_out``
-``blocks.{l}.hook_attn_out``                output of the layer's attention module
+``blocks.{l}.hook_attn_out``                the attention's write into the residual stream: the
+                                            attention module's output (Gemma 3: after its
+                                            post-attention norm)
 ``blocks.{l}.hook_resid_mid``               residual stream between attention and MLP (input of
                                             the family's ``lm_resid_mid`` norm)
-``blocks.{l}.hook_mlp_out``                 output of the layer's MLP (BLIP-2/OPT: of ``fc2``)
+``blocks.{l}.hook_mlp_out``                 the MLP's write: output of the layer's MLP (BLIP-2/OPT:
+                                            of ``fc2``; Gemma 3: after its post-feedforward norm)
 ``blocks.{l}.hook_resid_post``              LM layer ``l``'s output
-``ln_final.hook_normalized``                output of ``lm_norm``
+``ln_final.hook_normalized``                the final norm's input normalised, before its learned
+                                            scale (and bias): ``x / rms(x)`` for RMSNorm
+``ln_final.hook_out``                       output of ``lm_norm`` (what the unembedding reads)
 ``vision.blocks.{l}.hook_resid_post``       vision-tower layer ``l``'s output
 ``vision.global_blocks.{l}.hook_resid_post``  Mllama's global vision encoder, layer ``l``
 ``projector.hook_out``                      output of the family's last projector module
@@ -41,8 +46,11 @@ the attention names live under ``blocks.{l}.cross_attn.`` (``hook_q`` ... ``hook
 ``blocks.*.hook_attn_out`` there expands to the self-attention layers only. Cross-attention keys
 and values run over the vision states, not the token sequence, so they are captured whole.
 
-Sandwich-norm families (Gemma 3) normalise the attention and MLP outputs before adding them to the
-residual stream; ``hook_attn_out`` / ``hook_mlp_out`` are the module outputs, before that norm.
+The meanings are TransformerLens's: ``hook_attn_out`` and ``hook_mlp_out`` are what is added to
+the residual stream, so ``resid_pre + attn_out = resid_mid`` and ``resid_mid + mlp_out =
+resid_post`` in every family except Mllama's gated cross-attention layers. Sandwich-norm families
+(Gemma 3) normalise the attention and MLP outputs before adding them; there the two names are the
+outputs of those norms (``hook_result`` summed over heads is the attention output before it).
 
 Patterns and scores need eager attention: they are read from inside the attention computation
 (see :mod:`lvlm_probe.hooks.attention`), which runs eagerly only while they are captured.
@@ -60,6 +68,7 @@ from ..errors import HookNameError
 #   output:    the module's output (its first element when the module returns a tuple)
 #   input:     the module's first input, read by a forward pre-hook
 #   attention: the attention module's pattern or scores, handed over by hooks.attention
+# A "normalized" transform normalises a norm's input without the norm's learned affine part.
 KINDS = ("output", "input", "attention")
 # Where a value lives: LM values are [batch, pos, ...] over the token sequence (attention patterns
 # and scores [batch, head, query, key]); the others are in their tower's own layout (e.g. Qwen2-VL
@@ -67,7 +76,7 @@ KINDS = ("output", "input", "attention")
 SPACES = ("lm", "vision", "projector", "qformer")
 # Transforms of a value: "heads" splits the last axis into `heads` heads; "result" projects each
 # head of z through the out-projection; "pattern" and "scores" pick the attention value.
-TRANSFORMS = (None, "heads", "result", "pattern", "scores")
+TRANSFORMS = (None, "heads", "result", "pattern", "scores", "normalized")
 
 
 @dataclass(frozen=True)
@@ -125,13 +134,16 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
                                  f"{prefix}.cross_attn", f"{prefix}.cross_attn.hook_attn_out", cross=True)
         else:
             points += _attention(model, layer, f"{block}.{fam.lm_attn}", f"{block}.{fam.lm_attn_out}",
-                                 f"{prefix}.attn", f"{prefix}.hook_attn_out", cross=False)
+                                 f"{prefix}.attn", f"{prefix}.hook_attn_out", cross=False,
+                                 write=fam.lm_attn_write and f"{block}.{fam.lm_attn_write}")
         points += [
             HookPoint(f"{prefix}.hook_resid_mid", f"{block}.{fam.lm_resid_mid}", "input", "lm", layer),
-            HookPoint(f"{prefix}.hook_mlp_out", f"{block}.{fam.lm_mlp}", "output", "lm", layer),
+            HookPoint(f"{prefix}.hook_mlp_out", f"{block}.{fam.lm_mlp_write or fam.lm_mlp}", "output", "lm",
+                      layer),
             HookPoint(f"{prefix}.hook_resid_post", block, "output", "lm", layer),
         ]
-    points.append(HookPoint("ln_final.hook_normalized", fam.lm_norm, "output", "lm"))
+    points.append(HookPoint("ln_final.hook_normalized", fam.lm_norm, "input", "lm", transform="normalized"))
+    points.append(HookPoint("ln_final.hook_out", fam.lm_norm, "output", "lm"))
     return {p.name: p for p in points}
 
 
@@ -141,9 +153,11 @@ def _tower(path: str, n_layers: int, prefix: str, space: str) -> list[HookPoint]
 
 
 def _attention(
-    model: Any, layer: int, attn: str, out: str, prefix: str, out_name: str, cross: bool
+    model: Any, layer: int, attn: str, out: str, prefix: str, out_name: str, cross: bool,
+    write: str | None = None,
 ) -> list[HookPoint]:
-    """The names of one attention module, in the order its forward computes them."""
+    """The names of one attention module, in the order its forward computes them; ``write`` is the
+    module whose output is the attention's write into the residual stream, if not ``attn``."""
     q, k, v = (f"{attn}.{name}" for name in model.family.lm_qkv)
     # cross-attention keys and values run over the vision states, not the token sequence
     kv_space = "vision" if cross else "lm"
@@ -155,7 +169,7 @@ def _attention(
         HookPoint(f"{prefix}.hook_pattern", attn, "attention", "lm", layer, "pattern"),
         HookPoint(f"{prefix}.hook_z", out, "input", "lm", layer, "heads", model.n_heads),
         HookPoint(f"{prefix}.hook_result", out, "input", "lm", layer, "result", model.n_heads, out),
-        HookPoint(out_name, attn, "output", "lm", layer),
+        HookPoint(out_name, write or attn, "output", "lm", layer),
     ]
 
 

@@ -63,7 +63,7 @@ def test_resid_post_equals_hf_hidden_states(setup):
     model, batch = setup
     hidden = _hidden_states(model.forward(batch, output_hidden_states=True))
     assert len(hidden) == model.n_layers + 1
-    with model.capture(["blocks.*.hook_resid_post", "ln_final.hook_normalized"]) as cache:
+    with model.capture(["blocks.*.hook_resid_post", "ln_final.hook_normalized", "ln_final.hook_out"]) as cache:
         model.forward(batch)
     resid = cache.stack("blocks.*.hook_resid_post")
     assert resid.shape == (model.n_layers, *hidden[0].shape)
@@ -71,11 +71,22 @@ def test_resid_post_equals_hf_hidden_states(setup):
         torch.testing.assert_close(resid[layer], hidden[layer + 1], atol=1e-5, rtol=0)
     # Every family's HF model puts the final norm's output, not the last layer's output, in the
     # last entry of hidden_states. So the last layer is compared through the final norm module:
-    # applied to the captured resid_post it gives hidden_states[-1], as does ln_final.
+    # applied to the captured resid_post it gives hidden_states[-1], as does ln_final.hook_out.
     norm = model.module(model.family.lm_norm)
     with torch.no_grad():
         torch.testing.assert_close(norm(resid[-1]), hidden[-1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache["ln_final.hook_normalized"], hidden[-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache["ln_final.hook_out"], hidden[-1], atol=1e-5, rtol=0)
+    # hook_normalized is the same before the norm's learned scale (and bias): the norm's affine
+    # map applied to it gives hook_out
+    normed = cache["ln_final.hook_normalized"]
+    with torch.no_grad():
+        if isinstance(norm, torch.nn.LayerNorm):
+            affine = normed * norm.weight + norm.bias
+        elif "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
+            affine = normed * (1.0 + norm.weight)
+        else:
+            affine = normed * norm.weight
+    torch.testing.assert_close(affine, cache["ln_final.hook_out"], atol=1e-5, rtol=0)
     assert not torch.allclose(resid[-1], hidden[-1], atol=1e-3)  # the norm did change it
 
 
@@ -87,22 +98,28 @@ def test_z_and_result_reproduce_attention_output(setup):
     layers = model.module(model.family.lm_layers)
     checked = 0
     for layer in range(model.n_layers):
+        write = None  # the module between the out-projection and the residual stream, if any
         kind = "cross_attn" if f"blocks.{layer}.cross_attn.hook_z" in cache else "attn"
         if kind == "cross_attn":  # Mllama: the attention output is named under cross_attn
             out_name, out_path = f"blocks.{layer}.cross_attn.hook_attn_out", model.family.lm_cross_attn_out
         else:
             out_name, out_path = f"blocks.{layer}.hook_attn_out", model.family.lm_attn_out
+            if model.family.lm_attn_write:  # Gemma 3: hook_attn_out is after the post-attention norm
+                write = layers[layer].get_submodule(model.family.lm_attn_write)
         proj = layers[layer].get_submodule(out_path)
         z = cache[f"blocks.{layer}.{kind}.hook_z"]
         result = cache[f"blocks.{layer}.{kind}.hook_result"]
         attn_out = cache[out_name]
         assert z.shape == (*attn_out.shape[:2], model.n_heads, model.d_head)
         assert result.shape == (*attn_out.shape[:2], model.n_heads, model.d_model)
+        bias = proj.bias if proj.bias is not None else 0.0
         with torch.no_grad():
             reprojected = proj(rearrange(z, "b p h d -> b p (h d)"))
+            summed = result.sum(2) + bias
+            if write is not None:
+                reprojected, summed = write(reprojected), write(summed)
         torch.testing.assert_close(reprojected, attn_out, atol=1e-5, rtol=0)
-        bias = proj.bias if proj.bias is not None else 0.0
-        torch.testing.assert_close(result.sum(2) + bias, attn_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(summed, attn_out, atol=1e-5, rtol=0)
         checked += 1
     assert checked == model.n_layers
 
@@ -227,7 +244,7 @@ def test_names_and_errors(setup):
     assert resid == [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
     vision = [n for n in names if n.startswith("vision.blocks.")]
     assert len(vision) == model.vision_layers
-    assert {"hook_embed", "ln_final.hook_normalized", "projector.hook_out"} <= set(names)
+    assert {"hook_embed", "ln_final.hook_normalized", "ln_final.hook_out", "projector.hook_out"} <= set(names)
     cross = set(getattr(model.family, "cross_attention_layers", lambda c: [])(model.config))
     assert len([n for n in names if n.endswith(".attn.hook_z")]) == model.n_layers - len(cross)
     assert len([n for n in names if n.endswith(".cross_attn.hook_z")]) == len(cross)

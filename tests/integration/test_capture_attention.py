@@ -130,7 +130,8 @@ def test_pattern_positions_select_queries(setup):
 
 
 def test_resid_mid_splits_each_layer(setup):
-    """resid_pre + attention write = resid_mid; resid_mid + MLP write = resid_post."""
+    """resid_pre + attn_out = resid_mid; resid_mid + mlp_out = resid_post (the two outputs are the
+    writes into the residual stream, also for Gemma 3's sandwich norms)."""
     model, batch = setup
     with model.capture(model.hook_names()) as cache:
         model.forward(batch)
@@ -142,14 +143,11 @@ def test_resid_mid_splits_each_layer(setup):
         attn_out = cache[f"blocks.{layer}.cross_attn.hook_attn_out" if prefix == "cross_attn"
                          else f"blocks.{layer}.hook_attn_out"]
         mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]
-        with torch.no_grad():
-            if model.family.name == "gemma3":  # sandwich norms on both writes
-                attn_out = block.post_attention_layernorm(attn_out)
-                mlp_out = block.post_feedforward_layernorm(mlp_out)
-            elif prefix == "cross_attn":  # Mllama gates both writes (and masks text rows)
-                torch.testing.assert_close(mid, pre + block.cross_attn_attn_gate.tanh() * attn_out,
-                                           atol=1e-5, rtol=0)
-                continue
+        if prefix == "cross_attn":  # Mllama gates both writes (and masks text rows)
+            with torch.no_grad():
+                gated = pre + block.cross_attn_attn_gate.tanh() * attn_out
+            torch.testing.assert_close(mid, gated, atol=1e-5, rtol=0)
+            continue
         torch.testing.assert_close(mid, pre + attn_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(post, mid + mlp_out, atol=1e-5, rtol=0)
         checked += 1

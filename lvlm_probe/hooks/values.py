@@ -1,0 +1,84 @@
+"""From a module's raw input or output to a hook point's value, in lvlm_probe's layout.
+
+Shared by :mod:`lvlm_probe.hooks.capture` (which selects positions between the two steps, so the
+per-head products run on the kept positions only) and the nnsight interop, so both give the same
+values by construction.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from ..errors import LVLMProbeError
+from .names import HookPoint
+
+
+def as_sequence(point: HookPoint, value: Tensor, seq_shape: tuple[int, int] | None) -> Tensor:
+    """Undo the reshapes some families make inside a layer.
+
+    Args:
+        point: the hook point.
+        value: the raw tensor (already the first element of a tuple output).
+        seq_shape: ``(batch, pos)`` of the language model's layer input, when known.
+
+    Returns:
+        OPT's (BLIP-2) flattened ``[b * p, d]`` MLP values as ``[b, p, d]``; Mllama's per-tile
+        cross-attention keys/values ``[(b tiles), p, e]`` as ``[b, tiles * p, e]``, merged as the
+        attention merges them; anything else unchanged.
+    """
+    if seq_shape is None:
+        return value
+    batch, pos = seq_shape
+    if point.space == "lm" and value.ndim == 2 and value.shape[0] == batch * pos:
+        return rearrange(value, "(b p) d -> b p d", b=batch)
+    if point.space == "vision" and point.transform == "heads" and value.shape[0] != batch:
+        return rearrange(value, "(b t) p e -> b (t p) e", b=batch)
+    return value
+
+
+def finish(model: Any, point: HookPoint, value: Tensor) -> Tensor:
+    """Apply a hook point's transform (see ``names.TRANSFORMS``) to its sequence-shaped value.
+
+    ``heads``: ``[b, p, (h d)]`` -> ``[b, p, h, d]``; ``result``: each head's write through the
+    out-projection ``[b, p, h, d_model]``; ``normalized``: the final norm's input normalised without
+    its learned scale and bias (TransformerLens's ``ln_final.hook_normalized``).
+    """
+    if point.transform in ("heads", "result"):
+        return split_heads(model, point, value)
+    if point.transform == "normalized":
+        return normalized(model.hf.get_submodule(point.path), value)
+    return value
+
+
+def split_heads(model: Any, point: HookPoint, x: Float[Tensor, "batch pos h_d"]) -> Tensor:
+    if x.shape[-1] % point.heads:
+        raise LVLMProbeError(
+            f"internal: {point.name} has width {x.shape[-1]}, not a multiple of its {point.heads} heads"
+        )
+    x = rearrange(x, "b p (h d) -> b p h d", h=point.heads)
+    if point.transform == "heads":
+        return x
+    weight = model.hf.get_submodule(point.attn_out).weight.detach()
+    w = rearrange(weight, "m (h d) -> h d m", h=point.heads)
+    return einsum(x, w, "b p h d, h d m -> b p h m")
+
+
+def normalized(norm: nn.Module, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+    """The norm's normalisation step without its learned affine part.
+
+    LayerNorm: ``(x - mean) / sqrt(var + eps)``; RMSNorm (Llama, Qwen, Gemma): ``x / sqrt(mean(x^2)
+    + eps)``, computed in float32 as the HF norms do and returned in ``x``'s dtype.
+    """
+    xf = x.float()
+    if isinstance(norm, nn.LayerNorm):
+        xf = xf - xf.mean(-1, keepdim=True)
+        eps = norm.eps
+    else:
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            raise LVLMProbeError(f"internal: {type(norm).__name__} has no eps attribute to normalise with")
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
