@@ -6,7 +6,7 @@ Example:
     >>> batch = model.prepare(images=[img], prompts=["Is there a red heart?"])
     >>> model.answer_logprobs(batch, ["yes", "no"])
 """
-from . import bench, errors, families, worlds, zoo
+from . import alignment, bench, errors, families, interop, store, viz, worlds, zoo
 from .errors import (
                      HookNameError,
                      ImageTypeError,
@@ -19,12 +19,13 @@ from .errors import (
 from .inputs import Batch
 from .layout import ImageGrid, ImageLayout, TokenLayout
 from .model import LVLM, ModelLoadError, load
+from .store import ActivationStore, extract
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LVLM", "Batch", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
-    "worlds", "bench",
+    "worlds", "bench", "store", "extract", "ActivationStore", "alignment", "interop", "viz",
     "LVLMProbeError", "UnsupportedModelError", "InputError", "ImageTypeError", "LayoutError",
     "HookNameError", "StoreError", "ModelLoadError", "__version__",
 ]
