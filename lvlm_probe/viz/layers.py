@@ -16,9 +16,9 @@ from matplotlib.figure import Figure
 from ..errors import InputError
 
 # The order a forward pass crosses the towers, left to right on a layer axis.
-TOWERS = ("vision", "qformer", "projector", "lm")
-TOWER_LABELS = {"vision": "vision tower", "qformer": "Q-Former", "projector": "projector",
-                "lm": "language model"}
+TOWERS = ("vision", "vision_global", "qformer", "projector", "lm")
+TOWER_LABELS = {"vision": "vision tower", "vision_global": "global vision", "qformer": "Q-Former",
+                "projector": "projector", "lm": "language model"}
 
 
 def require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:

@@ -1,0 +1,352 @@
+"""Probe sweeps: one linear probe per (hook, layer[, head]), all fitted in one batched optimisation.
+
+:func:`sweep` answers "at which layer of which tower does this concept become linearly decodable",
+with a control task (Hewitt & Liang 2019) so that a probe that merely memorises is not mistaken
+for one that decodes: selectivity = accuracy - control accuracy. :func:`transfer` is the direct
+test of cross-modal alignment: probes trained on one modality's activations (text descriptions of
+scenes) are tested on the other's (the image tokens of the same scenes), layer by layer.
+
+Both return tidy DataFrames, one row per probe, which :func:`lvlm_probe.viz.layer_curves` plots.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..errors import InputError
+from ..hooks.names import pattern_regex
+from .batched import fit_many
+from .controls import control_labels, type_overlap
+from .splits import group_split
+from .stats import bootstrap_ci
+
+COLUMNS = ["hook", "tower", "layer", "head", "target", "accuracy", "ci_low", "ci_high",
+           "control_accuracy", "selectivity", "chance", "n_train", "n_test"]
+HEAD_HOOKS = (".hook_z", ".hook_result", ".hook_q", ".hook_k", ".hook_v")
+
+
+def tower_of(hook: str) -> tuple[str, int | None]:
+    """(tower, layer) of a canonical hook name: ``vision.blocks.3...`` -> ("vision", 3)."""
+    prefix = hook.split(".", 1)[0]
+    tower = prefix if prefix in ("vision", "qformer", "projector") else "lm"
+    match = re.search(r"blocks\.(\d+)\.", hook)
+    if hook.startswith("vision.global_blocks."):  # Mllama's global encoder, after the local one
+        tower = "vision_global"
+    return tower, int(match.group(1)) if match else None
+
+
+def _source(source: Any, target: str | Sequence | np.ndarray, groups: str | Sequence | None):
+    """(get(hook) -> Tensor [N, ...], hook names, labels [N], groups [N] or None)."""
+    if isinstance(source, Mapping):
+        if isinstance(target, str):
+            raise InputError("with a dict of arrays, target must be the label array itself, "
+                             f"got the column name {target!r}")
+        labels = np.asarray(target)
+        group_values = None if groups is None or isinstance(groups, str) else np.asarray(groups)
+        arrays = {k: torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v) for k, v in source.items()}
+        return arrays.__getitem__, list(arrays), labels, group_values, None
+    meta = getattr(source, "meta", None)
+    if meta is None:
+        raise InputError(f"source must be an ActivationStore or a dict {{hook: array}}, got {type(source).__name__}")
+    if isinstance(target, str):
+        if target not in meta.columns:
+            raise InputError(f"target {target!r} is not a column of the store; it has {list(meta.columns)}")
+        labels = meta[target].to_numpy()
+    else:
+        labels = np.asarray(target)
+    if isinstance(groups, str):
+        if groups not in meta.columns:
+            raise InputError(f"groups {groups!r} is not a column of the store; it has {list(meta.columns)}")
+        group_values = meta[groups].to_numpy()
+    else:
+        group_values = None if groups is None else np.asarray(groups)
+    return source.__getitem__, list(source.hooks), labels, group_values, meta
+
+
+# The default control-task type: the object type, which recurs across scenes (see controls.py).
+OBJECT_TYPE = ("shape", "color", "size")
+
+
+def _control_types(control_by: Any, meta: pd.DataFrame | None, n: int) -> Any:
+    """The control task's type of each example: meta columns by name, or given values."""
+    if isinstance(control_by, str):
+        control_by = [control_by]
+    if isinstance(control_by, (list, tuple)) and all(isinstance(c, str) for c in control_by):
+        if meta is None:
+            raise InputError(f"control_by={control_by!r} names columns, but the source is a dict of "
+                             "arrays; pass the type of each example as an array")
+        missing = [c for c in control_by if c not in meta.columns]
+        if missing:
+            raise InputError(f"control_by columns {missing} are not in the store; it has {list(meta.columns)}; "
+                             "pass control_by= the columns (or values) whose combination is a type")
+        return meta[list(control_by)].reset_index(drop=True)
+    values = np.asarray(control_by, dtype=object)
+    if len(values) != n:
+        raise InputError(f"control_by has {len(values)} entries, the source {n} examples")
+    return values
+
+
+def select_hooks(patterns: str | Sequence[str], available: Sequence[str]) -> list[str]:
+    """The available hooks matching names or ``*`` patterns, in the source's order."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen = []
+    for pattern in patterns:
+        regex = pattern_regex(pattern)
+        hits = [h for h in available if regex.match(h)]
+        if not hits:
+            raise InputError(f"no hook matches {pattern!r}; the source holds {list(available)}")
+        chosen += [h for h in hits if h not in chosen]
+    return [h for h in available if h in chosen]
+
+
+def _encode(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    keep = pd.notna(labels)
+    if keep.sum() < 2:
+        raise InputError(f"{what}: fewer than 2 examples carry a label")
+    classes, codes = np.unique(labels[keep].astype(str), return_inverse=True)
+    if len(classes) < 2:
+        raise InputError(f"{what}: the labels take a single value {classes.tolist()}; a probe needs two or more")
+    full = np.full(len(labels), -1)
+    full[keep] = codes
+    return full, classes
+
+
+def _features(get, hook: str, heads: bool) -> tuple[Tensor, list[int | None]]:
+    """[P, N, d] features of one hook: P = 1, or one per head for per-head hooks."""
+    x = get(hook)
+    if x.ndim == 2:
+        return x[None], [None]
+    if x.ndim == 3 and heads and hook.endswith(HEAD_HOOKS):
+        return rearrange(x, "n h d -> h n d"), list(range(x.shape[1]))
+    raise InputError(
+        f"{hook}: probes need one vector per example, got shape {tuple(x.shape)}; extract with "
+        "reduce='mean' or 'last' (per-head hooks [N, head, d] need heads=True)"
+    )
+
+
+def sweep(
+    source: Any,
+    target: str | Sequence | np.ndarray,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    *,
+    heads: bool = False,
+    control: bool = True,
+    control_by: Any = OBJECT_TYPE,
+    groups: str | Sequence | None = "scene",
+    test_size: float = 0.25,
+    C: float = 1.0,
+    seed: int = 0,
+    n_boot: int = 1000,
+    standardize: bool = True,
+    device: str | torch.device | None = None,
+    max_iter: int = 500,
+) -> pd.DataFrame:
+    """Fit one probe per (hook, layer[, head]) for one target and report held-out accuracy.
+
+    All probes of a hook are fitted together by :func:`~lvlm_probe.probing.fit_many`. The split is
+    by group (a scene is never in both train and test). The control task (Hewitt & Liang 2019)
+    gives each type (``control_by``, by default the object type ``shape, color, size``, which
+    recurs across scenes) a random label; selectivity is accuracy minus control accuracy.
+
+    Args:
+        source: an :class:`~lvlm_probe.ActivationStore` (reduced: ``[N, d]`` or ``[N, head, d]``
+            per hook) or a dict ``{hook: array [N, d]}``.
+        target: a column of ``store.meta``, or the label array. Examples without a label are left out.
+        hooks: names or ``*`` patterns among the source's hooks.
+        heads: one probe per head for per-head hooks (``attn.hook_z``, ``hook_result``, ...).
+        control: also fit the control task and report selectivity.
+        control_by: the control task's type: meta column names, or ``[N]`` values (see
+            :mod:`lvlm_probe.probing.controls` for how to choose it).
+        groups: the column (or array) that keeps related examples on one side of the split;
+            None splits by example. A store without the column falls back to ``id``.
+        test_size: fraction of groups held out.
+        C: inverse L2 strength, as scikit-learn's.
+        seed: for the split, the control labels and the bootstrap.
+        n_boot: bootstrap resamples (by group) for the 95% confidence interval of accuracy.
+        standardize: standardise features per probe on the training set (layers differ in scale).
+        device: where to fit (default: the activations' device).
+        max_iter: optimiser iterations per probe.
+
+    Returns:
+        DataFrame with ``COLUMNS``, one row per probe; ``chance`` is the majority-class accuracy
+        on the test set.
+
+    Raises:
+        InputError: for an unknown target, hook pattern or column, or unusable labels.
+
+    Example:
+        >>> results = lp.probing.sweep(store, target="color", hooks="blocks.*.hook_resid_post")
+        >>> results[["layer", "accuracy", "selectivity"]]
+    """
+    if isinstance(groups, str) and getattr(source, "meta", None) is not None and groups not in source.meta:
+        groups = "id"
+    get, available, labels, group_values, meta = _source(source, target, groups)
+    chosen = select_hooks(hooks, available)
+    name = target if isinstance(target, str) else "target"
+    codes, classes = _encode(labels, f"target {name!r}")
+    keep = np.flatnonzero(codes >= 0)
+    group_values = keep if group_values is None else np.asarray(group_values)[keep]
+    train, test = group_split(group_values, test_size=test_size, seed=seed)
+    test_groups = group_values[test]
+    train, test = keep[train], keep[test]
+    y = torch.as_tensor(codes)
+    y_control = None
+    if control:
+        types = _control_types(control_by, meta, len(codes))
+        types = types.iloc[keep] if isinstance(types, pd.DataFrame) else types[keep]
+        controls = np.full(len(codes), -1)
+        controls[keep] = np.asarray(control_labels(codes[keep], by=types, seed=seed))
+        y_control = torch.as_tensor(controls)
+        overlap = type_overlap(_types_full(types, keep, len(codes)), train, test)
+        if overlap < 0.5:
+            warnings.warn(f"only {overlap:.0%} of the control task's test types occur in training, "
+                          "so control accuracy is near chance by construction; choose a control_by "
+                          "that recurs across scenes", stacklevel=2)
+    chance = float(np.bincount(codes[test], minlength=len(classes)).max() / len(test))
+    fit = dict(C=C, standardize=standardize, device=device, max_iter=max_iter)
+    rows = []
+    for hook in chosen:
+        x, head_ids = _features(get, hook, heads)
+        accuracy, low, high = _fit_and_score(x, y, train, test, test_groups, n_boot, seed, **fit)
+        ctrl = (_fit_and_score(x, y_control, train, test, test_groups, 0, seed, **fit)[0]
+                if control else np.full(len(head_ids), np.nan))
+        tower, layer = tower_of(hook)
+        for p, head in enumerate(head_ids):
+            rows.append(dict(hook=hook, tower=tower, layer=layer, head=head, target=name,
+                             accuracy=accuracy[p], ci_low=low[p], ci_high=high[p],
+                             control_accuracy=ctrl[p], selectivity=accuracy[p] - ctrl[p],
+                             chance=chance, n_train=len(train), n_test=len(test)))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _types_full(types: Any, keep: np.ndarray, n: int) -> np.ndarray:
+    """Types of the kept examples at their original indices (type_overlap indexes by example)."""
+    keys = (types.astype(str).agg("|".join, axis=1).to_numpy() if isinstance(types, pd.DataFrame)
+            else np.asarray(types, dtype=str))
+    full = np.empty(n, dtype=object)
+    full[keep] = keys
+    return full
+
+
+def _fit_and_score(x, y, train, test, test_groups, n_boot, seed, **fit):
+    """(accuracy [P], ci_low [P], ci_high [P]) of probes fitted on ``train`` rows, scored on ``test``."""
+    train_t, test_t = torch.as_tensor(train), torch.as_tensor(test)
+    probes = fit_many(x[:, train_t], y[train_t], **fit)
+    correct = probes.correct(x[:, test_t], y[test_t])
+    if n_boot:
+        accuracy, low, high = bootstrap_ci(correct, n_boot=n_boot, seed=seed, groups=test_groups)
+        return accuracy.numpy(), low.numpy(), high.numpy()
+    accuracy = correct.double().mean(1).cpu().numpy()
+    return accuracy, np.full_like(accuracy, np.nan), np.full_like(accuracy, np.nan)
+
+
+def transfer(
+    train_source: Any,
+    test_source: Any,
+    target: str,
+    hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+    *,
+    both: bool = True,
+    C: float = 1.0,
+    center: bool = True,
+    device: str | torch.device | None = None,
+    max_iter: int = 500,
+    n_boot: int = 1000,
+    seed: int = 0,
+    names: tuple[str, str] = ("text", "image"),
+) -> pd.DataFrame:
+    """Cross-modal transfer per layer: probes trained on one source, tested on the other.
+
+    Typically ``train_source`` holds the activations of text-only descriptions of scenes (at the
+    prompt's positions) and ``test_source`` the image-token activations of the same scenes. Where
+    transfer accuracy rises above chance, the two modalities' representations of the concept share
+    a linear code: they are aligned.
+
+    Image and text activations sit in different regions of the residual stream (the modality gap:
+    different means and norms) even where they encode a concept along the same directions. With
+    ``center=True`` each source is standardised with its own statistics before the probe sees it,
+    so transfer measures shared directions rather than a shared offset; ``center=False`` uses the
+    training source's statistics for both.
+
+    Args:
+        train_source, test_source: stores, or ``(dict of arrays, labels)`` tuples, with common hooks.
+        target: the label column both sources carry (e.g. ``"color"``).
+        hooks: names or ``*`` patterns.
+        both: also the reverse direction.
+        center: standardise each source with its own mean and scale (see above).
+        names: what to call the two sources in the ``direction`` column.
+
+    Returns:
+        DataFrame with ``hook, tower, layer, target, direction, accuracy, ci_low, ci_high,
+        within_accuracy, chance, n_train, n_test``; ``within_accuracy`` is the probe's accuracy on
+        its own training source, an upper reference.
+
+    Raises:
+        InputError: when the sources share no hook or their labels share no value.
+
+    Example:
+        >>> texts = lp.extract(model, world.concepts(300, modality="text"), hooks, positions="prompt", out="t/")
+        >>> images = lp.extract(model, world.concepts(300, modality="image"), hooks, positions="image", out="i/")
+        >>> lp.probing.transfer(texts, images, target="color")
+    """
+    rows = []
+    directions = [(train_source, test_source, f"{names[0]} -> {names[1]}")]
+    if both:
+        directions.append((test_source, train_source, f"{names[1]} -> {names[0]}"))
+    for fit_on, test_on, direction in directions:
+        get_a, hooks_a, labels_a, _, _ = _source_pair(fit_on, target)
+        get_b, hooks_b, labels_b, _, _ = _source_pair(test_on, target)
+        common = [h for h in select_hooks(hooks, hooks_a) if h in hooks_b]
+        if not common:
+            raise InputError(f"the two sources share no hook among {hooks!r}: {hooks_a} vs {hooks_b}")
+        values = [v for v in np.concatenate([labels_a, labels_b]) if pd.notna(v)]
+        index = {c: i for i, c in enumerate(sorted({str(v) for v in values}))}
+        ya, yb = _codes(labels_a, index), _codes(labels_b, index)
+        a_rows, b_rows = np.flatnonzero(ya >= 0), np.flatnonzero(yb >= 0)
+        if not set(ya[a_rows]) & set(yb[b_rows]):
+            raise InputError(f"the sources' {target!r} labels share no value")
+        chance = float(np.bincount(yb[b_rows]).max() / len(b_rows))
+        for hook in common:
+            xa, xb = get_a(hook)[a_rows], get_b(hook)[b_rows]
+            if xa.ndim != 2 or xb.ndim != 2:
+                raise InputError(f"{hook}: transfer needs [N, d] per source, got {tuple(xa.shape)} "
+                                 f"and {tuple(xb.shape)}")
+            if center:
+                xa, xb = _standardized(xa), _standardized(xb)
+            probes = fit_many(xa[None], torch.as_tensor(ya[a_rows]), C=C, standardize=not center,
+                              device=device, max_iter=max_iter)
+            correct = probes.correct(xb[None], torch.as_tensor(yb[b_rows]))
+            within = float(probes.accuracy(xa[None], torch.as_tensor(ya[a_rows]))[0])
+            if n_boot:
+                accuracy, low, high = (float(v[0]) for v in bootstrap_ci(correct, n_boot=n_boot, seed=seed))
+            else:
+                accuracy, low, high = float(correct.double().mean()), np.nan, np.nan
+            tower, layer = tower_of(hook)
+            rows.append(dict(hook=hook, tower=tower, layer=layer, target=target, direction=direction,
+                             accuracy=accuracy, ci_low=low, ci_high=high, within_accuracy=within,
+                             chance=chance, n_train=len(a_rows), n_test=len(b_rows)))
+    return pd.DataFrame(rows)
+
+
+def _standardized(x: Tensor) -> Tensor:
+    x = x.double()
+    return ((x - x.mean(0)) / x.std(0).clamp_min(1e-12)).float()
+
+
+def _source_pair(source: Any, target: str):
+    if isinstance(source, tuple) and len(source) == 2:
+        arrays, labels = source
+        return _source(arrays, labels, None)
+    return _source(source, target, None)
+
+
+def _codes(labels: np.ndarray, index: dict[str, int]) -> np.ndarray:
+    return np.array([index[str(v)] if pd.notna(v) else -1 for v in labels])

@@ -1,0 +1,143 @@
+"""Probe sweeps and cross-modal transfer: on arrays with a planted signal, and on shapes-llava's
+activations of ShapesWorld scenes, whose colours are the ground truth."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import lvlm_probe as lp
+from lvlm_probe import probing
+from lvlm_probe.errors import InputError
+
+
+def planted(n: int = 600, d: int = 16, seed: int = 0):
+    """Three layers: noise, a weak copy of the label, a strong one; 300 object types (so a probe
+    cannot memorise a random label per type), two examples per scene."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    types = rng.integers(0, 300, n)
+    centres = rng.normal(size=(4, d))
+    layers = {
+        "blocks.0.hook_resid_post": rng.normal(size=(n, d)),
+        "blocks.1.hook_resid_post": 0.4 * centres[labels] + rng.normal(size=(n, d)),
+        "blocks.2.hook_resid_post": 3.0 * centres[labels] + rng.normal(size=(n, d)),
+    }
+    return layers, labels, types, np.arange(n) // 2
+
+
+def test_sweep_finds_the_planted_signal():
+    layers, labels, types, scenes = planted()
+    results = probing.sweep(layers, labels, hooks="blocks.*.hook_resid_post", control_by=types,
+                            groups=scenes, seed=0)
+    assert list(results.columns) == probing.sweep.__globals__["COLUMNS"]
+    by_layer = results.set_index("layer")
+    chance = by_layer["chance"].iloc[0]
+    assert by_layer.loc[0, "accuracy"] < chance + 0.15
+    assert by_layer.loc[1, "accuracy"] > by_layer.loc[0, "accuracy"] + 0.1
+    assert by_layer.loc[2, "accuracy"] > 0.95
+    assert by_layer.loc[2, "selectivity"] > 0.5  # a random label per type cannot be learnt
+    assert (results["ci_low"] <= results["accuracy"]).all() and (results["accuracy"] <= results["ci_high"]).all()
+    assert (results["n_train"] + results["n_test"] == len(labels)).all()
+    # the same seed gives the same table; the tower and layer come from the names
+    pd.testing.assert_frame_equal(results, probing.sweep(layers, labels, control_by=types, groups=scenes))
+    assert set(results["tower"]) == {"lm"}
+
+
+def test_per_head_probes():
+    layers, labels, types, scenes = planted(d=8)
+    # heads 0 and 2 of a [N, head, d] hook carry the signal, head 1 is noise
+    z = np.stack([layers["blocks.2.hook_resid_post"], layers["blocks.0.hook_resid_post"],
+                  layers["blocks.1.hook_resid_post"]], axis=1)
+    results = probing.sweep({"blocks.0.attn.hook_z": z}, labels, hooks="blocks.*.attn.hook_z", heads=True,
+                            control=False, groups=scenes, n_boot=0)
+    assert results["head"].tolist() == [0, 1, 2]
+    acc = results.set_index("head")["accuracy"]
+    assert acc[0] > 0.95 and acc[1] < acc[2] < acc[0]
+    with pytest.raises(InputError, match="heads=True"):
+        probing.sweep({"blocks.0.attn.hook_z": z}, labels, hooks="blocks.*.attn.hook_z", control=False)
+
+
+def test_sweep_errors_name_what_was_wrong():
+    layers, labels, types, scenes = planted()
+    with pytest.raises(InputError, match="no hook matches 'vision.blocks.\\*.hook_resid_post'"):
+        probing.sweep(layers, labels, hooks="vision.blocks.*.hook_resid_post", control_by=types)
+    with pytest.raises(InputError, match="single value"):
+        probing.sweep(layers, np.zeros(len(labels)), control_by=types)
+    with pytest.raises(InputError, match="target must be the label array"):
+        probing.sweep(layers, "color")
+    with pytest.raises(InputError, match="names columns"):
+        probing.sweep(layers, labels)  # the default control type names store columns
+    with pytest.warns(UserWarning, match="near chance by construction"):
+        probing.sweep(layers, labels, control_by=scenes, groups=scenes, n_boot=0)
+
+
+@pytest.fixture(scope="module")
+def concept_stores(tmp_path_factory):
+    """shapes-llava's activations of 400 counterfactual-colour scenes (colour independent of
+    shape), as images and as text descriptions, plus the projector's output for the images."""
+    model = lp.zoo.load("shapes-llava", device="cpu")
+    world = lp.worlds.ShapesWorld(seed=0, image_size=64)
+    hooks = ["hook_embed", "blocks.*.hook_resid_post"]
+    image_rows = world.concepts(400, split="counterfactual", modality="image")
+    text_rows = world.concepts(400, split="counterfactual", modality="text")
+    out = tmp_path_factory.mktemp("concepts")
+    images = lp.extract(model, image_rows, hooks, positions="image", reduce="mean", out=out / "image",
+                        progress=False)
+    texts = lp.extract(model, text_rows, hooks, positions="prompt", reduce="mean", out=out / "text",
+                       progress=False)
+    projected = lp.extract(model, image_rows, "projector.hook_out", positions="all", reduce="none",
+                           out=out / "projected", progress=False)
+    return images, texts, projected
+
+
+def test_colour_emerges_after_the_image_enters(concept_stores):
+    """At the image positions hook_embed holds the placeholder token's embedding (the same for
+    every image), so nothing is decodable there; after the image features replace it, the object's
+    colour is read off every LM layer, well above its object-type control."""
+    images, _, _ = concept_stores
+    results = probing.sweep(images, "color", hooks=["hook_embed", "blocks.*.hook_resid_post"], seed=0)
+    embed = results[results["hook"] == "hook_embed"].iloc[0]
+    lm = results[results["hook"] != "hook_embed"]
+    assert embed["accuracy"] <= embed["chance"] + 0.05
+    assert (lm["accuracy"] > 0.85).all()
+    assert (lm["selectivity"] > 0.2).all()
+    assert results["n_test"].iloc[0] == 100 and results["n_train"].iloc[0] == 300  # scenes split 3:1
+    fig = lp.viz.layer_curves(results, chance=embed["chance"])
+    assert len(fig.axes) == 2
+
+
+def test_transfer_from_word_embeddings_to_the_projector(concept_stores):
+    """shapes-llava's projector was trained to map each patch near the word embeddings of its
+    object's colour and shape (zoo.vision_pretrain), so a colour probe trained on the embeddings of
+    the descriptions' words reads the colour off the projected image patches: cross-modal
+    alignment by construction. Without per-source centring the modality gap hides it."""
+    images, texts, projected = concept_stores
+    words = ({"x": texts["hook_embed"]}, texts.meta["color"].to_numpy())
+    patches = ({"x": projected["projector.hook_out"].mean(1)}, projected.meta["color"].to_numpy())
+    aligned = probing.transfer(words, patches, "color", hooks="x", seed=0).set_index("direction")
+    for direction in ("text -> image", "image -> text"):
+        row = aligned.loc[direction]
+        assert row["accuracy"] > row["chance"] + 0.2 and row["ci_low"] > row["chance"]
+        assert row["within_accuracy"] > 0.95
+    gap = probing.transfer(words, patches, "color", hooks="x", center=False, n_boot=0, both=False)
+    assert gap["accuracy"].iloc[0] < aligned.loc["text -> image", "accuracy"] - 0.2
+
+    # through the language model, by hook name: both directions, every common hook, and the
+    # placeholder's embedding at the image positions carries no colour at all
+    results = probing.transfer(texts, images, "color", hooks=["hook_embed", "blocks.*.hook_resid_post"])
+    assert set(results["direction"]) == {"text -> image", "image -> text"}
+    assert len(results) == 2 * (1 + 4)
+    embed = results[(results["hook"] == "hook_embed") & (results["direction"] == "text -> image")].iloc[0]
+    assert embed["accuracy"] <= embed["chance"] + 0.05
+
+
+def test_transfer_from_arrays_equals_transfer_from_tuples():
+    layers, labels, _, _ = planted()
+    half = len(labels) // 2
+    a = {k: torch.as_tensor(v[:half]) for k, v in layers.items()}
+    b = {k: torch.as_tensor(v[half:]) for k, v in layers.items()}
+    results = probing.transfer((a, labels[:half]), (b, labels[half:]), "target", n_boot=0, both=False)
+    strong = results.set_index("layer").loc[2, "accuracy"]
+    assert strong > 0.95  # same distribution on both sides: transfer is ordinary generalisation
