@@ -25,6 +25,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/lvlm-probe demo
+	$(VENV)/bin/lvlm-probe sweep probes/shapes_objects.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check lvlm_probe tests benchmarks

@@ -96,6 +96,34 @@ def demo(
     console.print(table)
 
 
+@app.command()
+def sweep(
+    definition: Path = typer.Argument(..., help="a sweep definition, e.g. probes/shapes_objects.yaml"),
+    out: str = typer.Option(None, help="output folder (default: the definition's out)"),
+    device: str = typer.Option(None, help="overrides the definition's device"),
+) -> None:
+    """Extract activations and fit probes per layer as a YAML definition says; resumes when rerun."""
+    import dataclasses
+
+    from .probing.config import load_config
+    from .probing.run import run_sweep
+
+    _quiet_transformers()
+    config = load_config(definition)
+    changes = {k: v for k, v in (("out", out), ("device", device)) if v is not None}
+    run = run_sweep(dataclasses.replace(config, **changes))
+    best = (run.results[run.results["head"].isna()].sort_values("accuracy", ascending=False)
+            .groupby("target").head(1)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity", "chance"]])
+    console.print(_table(best.round(3), title="Best layer per target"))
+    if run.transfer is not None:
+        top = (run.transfer.sort_values("accuracy", ascending=False).groupby(["target", "direction"]).head(1)
+               [["target", "direction", "hook", "accuracy", "chance"]])
+        console.print(_table(top.round(3), title="Best cross-modal transfer"))
+    console.print(f"results: {run.out / 'results.parquet'}")
+    for name, path in run.figures.items():
+        console.print(f"figure {name}: {path}")
+
+
 def _frame(figures: dict[str, float]):
     import pandas as pd
 

@@ -88,7 +88,8 @@ def _control_types(control_by: Any, meta: pd.DataFrame | None, n: int) -> Any:
             raise InputError(f"control_by columns {missing} are not in the store; it has {list(meta.columns)}; "
                              "pass control_by= the columns (or values) whose combination is a type")
         return meta[list(control_by)].reset_index(drop=True)
-    values = np.asarray(control_by, dtype=object)
+    values = (control_by.reset_index(drop=True) if isinstance(control_by, pd.DataFrame)
+              else np.asarray(control_by, dtype=object))
     if len(values) != n:
         raise InputError(f"control_by has {len(values)} entries, the source {n} examples")
     return values
@@ -224,13 +225,22 @@ def sweep(
                              accuracy=accuracy[p], ci_low=low[p], ci_high=high[p],
                              control_accuracy=ctrl[p], selectivity=accuracy[p] - ctrl[p],
                              chance=chance, n_train=len(train), n_test=len(test)))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return _typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """Integer columns that may be missing (the projector's layer, a layer probe's head) as
+    nullable integers, so a table reads back from Parquet with the same dtypes."""
+    for column in ("layer", "head"):
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def _types_full(types: Any, keep: np.ndarray, n: int) -> np.ndarray:
     """Types of the kept examples at their original indices (type_overlap indexes by example)."""
-    keys = (types.astype(str).agg("|".join, axis=1).to_numpy() if isinstance(types, pd.DataFrame)
-            else np.asarray(types, dtype=str))
+    table = types if isinstance(types, pd.DataFrame) else pd.DataFrame(np.asarray(types, dtype=object).reshape(len(keep), -1))
+    keys = table.astype(str).agg("|".join, axis=1).to_numpy()
     full = np.empty(n, dtype=object)
     full[keep] = keys
     return full
@@ -333,7 +343,7 @@ def transfer(
             rows.append(dict(hook=hook, tower=tower, layer=layer, target=target, direction=direction,
                              accuracy=accuracy, ci_low=low, ci_high=high, within_accuracy=within,
                              chance=chance, n_train=len(a_rows), n_test=len(b_rows)))
-    return pd.DataFrame(rows)
+    return _typed(pd.DataFrame(rows))
 
 
 def _standardized(x: Tensor) -> Tensor:

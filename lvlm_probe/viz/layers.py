@@ -99,16 +99,18 @@ def layer_curves(results: pd.DataFrame, chance: float | None = None) -> Figure:
         axes[1].set_ylabel("selectivity")
     for ax in axes:
         _tower_spans(ax, placed)
-    ticks = placed.drop_duplicates("x").sort_values("x")
-    axes[-1].set_xticks(ticks["x"], [_tick(t, la) for t, la in zip(ticks["tower"], ticks["layer"])],
-                        fontsize=7, rotation=90)
-    axes[-1].set_xlabel("layer")
+    _ticks(axes[-1], placed)
     fig.tight_layout()
     return fig
 
 
-def _tick(tower: str, layer: float) -> str:
-    return "proj" if tower == "projector" or pd.isna(layer) else str(int(layer))
+def _ticks(ax, placed: pd.DataFrame) -> None:
+    """Label each position with its layer; the projector "proj", the embeddings "embed"."""
+    ticks = placed.drop_duplicates("x").sort_values("x")
+    labels = ["proj" if tower == "projector" else "embed" if pd.isna(layer) else str(int(layer))
+              for tower, layer in zip(ticks["tower"], ticks["layer"])]
+    ax.set_xticks(ticks["x"], labels, fontsize=7, rotation=90)
+    ax.set_xlabel("layer")
 
 
 def head_heatmap(results: pd.DataFrame, target: str | None = None, value: str = "selectivity") -> Figure:
@@ -162,7 +164,9 @@ def alignment_curves(table: pd.DataFrame) -> Figure:
         ax.plot(part["x"], part["value"], marker=".", label=str(metric))
     if "tower" in table:
         _tower_spans(ax, placed)
-    ax.set_xlabel("layer")
+        _ticks(ax, placed)
+    else:
+        ax.set_xlabel("layer")
     ax.set_ylabel("alignment")
     ax.legend(fontsize=7)
     fig.tight_layout()

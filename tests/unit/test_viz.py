@@ -41,6 +41,9 @@ def test_layer_curves_plot_the_table():
     selectivity = {line.get_label(): line for line in bottom.get_lines()}["color"]
     assert np.allclose(selectivity.get_ydata(), color["accuracy"] - 0.3)
     assert [t.get_text() for t in bottom.get_xticklabels()] == ["0", "1", "proj", "0", "1", "2"]
+    embed = pd.DataFrame([dict(tower="lm", layer=None, target="color", accuracy=0.2)])
+    fig = viz.layer_curves(pd.concat([table, embed], ignore_index=True))
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()][3] == "embed"  # before LM layer 0
 
 
 def test_head_heatmap_is_layer_by_head():

@@ -1,0 +1,291 @@
+"""Run a sweep definition end to end: extraction (cached, resumable), probes, analyses, figures.
+
+Output folder::
+
+    <out>/sweep.json                 the definition this folder was made with
+    <out>/acts/{lm,towers,text}/     activation stores (see lvlm_probe.store), resumable
+    <out>/results/<target>.parquet   one part per target, written atomically when its probes end
+    <out>/results.parquet            every probe's row (columns of probing.sweep.COLUMNS)
+    <out>/transfer.parquet, alignment.parquet, cka_vision_lm.parquet   when asked for
+    <out>/figures/*.png              accuracy and selectivity through the towers, per-head
+                                     heatmaps, transfer and alignment curves, the CKA map
+
+A run killed at any moment and started again resumes: the stores continue after their last
+complete shard, and targets whose part exists are not probed again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import alignment, viz
+from ..errors import InputError, StoreError
+from ..store import extract
+from ..store.files import atomic_write
+from .config import FolderData, SweepConfig, load_config
+from .sweep import HEAD_HOOKS, sweep, tower_of, transfer
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# image-vs-text alignment metrics a definition may ask for
+METRICS = {
+    "cka": lambda x, y: alignment.cka(x, y),
+    "mutual_knn": lambda x, y: alignment.mutual_knn(x, y, k=10),
+    "cosine": lambda x, y: alignment.cosine(x, y),
+}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """What a run produced: tables and the paths of its figures."""
+
+    out: Path
+    results: pd.DataFrame
+    transfer: pd.DataFrame | None
+    alignment: pd.DataFrame | None
+    cka: pd.DataFrame | None
+    figures: dict[str, Path]
+
+
+def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: bool = True) -> SweepRun:
+    """Run (or resume) a sweep definition.
+
+    Args:
+        config: a :class:`SweepConfig` or the path of a YAML definition.
+        model: an already loaded :class:`~lvlm_probe.LVLM` for ``config.model`` (loaded if None).
+        progress: show progress bars.
+
+    Returns:
+        A :class:`SweepRun`.
+
+    Raises:
+        StoreError: if ``out`` holds a different sweep.
+        InputError: for a bad definition or data folder.
+
+    Example:
+        >>> run = run_sweep("probes/shapes_objects.yaml")
+        >>> run.results.query("target == 'color'")[["hook", "accuracy", "selectivity"]]
+    """
+    if not isinstance(config, SweepConfig):
+        config = load_config(config)
+    out = Path(config.out)
+    _claim(out, config)
+    model = model if model is not None else _load(config)
+    images, texts = _datasets(config)
+    spec = config.extract
+    acts = out / "acts"
+    common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress)
+    lm = extract(model, images, list(spec.lm_hooks + spec.head_hooks), out=acts / "lm",
+                 positions=spec.positions, reduce=spec.reduce, **common)
+    towers = (extract(model, images, list(spec.tower_hooks), out=acts / "towers", positions="all",
+                      reduce="none", **common) if spec.tower_hooks else None)
+    text = (extract(model, texts, list(spec.lm_hooks), out=acts / "text", positions="prompt",
+                    reduce=spec.reduce, **common) if config.has_text else None)
+
+    features = _tower_features(towers) | {h: lm[h] for h in lm.hooks}
+    meta = lm.meta
+    results = _probe(config, features, meta, out, progress)
+    figures = _figure_results(results, out)
+    transfer_table = alignment_table = cka_table = None
+    if config.transfer:
+        transfer_table = _cached(out / "transfer.parquet", lambda: pd.concat(
+            [transfer(text, lm, target, hooks=list(spec.lm_hooks), seed=config.probes.seed)
+             for target in config.transfer], ignore_index=True))
+        figures["transfer"] = _save(viz.alignment_curves(
+            transfer_table.assign(metric=transfer_table["target"] + ": " + transfer_table["direction"],
+                                  value=transfer_table["accuracy"])), out / "figures" / "transfer.png")
+    if config.alignment:
+        alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, lm, text))
+        figures["alignment"] = _save(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")
+    if towers is not None:
+        cka_table = _cached(out / "cka_vision_lm.parquet", lambda: _cka_map(features))
+        if cka_table is not None and len(cka_table):
+            grid = cka_table.pivot(index="layer_a", columns="layer_b", values="value")
+            figures["cka"] = _save(viz.layer_map(grid.to_numpy(), title="linear CKA, vision tower x LM"),
+                                   out / "figures" / "cka_vision_lm.png")
+    return SweepRun(out, results, transfer_table, alignment_table, cka_table, figures)
+
+
+# --- setup ------------------------------------------------------------------------------------
+def _claim(out: Path, config: SweepConfig) -> None:
+    """Record the definition in ``out``; refuse a folder made by another definition."""
+    mine = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    record = out / "sweep.json"
+    if record.exists():
+        theirs = json.loads(record.read_text())
+        if theirs != mine:
+            changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise StoreError(f"{out} holds a sweep with another definition (differs in {changed}); "
+                             "choose another out, or delete the folder to start again")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, json.dumps(mine, indent=1).encode(), "the sweep definition")
+
+
+def _load(config: SweepConfig):
+    from .. import zoo
+    from ..model import load
+
+    if config.model in zoo.checkpoints():
+        return zoo.load(config.model, device=config.device, dtype=config.dtype)
+    return load(config.model, device=config.device, dtype=config.dtype)
+
+
+def _datasets(config: SweepConfig) -> tuple[list[dict], list[dict] | None]:
+    data = config.data
+    if isinstance(data, FolderData):
+        return _folder_rows(data), None
+    from ..worlds import ShapesWorld
+
+    world = ShapesWorld(seed=data.seed, image_size=data.image_size)
+    images = world.concepts(data.n, objects=data.objects, split=data.split, modality="image")
+    texts = world.concepts(data.n, objects=data.objects, split=data.split, modality="text")
+    return images, texts if config.has_text else None
+
+
+def _folder_rows(data: FolderData) -> list:
+    root = Path(data.path)
+    if not root.is_dir():
+        raise InputError(f"data.folder.path {str(root)!r} is not a folder")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}")
+    labels = pd.DataFrame({"file": [p.name for p in files]})
+    if data.labels:
+        table = pd.read_csv(data.labels)
+        if "file" not in table:
+            raise InputError(f"{data.labels} needs a 'file' column; it has {list(table.columns)}")
+        labels = labels.merge(table, on="file", how="left")
+    return [_FolderRow(path, data.prompt, {k: v for k, v in label.items() if k != "file"})
+            for path, (_, label) in zip(files, labels.iterrows())]
+
+
+@dataclass(frozen=True)
+class _FolderRow:
+    """One image file as a dataset row; the image is opened only when the row is read, so a large
+    folder is never held in memory (the store reads one batch at a time)."""
+
+    path: Path
+    prompt: str
+    labels: dict
+
+    @property
+    def id(self) -> str:
+        return self.path.stem
+
+    def to_dict(self) -> dict:
+        image = Image.open(self.path).convert("RGB")
+        return {"id": self.id, "scene": self.id, "image": image, "prompt": self.prompt, **self.labels}
+
+
+# --- probes -----------------------------------------------------------------------------------
+def _tower_features(towers) -> dict[str, torch.Tensor]:
+    """Vision-tower and projector states averaged over their tokens: ``[N, d]`` per hook."""
+    if towers is None:
+        return {}
+    return {h: (x.float().mean(1) if x.ndim == 3 else x) for h in towers.hooks if (x := towers[h]) is not None}
+
+
+def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, progress: bool) -> pd.DataFrame:
+    spec = config.probes
+    missing = [t for t in spec.targets if t not in meta.columns]
+    if missing:
+        raise InputError(f"probe target(s) {missing} are not dataset columns; they are {list(meta.columns)}")
+    per_layer = {h: x for h, x in features.items() if not h.endswith(HEAD_HOOKS)}
+    per_head = {h: x for h, x in features.items() if h.endswith(HEAD_HOOKS)}
+    types = meta[list(spec.control_by)] if spec.control_by else None
+    groups = meta[spec.groups].to_numpy() if spec.groups in meta else meta["id"].to_numpy()
+    parts = []
+    for target in tqdm(spec.targets, desc="probes", disable=not progress):
+        def run(target=target):
+            kw = dict(control=types is not None, control_by=types, groups=groups, C=spec.C,
+                      test_size=spec.test_size, seed=spec.seed, n_boot=spec.n_boot)
+            labels = meta[target].to_numpy()
+            tables = [sweep(per_layer, labels, hooks=list(per_layer), **kw)]
+            if per_head:
+                tables.append(sweep(per_head, labels, hooks=list(per_head), heads=True, **kw))
+            return pd.concat(tables, ignore_index=True).assign(target=target)
+        parts.append(_cached(out / "results" / f"{target}.parquet", run))
+    results = pd.concat(parts, ignore_index=True)
+    _write_parquet(results, out / "results.parquet")
+    return results
+
+
+def _alignment(config: SweepConfig, lm, text) -> pd.DataFrame:
+    """Per LM hook: image-token states vs text states of the same scenes, paired by scene."""
+    order = pd.Series(range(len(text)), index=text.meta["scene"].to_numpy())
+    pairs = torch.tensor(order.loc[lm.meta["scene"].to_numpy()].to_numpy())  # text row of each image row
+    rows = []
+    for hook in config.extract.lm_hooks:
+        for name in [h for h in lm.hooks if h in text.hooks and _matches(hook, h)]:
+            x, y = lm[name].float(), text[name].float()[pairs]
+            tower, layer = tower_of(name)
+            for metric in config.alignment:
+                try:
+                    value = METRICS[metric](x, y)
+                except InputError:  # e.g. the placeholder's embedding: the same for every image
+                    value = float("nan")
+                rows.append(dict(hook=name, tower=tower, layer=layer, metric=metric, value=value))
+    return pd.DataFrame(rows)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    from ..hooks.names import pattern_regex
+
+    return bool(pattern_regex(pattern).match(name))
+
+
+def _cka_map(features: dict) -> pd.DataFrame | None:
+    vision = {tower_of(h)[1]: x for h, x in features.items() if tower_of(h)[0] == "vision"}
+    lm = {tower_of(h)[1]: x for h, x in features.items()
+          if tower_of(h)[0] == "lm" and h.endswith("hook_resid_post")}
+    if not vision or not lm:
+        return None
+    return alignment.cka_map(vision, lm)
+
+
+# --- files ------------------------------------------------------------------------------------
+def _cached(path: Path, compute) -> pd.DataFrame:
+    """Read a table written by an earlier run, or compute and write it atomically."""
+    if path.exists():
+        return pd.read_parquet(path)
+    table = compute()
+    if table is not None:
+        _write_parquet(table, path)
+    return table
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue(), f"table {path.name}")
+
+
+def _figure_results(results: pd.DataFrame, out: Path) -> dict[str, Path]:
+    figures = {}
+    chance = results.groupby("target")["chance"].first()
+    for target, part in results.groupby("target"):
+        figures[f"{target}_layers"] = _save(viz.layer_curves(part, chance=float(chance[target])),
+                                            out / "figures" / f"{target}_layers.png")
+        if part["head"].notna().any():
+            figures[f"{target}_heads"] = _save(viz.head_heatmap(part, target=target),
+                                               out / "figures" / f"{target}_heads.png")
+    return figures
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue(), f"figure {path.name}")
+    return path
+

@@ -1,0 +1,137 @@
+"""Sweep definitions run end to end: YAML -> stores -> probes -> tables and figures; resumes
+after kill -9; refuses a folder made by another definition; reads a user's image folder."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import lvlm_probe as lp
+from lvlm_probe.errors import InputError, StoreError
+from lvlm_probe.probing.config import load_config
+from lvlm_probe.probing.run import run_sweep
+
+DEFINITION = {
+    "model": "shapes-llava",
+    "device": "cpu",
+    "data": {"world": {"seed": 3, "image_size": 64, "n": 96, "objects": 1, "split": "counterfactual"}},
+    "extract": {"lm_hooks": ["hook_embed", "blocks.*.hook_resid_post"],
+                "tower_hooks": ["vision.blocks.*.hook_resid_post", "projector.hook_out"],
+                "head_hooks": ["blocks.*.attn.hook_z"], "batch_size": 16},
+    "probes": {"targets": ["color", "size"], "n_boot": 200},
+    "transfer": ["color"],
+    "alignment": ["cka", "mutual_knn"],
+}
+
+
+def write(path: Path, definition: dict, out: Path) -> Path:
+    path.write_text(yaml.safe_dump({**definition, "out": str(out)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lp.zoo.load("shapes-llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    return run_sweep(write(root / "def.yaml", DEFINITION, root / "out"), model=model, progress=False)
+
+
+def test_run_writes_tables_and_figures(reference):
+    run = reference
+    results = pd.read_parquet(run.out / "results.parquet")
+    pd.testing.assert_frame_equal(results, run.results)
+    per_target = results.groupby("target").size()
+    # 4 vision layers + projector + embed + 4 LM layers, and 4 LM layers x 4 heads of hook_z
+    assert per_target.to_dict() == {"color": 10 + 16, "size": 10 + 16}
+    assert set(results["tower"]) == {"vision", "projector", "lm"}
+    colour = results[(results["target"] == "color") & results["head"].isna()].set_index("hook")
+    assert colour.loc["vision.blocks.3.hook_resid_post", "accuracy"] > 0.9  # the tower sees colour
+    assert colour.loc["hook_embed", "accuracy"] <= colour.loc["hook_embed", "chance"] + 0.05
+    assert set(run.transfer["direction"]) == {"text -> image", "image -> text"}
+    assert set(run.alignment["metric"]) == {"cka", "mutual_knn"}
+    assert run.cka.shape[0] == 4 * 4 and run.cka["value"].between(0, 1.000001).all()
+    expected = {"color_layers", "color_heads", "size_layers", "size_heads", "transfer", "alignment", "cka"}
+    assert set(run.figures) == expected
+    for path in run.figures.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_equal_a_direct_sweep_on_the_stored_activations(reference):
+    store = lp.ActivationStore.open(reference.out / "acts" / "lm")
+    direct = lp.probing.sweep(store, "size", hooks="blocks.*.hook_resid_post", n_boot=200,
+                              control_by=["shape", "color", "size"])
+    ours = reference.results.query("target == 'size' and hook.str.startswith('blocks.') and head.isna()")
+    pd.testing.assert_frame_equal(ours.reset_index(drop=True)[direct.columns], direct, check_dtype=False)
+
+
+def test_kill9_then_rerun_gives_the_same_results(reference, tmp_path):
+    """Killed while extracting or probing, a rerun of the same command finishes the job and gives
+    exactly the uninterrupted run's tables."""
+    definition = write(tmp_path / "def.yaml", DEFINITION, tmp_path / "out")
+    command = [sys.executable, "-m", "lvlm_probe.cli", "sweep", str(definition)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for marker in ("acts/lm/manifest/shard-00000.parquet", "results/color.parquet"):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (tmp_path / "out" / marker).exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    for table in ("results.parquet", "transfer.parquet", "alignment.parquet", "cka_vision_lm.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / table),
+                                      pd.read_parquet(reference.out / table))
+
+
+def test_folder_holding_another_sweep_is_refused(reference, model, tmp_path):
+    changed = {**DEFINITION, "probes": {**DEFINITION["probes"], "C": 0.5}}
+    with pytest.raises(StoreError, match=r"another definition \(differs in \['probes'\]\)"):
+        run_sweep(write(tmp_path / "def.yaml", changed, reference.out), model=model, progress=False)
+
+
+def test_definition_errors(tmp_path):
+    def bad(definition: dict, match: str):
+        with pytest.raises(InputError, match=match):
+            load_config(write(tmp_path / "bad.yaml", definition, tmp_path / "out"))
+
+    bad({**DEFINITION, "probe": {}}, r"unknown key\(s\) \['probe'\]")
+    bad({k: v for k, v in DEFINITION.items() if k != "model"}, "missing required key 'model'")
+    bad({**DEFINITION, "extract": {"hooks": []}}, r"unknown key\(s\) \['hooks'\] in .*extract")
+    bad({**DEFINITION, "data": {"folder": {"path": "x"}}}, "only data.world provides")
+    bad({**DEFINITION, "alignment": ["cca"]}, r"unknown alignment metric\(s\) \['cca'\]")
+    with pytest.raises(InputError, match="no sweep definition"):
+        load_config(tmp_path / "missing.yaml")
+    for shipped in Path(__file__).parents[2].joinpath("probes").glob("*.yaml"):
+        assert load_config(shipped).model  # every shipped definition is valid
+
+
+def test_folder_of_user_images(model, tmp_path):
+    world = lp.worlds.ShapesWorld(seed=5, image_size=64)
+    rows = world.concepts(48, split="counterfactual")
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows:
+        row["image"].save(images / f"{row['id']}.png")
+    pd.DataFrame({"file": [f"{r['id']}.png" for r in rows], "color": [r["color"] for r in rows],
+                  "kind": [r["shape"] for r in rows]}).to_csv(tmp_path / "labels.csv", index=False)
+    definition = {"model": "shapes-llava", "device": "cpu",
+                  "data": {"folder": {"path": str(images), "labels": str(tmp_path / "labels.csv")}},
+                  "extract": {"lm_hooks": ["blocks.*.hook_resid_post"], "tower_hooks": []},
+                  "probes": {"targets": ["color"], "control_by": ["kind"], "n_boot": 0}}
+    run = run_sweep(write(tmp_path / "def.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    store = lp.ActivationStore.open(tmp_path / "out" / "acts" / "lm")
+    assert store.ids == sorted(r["id"] for r in rows)  # files in name order
+    assert (store.meta["prompt"] == "Describe the image.").all()
+    assert len(run.results) == model.n_layers and (run.results["accuracy"] > run.results["chance"]).all()
