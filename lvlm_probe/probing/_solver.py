@@ -20,6 +20,7 @@ search can still see progress when the float32 loss could no longer resolve it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,27 +77,42 @@ class Solution:
 
 
 def _objective(X: Tensor, y: Tensor, n_classes: int, C: float, fit_intercept: bool):
-    """``x [P, m] -> (f [P], grad [P, m])`` for the probes' flattened parameters ``x = (W, b)``."""
+    """``(x [r, m], rows [r]) -> (f [r], grad [r, m])``: the objectives of probes ``rows`` at their
+    flattened parameters ``x = (W, b)``."""
     P, n, d = X.shape
     K = 1 if n_classes == 2 else n_classes
-    target = y.to(torch.float64) if K == 1 else rearrange(y, "p n -> p n 1")
+    labels = y.to(torch.float64) if K == 1 else rearrange(y, "p n -> p n 1")
+    # The features of the probes still being optimised, copied out once per change of the set
+    # (the solver shrinks it geometrically, so all copies together cost at most one more X).
+    working: dict[str, Any] = {"rows": None, "X": X, "labels": labels}
 
-    def fun(x: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():  # the caller may be under no_grad; the optimisation needs grads
-            x = x.detach().requires_grad_(True)
-            W = rearrange(x[:, : K * d], "p (k d) -> p k d", k=K)
-            # Only this product touches the features, so only it runs in the working dtype.
-            z = torch.matmul(X, W.to(X.dtype).transpose(1, 2)).to(torch.float64)
-            if fit_intercept:
-                z = z + x[:, None, K * d:]
-            # Written out: F.cross_entropy(reduction="none") is ~10x slower on CPU at these sizes.
-            if K == 1:  # binomial: log(1 + e^z) - y z
-                ce = (F.softplus(z[..., 0]) - target * z[..., 0]).sum(1)
-            else:
-                ce = (torch.logsumexp(z, 2) - z.gather(2, target).squeeze(2)).sum(1)
-            f = (ce + W.pow(2).sum((1, 2)) / (2.0 * C)) / n
-            (g,) = torch.autograd.grad(f.sum(), x)  # probes are separable: row p is grad f_p
-        return f.detach(), g
+    def fun(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        if working["rows"] is None or not torch.equal(working["rows"], rows):
+            everything = len(rows) == P
+            working.update(rows=rows, X=X if everything else X[rows],
+                           labels=labels if everything else labels[rows])
+        X_, target = working["X"], working["labels"]
+        W = rearrange(x[:, : K * d], "p (k d) -> p k d", k=K)
+        # Only the two products with the features run in the working dtype; the rest in float64.
+        z = torch.matmul(X_, W.to(X_.dtype).transpose(1, 2)).to(torch.float64)
+        if fit_intercept:
+            z = z + x[:, None, K * d:]
+        # The gradient is written out (softmax minus one-hot, times X): autograd's backward pass
+        # costs twice the forward here, and F.cross_entropy is ~10x slower on CPU at these sizes.
+        if K == 1:  # binomial: log(1 + e^z) - y z
+            ce = (F.softplus(z[..., 0]) - target * z[..., 0]).sum(1)
+            residual = (torch.sigmoid(z[..., 0]) - target)[..., None]
+        else:
+            log_norm = torch.logsumexp(z, 2, keepdim=True)
+            ce = (log_norm[..., 0] - z.gather(2, target).squeeze(2)).sum(1)
+            residual = torch.exp(z - log_norm)
+            residual.scatter_add_(2, target, residual.new_full(target.shape, -1.0))
+        f = (ce + W.pow(2).sum((1, 2)) / (2.0 * C)) / n
+        gW = torch.matmul(residual.transpose(1, 2).to(X_.dtype), X_).to(torch.float64) + W / C
+        g = [rearrange(gW, "p k d -> p (k d)")]
+        if fit_intercept:
+            g.append(residual.sum(1))
+        return f, torch.cat(g, 1) / n
 
     return fun
 
@@ -134,8 +150,8 @@ def lbfgs(
     loss differences drown in rounding, so this reaches tolerances a float32 loss cannot.
 
     Args:
-        fun: ``x [P, m] -> (f [P], grad [P, m])``; row ``p`` of the output may depend only on row
-            ``p`` of ``x``.
+        fun: ``(x [r, m], rows [r]) -> (f [r], grad [r, m])``, the objectives of probes ``rows``;
+            row ``i`` of the output may depend only on row ``i`` of ``x``.
         x: ``[P, m]`` float64 starting points.
         max_iter: iterations per probe.
         tol: a probe stops when ``max |grad| <= tol``.
@@ -146,7 +162,8 @@ def lbfgs(
         ``(x, n_iter [P], grad_norm [P])``.
     """
     P, m = x.shape
-    f, g = fun(x)
+    work = torch.arange(P, device=x.device)  # the probes fun evaluates; shrinks as probes converge
+    f, g = fun(x, work)
     S = x.new_zeros(P, history, m)
     Y = x.new_zeros(P, history, m)
     rho = x.new_zeros(P, history)
@@ -158,7 +175,8 @@ def lbfgs(
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        d = _direction(g, S, Y, rho, gamma, newest)
+        d = torch.zeros_like(g)
+        d[work] = _direction(g[work], S[work], Y[work], rho[work], gamma[work], newest[work])
         gtd = (g * d).sum(1)
         # Rounding can make the quasi-Newton direction non-descending: use steepest descent then.
         bad = gtd >= 0
@@ -171,7 +189,8 @@ def lbfgs(
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         slack = f_noise * (1.0 + f.abs())
         for _ in range(_MAX_HALVINGS):
-            f_try, g_try = fun(x + t[:, None] * d)
+            f_try, g_try = f.clone(), g.clone()  # rows outside `work` are not searching
+            f_try[work], g_try[work] = fun(x[work] + t[work, None] * d[work], work)
             armijo = f_try <= f + _C1 * t * gtd
             approx_wolfe = (f_try <= f + slack) & ((g_try * d).sum(1) <= (2 * _DELTA - 1) * gtd)
             ok = searching & (armijo | approx_wolfe)
@@ -200,6 +219,8 @@ def lbfgs(
         x, f, g = x_new, f_new, g_new
         n_iter += accepted.long()
         active = (accepted | retry) & (g.abs().amax(1) > tol)
+        if 0 < int(active.sum()) <= len(work) // 2:  # most converged: stop computing them
+            work = active.nonzero().squeeze(1)
     return x, n_iter, g.abs().amax(1)
 
 

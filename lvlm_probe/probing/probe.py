@@ -44,9 +44,12 @@ def check_tensor(X: Tensor, ndim: int, name: str = "X") -> None:
         )
     if X.is_complex() or X.dtype == torch.bool:
         raise InputError(f"{name} must hold real numbers; got dtype {X.dtype}")
-    # In blocks of rows: isfinite's boolean mask of a whole float32 stack is a quarter of its size.
-    rows = X.reshape(-1, X.shape[-1])
-    if X.is_floating_point() and not all(bool(torch.isfinite(r).all()) for r in rows.split(4096)):
+    # A sum first (NaN and infinities propagate into it; ~50x faster than an isfinite mask, which
+    # is also a quarter of the stack's size); only when it is not finite, which overflow alone
+    # can cause, the exact test in blocks of rows.
+    if X.is_floating_point() and not bool(torch.isfinite(X.sum())) and not all(
+        bool(torch.isfinite(rows).all()) for rows in X.reshape(-1, X.shape[-1]).split(4096)
+    ):
         raise InputError(f"{name} contains NaN or infinity")
 
 
