@@ -99,9 +99,11 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
         transfer_table = _cached(out / "transfer.parquet", lambda: pd.concat(
             [transfer(text, lm, target, hooks=list(spec.lm_hooks), seed=config.probes.seed)
              for target in config.transfer], ignore_index=True))
-        figures["transfer"] = _save(viz.alignment_curves(
-            transfer_table.assign(metric=transfer_table["target"] + ": " + transfer_table["direction"],
-                                  value=transfer_table["accuracy"])), out / "figures" / "transfer.png")
+        lines = transfer_table.assign(metric=transfer_table["target"] + ": " + transfer_table["direction"],
+                                      value=transfer_table["accuracy"])
+        figures["transfer"] = _save(
+            viz.alignment_curves(lines, ylabel="transfer accuracy", chance=float(lines["chance"].max())),
+            out / "figures" / "transfer.png")
     if config.alignment:
         alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, lm, text))
         figures["alignment"] = _save(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")

@@ -149,8 +149,11 @@ def head_heatmap(results: pd.DataFrame, target: str | None = None, value: str = 
     return fig
 
 
-def alignment_curves(table: pd.DataFrame) -> Figure:
+def alignment_curves(table: pd.DataFrame, ylabel: str = "alignment", chance: float | None = None) -> Figure:
     """Alignment against layer, one line per metric (columns layer, metric, value; optional tower).
+
+    Also draws transfer accuracies (one line per direction, ``ylabel="transfer accuracy"``), with a
+    dotted line at ``chance`` when given.
 
     Example:
         >>> alignment_curves(lp.alignment.alignment_curve(image_states, text_states, metric="cka"))
@@ -162,12 +165,14 @@ def alignment_curves(table: pd.DataFrame) -> Figure:
     for metric, part in placed.groupby("metric", sort=True):
         part = part.sort_values("x")
         ax.plot(part["x"], part["value"], marker=".", label=str(metric))
+    if chance is not None:
+        ax.axhline(chance, ls=":", color="0.4", label="chance")
     if "tower" in table:
         _tower_spans(ax, placed)
         _ticks(ax, placed)
     else:
         ax.set_xlabel("layer")
-    ax.set_ylabel("alignment")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
