@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from .. import alignment, viz
 from ..errors import InputError, StoreError
+from ..hooks.names import expand
 from ..store import extract
 from ..store.files import atomic_write
 from .config import FolderData, SweepConfig, load_config
-from .sweep import HEAD_HOOKS, sweep, tower_of, transfer
+from .sweep import HEAD_HOOKS, encode_labels, sweep, tower_of, transfer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # image-vs-text alignment metrics a definition may ask for
@@ -77,10 +78,14 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     if not isinstance(config, SweepConfig):
         config = load_config(config)
     out = Path(config.out)
-    _claim(out, config)
-    model = model if model is not None else _load(config)
     images, texts = _datasets(config)
+    _check_labels(config, images)
+    model = model if model is not None else _load(config)
     spec = config.extract
+    for names in (spec.lm_hooks, spec.tower_hooks, spec.head_hooks):
+        if names:
+            expand(list(names), model.hook_names())  # unknown names fail before any extraction
+    _claim(out, config)
     acts = out / "acts"
     common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress)
     lm = extract(model, images, list(spec.lm_hooks + spec.head_hooks), out=acts / "lm",
@@ -188,6 +193,24 @@ class _FolderRow:
         return {"id": self.id, "scene": self.id, "image": image, "prompt": self.prompt, **self.labels}
 
 
+def _check_labels(config: SweepConfig, rows: list) -> None:
+    """Targets and control columns exist, and every class has two examples, before extraction."""
+    table = pd.DataFrame([_labels_of(row) for row in rows])
+    spec = config.probes
+    for column in (*spec.targets, *spec.control_by):
+        if column not in table:
+            raise InputError(f"{column!r} is not a column of the dataset; it has {sorted(table.columns)}")
+    for target in spec.targets:
+        encode_labels(table[target].to_numpy(), f"target {target!r}")
+
+
+def _labels_of(row: Any) -> dict:
+    """A row's label columns without opening its image."""
+    if isinstance(row, _FolderRow):
+        return {"id": row.id, **row.labels}
+    return {k: v for k, v in row.items() if k != "image"}
+
+
 # --- probes -----------------------------------------------------------------------------------
 def _tower_features(towers) -> dict[str, torch.Tensor]:
     """Vision-tower and projector states averaged over their tokens: ``[N, d]`` per hook."""
@@ -198,9 +221,6 @@ def _tower_features(towers) -> dict[str, torch.Tensor]:
 
 def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, progress: bool) -> pd.DataFrame:
     spec = config.probes
-    missing = [t for t in spec.targets if t not in meta.columns]
-    if missing:
-        raise InputError(f"probe target(s) {missing} are not dataset columns; they are {list(meta.columns)}")
     per_layer = {h: x for h, x in features.items() if not h.endswith(HEAD_HOOKS)}
     per_head = {h: x for h, x in features.items() if h.endswith(HEAD_HOOKS)}
     types = meta[list(spec.control_by)] if spec.control_by else None

@@ -108,13 +108,18 @@ def select_hooks(patterns: str | Sequence[str], available: Sequence[str]) -> lis
     return [h for h in available if h in chosen]
 
 
-def _encode(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_labels(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     keep = pd.notna(labels)
     if keep.sum() < 2:
         raise InputError(f"{what}: fewer than 2 examples carry a label")
     classes, codes = np.unique(labels[keep].astype(str), return_inverse=True)
     if len(classes) < 2:
         raise InputError(f"{what}: the labels take a single value {classes.tolist()}; a probe needs two or more")
+    counts = np.bincount(codes, minlength=len(classes))
+    if (counts < 2).any():
+        rare = classes[counts < 2].tolist()
+        raise InputError(f"{what}: class(es) {rare} have a single example; every class needs at least "
+                         "two (one to train on, one to test), so drop or merge them")
     full = np.full(len(labels), -1)
     full[keep] = codes
     return full, classes
@@ -192,7 +197,7 @@ def sweep(
     get, available, labels, group_values, meta = _source(source, target, groups)
     chosen = select_hooks(hooks, available)
     name = target if isinstance(target, str) else "target"
-    codes, classes = _encode(labels, f"target {name!r}")
+    codes, classes = encode_labels(labels, f"target {name!r}")
     keep = np.flatnonzero(codes >= 0)
     group_values = keep if group_values is None else np.asarray(group_values)[keep]
     train, test = group_split(group_values, test_size=test_size, seed=seed)

@@ -117,6 +117,31 @@ def test_definition_errors(tmp_path):
         assert load_config(shipped).model  # every shipped definition is valid
 
 
+def test_bad_definitions_fail_before_any_extraction(model, tmp_path):
+    def refused(definition: dict, error: type, match: str):
+        out = tmp_path / "out"
+        with pytest.raises(error, match=match):
+            run_sweep(write(tmp_path / "def.yaml", definition, out), model=model, progress=False)
+        assert not out.exists()  # nothing written, so the fixed definition can use the folder
+
+    extract = DEFINITION["extract"]
+    refused({**DEFINITION, "extract": {**extract, "lm_hooks": ["blocks.*.hook_resid_pots"]}},
+            lp.HookNameError, "did you mean")
+    refused({**DEFINITION, "probes": {"targets": ["colour"]}}, InputError,
+            r"'colour' is not a column of the dataset; it has \[.*'color'")
+    refused({**DEFINITION, "probes": {"targets": ["color"], "control_by": ["texture"]}}, InputError,
+            "'texture' is not a column")
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in lp.worlds.ShapesWorld(seed=5, image_size=64).concepts(5):
+        row["image"].save(images / f"{row['id']}.png")
+    files = sorted(p.name for p in images.iterdir())
+    pd.DataFrame({"file": files, "kind": ["a", "a", "b", "b", "c"]}).to_csv(tmp_path / "labels.csv", index=False)
+    refused({"model": "shapes-llava", "data": {"folder": {"path": str(images), "labels": str(tmp_path / "labels.csv")}},
+             "probes": {"targets": ["kind"], "control_by": []}},
+            InputError, r"class\(es\) \['c'\] have a single example")
+
+
 def test_folder_of_user_images(model, tmp_path):
     world = lp.worlds.ShapesWorld(seed=5, image_size=64)
     rows = world.concepts(48, split="counterfactual")
