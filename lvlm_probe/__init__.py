@@ -6,7 +6,19 @@ Example:
     >>> batch = model.prepare(images=[img], prompts=["Is there a red heart?"])
     >>> model.answer_logprobs(batch, ["yes", "no"])
 """
-from . import alignment, bench, errors, families, interop, probing, store, viz, worlds, zoo
+from . import (
+                     alignment,
+                     attribution,
+                     bench,
+                     errors,
+                     families,
+                     interop,
+                     probing,
+                     store,
+                     viz,
+                     worlds,
+                     zoo,
+)
 from .errors import (
                      HookNameError,
                      ImageTypeError,
@@ -25,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LVLM", "Batch", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
-    "worlds", "bench", "store", "extract", "ActivationStore", "alignment", "interop", "viz", "probing",
+    "worlds", "bench", "store", "extract", "ActivationStore", "alignment", "interop", "viz", "probing", "attribution",
     "LVLMProbeError", "UnsupportedModelError", "InputError", "ImageTypeError", "LayoutError",
     "HookNameError", "StoreError", "ModelLoadError", "__version__",
 ]

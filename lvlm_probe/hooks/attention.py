@@ -7,7 +7,9 @@ attention implementation registered with transformers' ``AttentionInterface`` (a
 ``AttentionMaskInterface``, as eager). It calls the family's own ``eager_attention_forward``, so the
 outputs are exactly those of eager attention, and hands the pattern (and, when asked, the scores)
 to the capture's listeners. The model's configured implementation (e.g. ``sdpa``) is restored when
-the last capture that needed eager attention exits, also when the block raises.
+the last capture that needed eager attention exits, also when the block raises. The same
+implementation hides chosen key positions from every query (:func:`hiding`), which is how
+attribution removes the image or the prompt without moving any position.
 
 Registering the implementation adds one namespaced key to transformers' registries; it changes
 nothing for models that do not select it.
@@ -22,10 +24,12 @@ from typing import Any
 
 import torch
 from einops import einsum, repeat
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from ..errors import LVLMProbeError
 
 IMPLEMENTATION = "lvlm_probe_eager"
 
@@ -33,6 +37,8 @@ IMPLEMENTATION = "lvlm_probe_eager"
 # zero-argument function, so the extra matmul runs only for captures that ask for scores
 Listener = Callable[[Tensor, Callable[[], Tensor]], None]
 _LISTENERS: weakref.WeakKeyDictionary[nn.Module, list[Listener]] = weakref.WeakKeyDictionary()
+# attention module -> [batch, key] positions hidden from every query (see hiding)
+_HIDDEN: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
 # id(config) -> [config, its implementation before the switch, number of active switches]
 _SWITCHED: dict[int, list[Any]] = {}
 
@@ -43,8 +49,9 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor]:
     """The family's eager attention, with its pattern and scores handed to listening captures."""
     family_module = sys.modules[type(module).__module__]
-    eager = family_module.eager_attention_forward
-    output, pattern = eager(module, query, key, value, attention_mask, *args, **kwargs)
+    attention_mask = _hide(module, query, key, attention_mask)
+    output, pattern = family_module.eager_attention_forward(module, query, key, value, attention_mask,
+                                                            *args, **kwargs)
     listeners = _LISTENERS.get(module)
     if listeners:
         scaling = kwargs.get("scaling", args[0] if args else None)
@@ -81,30 +88,17 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
 
 
 @contextlib.contextmanager
-def listening(watch: Iterable[tuple[nn.Module, Listener]]) -> Iterator[None]:
-    """Run the given attention modules under :data:`IMPLEMENTATION` and call each listener with
-    its module's pattern and scores, for the duration of the block.
-
-    Args:
-        watch: ``(attention module, listener)`` pairs; a module may appear more than once.
-    """
-    watch = list(watch)
-    configs = {id(m.config): m.config for m, _ in watch}
+def eager(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the given attention modules under :data:`IMPLEMENTATION` for the duration of the block
+    (their configs switch back when the last block using them exits)."""
+    configs = {id(m.config): m.config for m in modules}
     try:
-        for module, listener in watch:
-            _LISTENERS.setdefault(module, []).append(listener)
         for key, config in configs.items():
             entry = _SWITCHED.setdefault(key, [config, config._attn_implementation, 0])
             entry[2] += 1
             config._attn_implementation = IMPLEMENTATION
         yield
     finally:
-        for module, listener in watch:
-            listeners = _LISTENERS.get(module, [])
-            if listener in listeners:
-                listeners.remove(listener)
-            if not listeners:
-                _LISTENERS.pop(module, None)
         for key in configs:
             entry = _SWITCHED.get(key)
             if entry is None:
@@ -113,6 +107,76 @@ def listening(watch: Iterable[tuple[nn.Module, Listener]]) -> Iterator[None]:
             if entry[2] == 0:
                 entry[0]._attn_implementation = entry[1]
                 del _SWITCHED[key]
+
+
+@contextlib.contextmanager
+def listening(watch: Iterable[tuple[nn.Module, Listener]]) -> Iterator[None]:
+    """Run the given attention modules under :data:`IMPLEMENTATION` and call each listener with
+    its module's pattern and scores, for the duration of the block.
+
+    Args:
+        watch: ``(attention module, listener)`` pairs; a module may appear more than once.
+    """
+    watch = list(watch)
+    try:
+        for module, listener in watch:
+            _LISTENERS.setdefault(module, []).append(listener)
+        with eager(m for m, _ in watch):
+            yield
+    finally:
+        for module, listener in watch:
+            listeners = _LISTENERS.get(module, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                _LISTENERS.pop(module, None)
+
+
+@contextlib.contextmanager
+def hiding(modules: Iterable[nn.Module], hidden: Bool[Tensor, "batch key"]) -> Iterator[None]:
+    """Hide some key positions from every query in the given attention modules.
+
+    The hidden keys get the mask's large negative score on top of the family's own mask (causal,
+    bidirectional image blocks, sliding windows, padding), so no query attends to them, while
+    every position keeps its place (rotary positions do not move). A query whose every key is
+    hidden attends uniformly, as a fully padded query row does; nothing reads such rows when the
+    hidden keys are the positions before the scored one.
+
+    Args:
+        modules: attention modules (the language model's).
+        hidden: ``[batch, key]`` booleans, True to hide, over the running sequence.
+    """
+    modules = list(modules)
+    try:
+        for module in modules:
+            if module in _HIDDEN:
+                raise LVLMProbeError("key hiding is already active on this model; blocks cannot nest")
+            _HIDDEN[module] = hidden
+        with eager(modules):
+            yield
+    finally:
+        for module in modules:
+            if _HIDDEN.get(module) is hidden:
+                del _HIDDEN[module]
+
+
+def _hide(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+    hidden = _HIDDEN.get(module)
+    if hidden is None:
+        return attention_mask
+    n_keys = key.shape[-2]
+    if hidden.shape[-1] != n_keys:
+        raise LVLMProbeError(
+            f"hidden keys cover {hidden.shape[-1]} positions but the attention runs over {n_keys}; "
+            "key hiding applies to a full forward pass, not to generation steps"
+        )
+    low = torch.finfo(query.dtype).min
+    extra = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device).masked_fill(
+        hidden.to(query.device), low)[:, None, None, :]
+    if attention_mask is None:
+        return extra.expand(query.shape[0], 1, query.shape[-2], n_keys)
+    # adding two large negatives would overflow to -inf (and NaN rows); clamp at the minimum
+    return (attention_mask[..., :n_keys] + extra).clamp(min=low)
 
 
 def active() -> tuple[int, int]:

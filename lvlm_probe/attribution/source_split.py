@@ -1,0 +1,177 @@
+"""Credit for an answer among the prompt, the image and the model's parametric knowledge.
+
+The score ``s`` of a target token is its log-odds against a foil (``log p(target) - log p(foil)``)
+or, without a foil, its log-probability, at the last position. The two players are the image and
+the prompt; the template (BOS, role markers) always stays. ``v(S)`` is the score with only the
+players in ``S`` present, a removed player's tokens hidden from every query at every layer of the
+language model (positions kept, so rotary positions do not move: the image masking of
+Bias-Driven Hallucination Sampling). Then
+
+* ``prior = v({})``: what the model says from the template and its weights alone;
+* ``image``, ``prompt``: the two players' exact Shapley values,
+  ``image = (v(I) - v({}) + v(I, P) - v(P)) / 2`` and likewise for the prompt;
+* ``full = v(I, P)``, and ``prior + prompt + image = full`` exactly.
+
+All four coalitions of a batch run as one batched forward pass. Families whose image enters
+through cross-attention (Mllama) remove the image by zeroing its cross-attention mask, which
+makes the model skip the cross-attention layers' contribution for those rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..errors import InputError
+from ..hooks import attention
+from .targets import Answer, target_ids
+
+COALITIONS = ("full", "image", "prompt", "empty")  # players present: both, image, prompt, none
+ABLATIONS = ("mask",)
+
+
+@dataclass(frozen=True)
+class SourceSplit:
+    """The split of a batch's target scores; every tensor is ``[batch]`` (float32, on the CPU).
+
+    Attributes:
+        prior, prompt, image, full: see the module docstring; ``prior + prompt + image == full``.
+        values: ``v(S)`` of every coalition in ``COALITIONS``.
+        targets, foils: the scored tokens per example, as tokenizer pieces (foils None for
+            log-probabilities).
+        ablation: how removed players were removed.
+    """
+
+    prior: Float[Tensor, " batch"]
+    prompt: Float[Tensor, " batch"]
+    image: Float[Tensor, " batch"]
+    full: Float[Tensor, " batch"]
+    values: dict[str, Tensor]
+    targets: list[str]
+    foils: list[str] | None
+    ablation: str
+
+    def shares(self) -> pd.DataFrame:
+        """One row per example: the four values, and each source's share of the total absolute
+        credit (``|prior| + |prompt| + |image|``)."""
+        table = pd.DataFrame({"example": range(len(self.full)), "target": self.targets,
+                              "foil": self.foils if self.foils else None,
+                              "prior": self.prior.numpy(), "prompt": self.prompt.numpy(),
+                              "image": self.image.numpy(), "full": self.full.numpy()})
+        total = table[["prior", "prompt", "image"]].abs().sum(1).where(lambda t: t > 0)
+        for source in ("prior", "prompt", "image"):
+            table[f"{source}_share"] = table[source].abs() / total
+        return table
+
+    def plot(self, labels: list[str] | None = None) -> Figure:
+        """Stacked bars per example (positive credit up, negative down) with the full score marked."""
+        table = self.shares()
+        fig = Figure(figsize=(max(4.0, 0.45 * len(table) + 2), 3.6))
+        ax = fig.subplots()
+        x = range(len(table))
+        up = [0.0] * len(table)
+        down = [0.0] * len(table)
+        for source, color in (("prior", "0.6"), ("prompt", "tab:orange"), ("image", "tab:blue")):
+            values = table[source].tolist()
+            bottoms = [u if v >= 0 else d for v, u, d in zip(values, up, down)]
+            ax.bar(x, values, bottom=bottoms, color=color, label=source, width=0.7)
+            up = [u + max(v, 0.0) for v, u in zip(values, up)]
+            down = [d + min(v, 0.0) for v, d in zip(values, down)]
+        ax.scatter(x, table["full"], color="black", marker="_", s=200, zorder=3, label="full")
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xticks(list(x), labels or [str(i) for i in x], fontsize=7, rotation=90 if labels else 0)
+        ax.set_ylabel("log-odds" if self.foils else "log-probability")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+def source_split(
+    model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None, *,
+    ablation: str = "mask",
+) -> SourceSplit:
+    """Split each example's target score among prior, prompt and image (exact Shapley values).
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM`.
+        batch: from ``model.prepare``; every example needs image and prompt tokens.
+        target: the answer to score, one for the batch or one per example: a string that adds
+            exactly one token after the text the model sees, or a token id.
+        foil: the alternative answer for log-odds (one or per example), or None for log-probs.
+        ablation: how a player is removed: ``"mask"`` (hidden from attention).
+
+    Returns:
+        A :class:`SourceSplit`.
+
+    Raises:
+        InputError: for an unknown ablation, a target or foil that is several tokens, a foil equal
+            to the target, or an example without image or prompt tokens.
+
+    Example:
+        >>> split = lp.attribution.source_split(model, batch, target="yes", foil="no")
+        >>> split.shares()[["prior", "prompt", "image", "full"]]
+    """
+    if ablation not in ABLATIONS:
+        raise InputError(f"unknown ablation {ablation!r}; available: {ABLATIONS}")
+    targets, foils, ids = target_ids(model, batch, target, foil)
+    hidden, cross_mask = _coalitions(model, batch)
+    inputs = {k: torch.cat([v] * len(COALITIONS)) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+    if cross_mask is not None:
+        inputs["cross_attention_mask"] = cross_mask
+    modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
+               for layer in _self_attention_layers(model)]
+    with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)):
+        logits = model.hf(**inputs).logits[:, -1].float()
+    logprobs = torch.log_softmax(logits, dim=-1).cpu()
+    n = len(batch)
+    rows = torch.arange(len(COALITIONS) * n)
+    ids = ids.cpu().repeat(len(COALITIONS), 1)
+    score = logprobs[rows, ids[:, 0]] - (logprobs[rows, ids[:, 1]] if foils else 0.0)
+    values = dict(zip(COALITIONS, score.reshape(len(COALITIONS), n)))
+    v_full, v_image, v_prompt, v_empty = (values[c] for c in COALITIONS)
+    image = 0.5 * ((v_image - v_empty) + (v_full - v_prompt))
+    prompt = 0.5 * ((v_prompt - v_empty) + (v_full - v_image))
+    return SourceSplit(prior=v_empty, prompt=prompt, image=image, full=v_full, values=values,
+                       targets=targets, foils=foils, ablation=ablation)
+
+
+def _self_attention_layers(model) -> list[int]:
+    cross = set(getattr(model.family, "cross_attention_layers", lambda config: [])(model.config))
+    return [layer for layer in range(model.n_layers) if layer not in cross]
+
+
+def _coalitions(model, batch) -> tuple[Tensor, Tensor | None]:
+    """Hidden keys ``[4 * batch, seq]`` in ``COALITIONS`` order, and for cross-attention families
+    the cross-attention mask with the image removed where the coalition lacks it."""
+    n, length = batch.input_ids.shape
+    image = torch.zeros(n, length, dtype=torch.bool)
+    prompt = torch.zeros(n, length, dtype=torch.bool)
+    cross = model.family.image_mode == "cross_attention"
+    for i, layout in enumerate(batch.layouts):
+        prompt_positions = layout.positions("prompt")
+        if len(prompt_positions) == 0:
+            raise InputError(f"example {i} has no prompt tokens (layout: {layout.summary()}); "
+                             "source_split needs both players")
+        prompt[i, prompt_positions] = True
+        image_positions = layout.positions("image")
+        if cross:
+            if not layout.images:
+                raise InputError(f"example {i} has no image; source_split needs both players")
+        elif len(image_positions) == 0:
+            raise InputError(f"example {i} has no image tokens (layout: {layout.summary()}); "
+                             "source_split needs both players")
+        else:
+            image[i, image_positions] = True
+    none = torch.zeros_like(image)
+    hide_image = none if cross else image
+    hidden = torch.cat([none, prompt, hide_image, hide_image | prompt])
+    cross_mask = None
+    if cross:
+        mask = batch.inputs["cross_attention_mask"]
+        keep = torch.tensor([1, 1, 0, 0], dtype=mask.dtype, device=mask.device)  # image present?
+        cross_mask = torch.cat([mask * k for k in keep])
+    return hidden, cross_mask

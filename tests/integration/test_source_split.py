@@ -1,0 +1,97 @@
+"""source_split: exact Shapley credit among prior, prompt and image, on every family's tiny model
+and on shapes-llava, whose colour prior is the ground truth."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import lvlm_probe as lp
+from lvlm_probe.attribution import source_split
+from lvlm_probe.errors import InputError
+from lvlm_probe.hooks import attention
+
+PROMPT = "Is there a red heart in the image?"
+
+
+def random_image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=lp.families.names())
+def tiny(request):
+    model = lp.zoo.tiny(request.param, device="cpu")
+    batch = model.prepare(images=[[random_image(1)], [random_image(2)]], prompts=[PROMPT, PROMPT])
+    yes, no = model.answer_token_ids(batch, ["yes", "no"])[0].tolist()  # tiny tokenizers split words
+    return model, batch, yes, no
+
+
+def test_split_is_exact_and_removes_what_it_says(tiny):
+    model, batch, yes, no = tiny
+    split = source_split(model, batch, yes, no)
+    # efficiency: the three sources add up to the full score, which is the model's own log-odds
+    torch.testing.assert_close(split.prior + split.prompt + split.image, split.full, atol=1e-5, rtol=0)
+    reference = model.answer_logprobs(batch, [yes, no]).cpu()
+    torch.testing.assert_close(split.full, reference[:, 0] - reference[:, 1], atol=1e-4, rtol=0)
+    # the two examples differ only in their image: without it, the scores are the same
+    for coalition in ("prompt", "empty"):
+        values = split.values[coalition]
+        torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+    assert attention.active() == (0, 0)  # the implementation switched back
+
+
+def test_batched_split_equals_one_example_at_a_time(tiny):
+    model, _, yes, no = tiny
+    prompts = [PROMPT, "Is the small blue star above the green circle? Answer yes or no."]
+    images = [[random_image(3)], [random_image(4)]]
+    together = source_split(model, model.prepare(images=images, prompts=prompts), yes, no)
+    for i in range(2):
+        alone = source_split(model, model.prepare(images=images[i:i + 1], prompts=prompts[i:i + 1]), yes, no)
+        for source in ("prior", "prompt", "image", "full"):
+            torch.testing.assert_close(getattr(together, source)[i], getattr(alone, source)[0], atol=1e-4, rtol=0)
+
+
+def test_bad_targets_and_inputs():
+    model = lp.zoo.load("shapes-llava", device="cpu")
+    question = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(1, level="attribute", kind="color")[0]
+    batch = model.prepare(images=[question.image], prompts=[question.prompt])
+    with pytest.raises(InputError, match="is 2 tokens"):
+        source_split(model, batch, "red heart")
+    with pytest.raises(InputError, match="same token as target"):
+        source_split(model, batch, "red", "red")
+    with pytest.raises(InputError, match="unknown ablation 'blur'"):
+        source_split(model, batch, "red", ablation="blur")
+    with pytest.raises(InputError, match="list of 1"):
+        source_split(model, batch, ["red", "blue"])
+    text_only = model.prepare(images=None, prompts=["What colour is the heart?"])
+    with pytest.raises(InputError, match="example 0 has no image tokens"):
+        source_split(model, text_only, "red")
+    split = source_split(model, batch, "red")  # no foil: log-probabilities
+    assert split.foils is None and float(split.full[0]) <= 0.0
+
+
+def test_prior_driven_errors_have_small_image_shares():
+    """On counterfactual-colour scenes, shapes-llava often names the shape's typical colour. Scoring
+    the true colour against the typical one, those errors take less of their credit from the image
+    and more from the prior and the prompt (which names the shape) than the right answers do."""
+    model = lp.zoo.load("shapes-llava", device="cpu")
+    questions = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(
+        150, level="attribute", split="counterfactual", kind="color")
+    batch = model.prepare(images=[q.image for q in questions], prompts=[q.prompt for q in questions])
+    split = source_split(model, batch, [q.answer for q in questions], [q.typical_color for q in questions])
+    table = split.shares()
+    said = [o.split()[0].strip(".").lower() if o else "" for o in model.generate(batch, max_new_tokens=2)]
+    table["outcome"] = ["right" if s == q.answer else "typical" if s == q.typical_color else "other"
+                        for s, q in zip(said, questions)]
+    means = table.groupby("outcome")[["image", "image_share", "prior_share", "prompt_share"]].mean()
+    counts = table["outcome"].value_counts()
+    assert counts["right"] >= 20 and counts["typical"] >= 20
+    right, typical = means.loc["right"], means.loc["typical"]
+    assert typical["image_share"] < right["image_share"] - 0.1
+    assert typical["prior_share"] + typical["prompt_share"] > right["prior_share"] + right["prompt_share"] + 0.1
+    assert typical["image"] < 0 < right["image"]  # the image argues for the true colour only when it wins
+    fig = split.plot()
+    assert len(fig.axes[0].patches) == 3 * len(questions)  # a bar per source and example
+    assert isinstance(table, pd.DataFrame)
