@@ -4,9 +4,11 @@ Example:
     >>> split = lp.attribution.source_split(model, batch, target="yes", foil="no")
     >>> split.shares()      # prior, prompt, image, full per example
     >>> split.plot()
+    >>> lp.attribution.logit_lens(model, batch, positions="image", k=5).tokens(layer=-1, example=0)
 """
 from __future__ import annotations
 
+from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 
-__all__ = ["COALITIONS", "SourceSplit", "source_split"]
+__all__ = ["COALITIONS", "LogitLens", "SourceSplit", "logit_lens", "source_split"]
