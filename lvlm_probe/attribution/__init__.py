@@ -8,7 +8,8 @@ Example:
 """
 from __future__ import annotations
 
+from .knockout import GROUPS, knockout
 from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 
-__all__ = ["COALITIONS", "LogitLens", "SourceSplit", "logit_lens", "source_split"]
+__all__ = ["COALITIONS", "GROUPS", "LogitLens", "SourceSplit", "knockout", "logit_lens", "source_split"]

@@ -133,7 +133,7 @@ def listening(watch: Iterable[tuple[nn.Module, Listener]]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hiding(modules: Iterable[nn.Module], hidden: Bool[Tensor, "batch key"]) -> Iterator[None]:
+def hiding(modules: Iterable[nn.Module], hidden: Bool[Tensor, "batch *query key"]) -> Iterator[None]:
     """Hide some key positions from every query in the given attention modules.
 
     The hidden keys get the mask's large negative score on top of the family's own mask (causal,
@@ -144,20 +144,28 @@ def hiding(modules: Iterable[nn.Module], hidden: Bool[Tensor, "batch key"]) -> I
 
     Args:
         modules: attention modules (the language model's).
-        hidden: ``[batch, key]`` booleans, True to hide, over the running sequence.
+        hidden: ``[batch, key]`` booleans, True to hide, over the running sequence; or
+            ``[batch, query, key]`` to hide keys from some queries only (attention knockout).
     """
-    modules = list(modules)
+    with hiding_each({module: hidden for module in modules}):
+        yield
+
+
+@contextlib.contextmanager
+def hiding_each(masks: dict[nn.Module, Tensor]) -> Iterator[None]:
+    """:func:`hiding` with a mask of its own for each module (e.g. knockout in a window of layers)."""
+    registered = []
     try:
-        for module in modules:
+        for module, hidden in masks.items():
             if module in _HIDDEN:
                 raise LVLMProbeError("key hiding is already active on this model; blocks cannot nest")
             _HIDDEN[module] = hidden
-        with eager(modules):
+            registered.append(module)
+        with eager(masks):
             yield
     finally:
-        for module in modules:
-            if _HIDDEN.get(module) is hidden:
-                del _HIDDEN[module]
+        for module in registered:
+            _HIDDEN.pop(module, None)
 
 
 def _hide(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> Tensor | None:
@@ -170,11 +178,17 @@ def _hide(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor 
             f"hidden keys cover {hidden.shape[-1]} positions but the attention runs over {n_keys}; "
             "key hiding applies to a full forward pass, not to generation steps"
         )
+    if hidden.ndim == 3 and hidden.shape[1] != query.shape[-2]:
+        raise LVLMProbeError(f"hidden keys cover {hidden.shape[1]} queries but the attention runs "
+                             f"{query.shape[-2]}; knockout applies to a full forward pass")
     low = torch.finfo(query.dtype).min
     extra = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device).masked_fill(
-        hidden.to(query.device), low)[:, None, None, :]
+        hidden.to(query.device), low)
+    extra = extra[:, None, None, :] if hidden.ndim == 2 else extra[:, None]
     if attention_mask is None:
         return extra.expand(query.shape[0], 1, query.shape[-2], n_keys)
+    if not bool(hidden.any()):
+        return attention_mask  # nothing hidden in this module: the family's mask, untouched
     # adding two large negatives would overflow to -inf (and NaN rows); clamp at the minimum
     return (attention_mask[..., :n_keys] + extra).clamp(min=low)
 
