@@ -8,8 +8,10 @@ Example:
 """
 from __future__ import annotations
 
+from .dla import DirectLogitAttribution, dla
 from .knockout import GROUPS, knockout
 from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 
-__all__ = ["COALITIONS", "GROUPS", "LogitLens", "SourceSplit", "knockout", "logit_lens", "source_split"]
+__all__ = ["COALITIONS", "GROUPS", "DirectLogitAttribution", "LogitLens", "SourceSplit", "dla", "knockout",
+           "logit_lens", "source_split"]

@@ -1,0 +1,161 @@
+"""Direct logit attribution at the answer position, grouped by where the information came from.
+
+The final residual stream at the last position is a sum of writes: the token's embedding, every
+attention layer's output and every MLP's output. With the final norm's scale frozen at its value
+on that residual (its mean-centring and learned scale are linear), the target's logit (or its
+logit difference with a foil) splits exactly into one term per write. Each attention head's write
+splits further by key position, since it is a sum over keys of ``pattern[last, key] * v_key W_O``:
+by the group of the key (image, prompt, template) the head read from. MLP writes are the model's
+own computation on the residual (parametric recall). The terms sum to the logit exactly.
+
+Supported: families whose attention and MLP writes enter the residual stream linearly (not Gemma 3's
+sandwich norms, nor Mllama's gated cross-attention layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from einops import einsum, rearrange, repeat
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..errors import InputError
+from .lens import SOFTCAPPED
+from .targets import Answer, target_ids
+
+SOURCES = ("image", "prompt", "template")
+UNSUPPORTED = {"gemma3": "its sandwich norms make each write nonlinear in the heads",
+               "mllama": "its cross-attention layers are gated"}
+
+
+@dataclass(frozen=True)
+class DirectLogitAttribution:
+    """Terms of each example's target logit (difference), one row per term.
+
+    Attributes:
+        terms: DataFrame with ``example, component`` (``embed``, ``head``, ``attn_bias``, ``mlp``,
+            ``norm_bias``), ``layer``, ``head``, ``source`` (for heads: image, prompt, template)
+            and ``value``.
+        logit: ``[batch]`` the model's own target logit (difference) at the last position.
+    """
+
+    terms: pd.DataFrame
+    logit: Tensor
+
+    def by_source(self) -> pd.DataFrame:
+        """Per example: the heads' credit by source group, MLPs, embedding and biases, and total."""
+        terms = self.terms.assign(group=self.terms["source"].fillna(self.terms["component"]))
+        table = terms.pivot_table(index="example", columns="group", values="value", aggfunc="sum",
+                                  fill_value=0.0)
+        table["total"] = table.sum(1)
+        return table
+
+    def plot(self, example: int = 0) -> Figure:
+        """One example's credit per layer: heads by source, MLP, stacked."""
+        terms = self.terms[(self.terms["example"] == example) & self.terms["layer"].notna()]
+        terms = terms.assign(group=terms["source"].fillna(terms["component"]))
+        table = terms.pivot_table(index="layer", columns="group", values="value", aggfunc="sum", fill_value=0.0)
+        fig = Figure(figsize=(max(4.0, 0.5 * len(table) + 2), 3.4))
+        ax = fig.subplots()
+        table.plot.bar(ax=ax, stacked=True, width=0.75)
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_ylabel("logit contribution")
+        ax.set_title(f"direct logit attribution, example {example}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+
+def dla(model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None
+        ) -> DirectLogitAttribution:
+    """Direct logit attribution of the target (minus the foil) at the last position.
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM`.
+        batch: from ``model.prepare``.
+        target, foil: answers as in :func:`source_split` (one token each).
+
+    Returns:
+        A :class:`DirectLogitAttribution` whose terms sum to ``logit`` per example.
+
+    Raises:
+        InputError: for a family whose writes are not linear (see ``UNSUPPORTED``), or bad targets.
+
+    Example:
+        >>> lp.attribution.dla(model, batch, target="yes", foil="no").by_source()
+    """
+    if model.family.name in UNSUPPORTED:
+        raise InputError(f"dla does not support {model.family.name}: {UNSUPPORTED[model.family.name]}")
+    if model.family.name in SOFTCAPPED and getattr(model.text_config, "final_logit_softcapping", None):
+        raise InputError(f"dla does not support {model.family.name} with a final logit soft cap: the cap "
+                         "is not linear in the writes")
+    _, foils, ids = target_ids(model, batch, target, foil)
+    head = model.module(model.family.lm_head)
+    direction = head.weight[ids[:, 0]].float()  # [b, d]
+    if foils:
+        direction = direction - head.weight[ids[:, 1]].float()
+    norm = model.module(model.family.lm_norm)
+    L = model.n_layers
+    last_names = ["blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post", "blocks.*.hook_mlp_out",
+                  "blocks.*.attn.hook_pattern"]
+    with model.capture(last_names, positions="last", reduce="last") as last, \
+            model.capture("blocks.*.attn.hook_v") as values:
+        logits = model.forward(batch).logits[:, -1].float()
+    logit = (logits.gather(1, ids.to(logits.device)[:, :1])[:, 0]
+             - (logits.gather(1, ids.to(logits.device)[:, 1:])[:, 0] if foils else 0.0)).cpu()
+
+    resid = last[f"blocks.{L - 1}.hook_resid_post"].float()  # [b, d]
+    layer_norm = isinstance(norm, torch.nn.LayerNorm)
+    eps = norm.eps if layer_norm else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    centred = resid - resid.mean(-1, keepdim=True) if layer_norm else resid
+    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # frozen
+    weight = norm.weight.float() if norm.weight is not None else 1.0
+    if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
+        weight = 1.0 + weight
+
+    def read(write: Tensor) -> Tensor:
+        """The logit term of a write ``[..., b, d]``: through the frozen norm and the direction."""
+        if layer_norm:
+            write = write - write.mean(-1, keepdim=True)
+        return einsum(write * scale * weight, direction, "... b d, b d -> ... b")
+
+    groups = _groups(batch)  # [b, seq, 3]
+    rows = []
+
+    def add(component, values_, layer=None, head_=None, source=None):
+        for i, v in enumerate(values_.tolist()):
+            rows.append(dict(example=i, component=component, layer=layer, head=head_, source=source, value=v))
+
+    add("embed", read(last["blocks.0.hook_resid_pre"].float()).cpu())
+    n_heads, n_kv = model.n_heads, model.n_kv_heads
+    for layer in range(L):
+        o_proj = model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn_out}")
+        w_o = rearrange(o_proj.weight.float(), "m (h d) -> h d m", h=n_heads)
+        pattern = last[f"blocks.{layer}.attn.hook_pattern"].float()  # [b, h, k]
+        v = repeat(values[f"blocks.{layer}.attn.hook_v"].float(), "b k kv d -> b k (kv g) d", g=n_heads // n_kv)
+        per_source = einsum(pattern, v, groups.to(v.device), "b h k, b k h d, b k s -> s h b d")
+        writes = einsum(per_source, w_o, "s h b d, h d m -> s h b m")
+        terms = read(writes).cpu()  # [source, head, b]
+        for s, source in enumerate(SOURCES):
+            for h in range(n_heads):
+                add("head", terms[s, h], layer, h, source)
+        if o_proj.bias is not None:
+            add("attn_bias", read(o_proj.bias.float().expand_as(resid)).cpu(), layer)
+        add("mlp", read(last[f"blocks.{layer}.hook_mlp_out"].float()).cpu(), layer)
+    if layer_norm and norm.bias is not None:
+        add("norm_bias", einsum(norm.bias.float().expand_as(resid), direction, "b d, b d -> b").cpu())
+    bias = getattr(head, "bias", None)
+    if bias is not None:
+        add("head_bias", (bias[ids[:, 0]] - (bias[ids[:, 1]] if foils else 0.0)).float().cpu())
+    return DirectLogitAttribution(pd.DataFrame(rows), logit)
+
+
+def _groups(batch) -> Tensor:
+    """``[batch, seq, 3]``: one-hot source group (image, prompt, template) of every key position."""
+    n, length = batch.input_ids.shape
+    out = torch.zeros(n, length, len(SOURCES))
+    for i, layout in enumerate(batch.layouts):
+        for s, source in enumerate(SOURCES):
+            out[i, layout.positions(source), s] = 1.0
+    return out
