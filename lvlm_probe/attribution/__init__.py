@@ -9,9 +9,10 @@ Example:
 from __future__ import annotations
 
 from .dla import DirectLogitAttribution, dla
+from .image_map import METHODS, ImageMap, image_map
 from .knockout import GROUPS, knockout
 from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 
-__all__ = ["COALITIONS", "GROUPS", "DirectLogitAttribution", "LogitLens", "SourceSplit", "dla", "knockout",
-           "logit_lens", "source_split"]
+__all__ = ["COALITIONS", "GROUPS", "METHODS", "DirectLogitAttribution", "ImageMap", "LogitLens", "SourceSplit",
+           "dla", "image_map", "knockout", "logit_lens", "source_split"]

@@ -1,0 +1,282 @@
+"""Patch- and word-level maps of a target's score, with captum's algorithms.
+
+Features are the cells of each image's heatmap grid (``ImageLayout.grid``) and the words of the
+prompt (all their sub-tokens together); the template and any other image tokens (tiles beside the
+base grid, row separators) always stay. The score is the one of :func:`source_split` (log-odds of
+target against foil, else log-probability, at the last position). Methods:
+
+* ``"ablation"``: captum's ``FeatureAblation``: each feature removed alone, hidden from every query
+  at every layer as in :func:`source_split`;
+* ``"shapley"``: captum's ``ShapleyValueSampling`` over the same removals; the values of one example
+  add up to ``score(all) - score(none)`` exactly (every sampled permutation telescopes);
+* ``"ig"``: captum's ``IntegratedGradients`` along a path that moves each feature's tokens in the
+  language model's input (after image features are merged) from a baseline, the mean over the
+  example's image cells (for a cell) or prompt words (for a word), to their value; ``.delta`` is
+  captum's completeness error.
+* ``"attention"``: the attention from the last position to each feature's tokens, averaged over
+  heads and layers (no gradient, one forward pass).
+
+Scores map back onto each image's grid (``.scores`` for the first image, ``.grids`` for all).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from captum.attr import FeatureAblation, IntegratedGradients, ShapleyValueSampling
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..errors import InputError
+from ..hooks import attention
+from .source_split import _self_attention_layers
+from .targets import Answer, target_ids
+
+METHODS = ("ablation", "shapley", "ig", "attention")
+
+
+@dataclass(frozen=True)
+class Features:
+    """The features of one example: which sequence positions each one covers."""
+
+    positions: list[Tensor]
+    names: list[str]
+    cells: list[tuple[int, int, int]]  # (image, row, col) of each image feature, in order
+    grids: list[tuple[int, int]]
+    n_image: int
+
+
+@dataclass(frozen=True)
+class ImageMap:
+    """Maps of a batch.
+
+    Attributes:
+        scores: ``[batch, rows, cols]`` of each example's first image (NaN where an example's grid
+            is smaller than the batch's largest).
+        grids: per example, one ``[rows, cols]`` array per image.
+        words: per example, ``(word, score)`` of each prompt word.
+        method: the method used; ``delta``: IG's completeness error per example (else None).
+        images: the examples' first images, for :meth:`plot`.
+    """
+
+    scores: Tensor
+    grids: list[list[np.ndarray]]
+    words: list[list[tuple[str, float]]]
+    method: str
+    delta: Tensor | None = None
+    images: list = field(default_factory=list)
+
+    def plot(self, example: int = 0) -> Figure:
+        """The first image with the map overlaid, and the prompt words coloured by their scores."""
+        grid = self.grids[example][0]
+        fig = Figure(figsize=(7.0, 3.6))
+        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+        limit = float(np.nanmax(np.abs(grid))) or 1.0
+        if self.images and self.images[example] is not None:
+            image = self.images[example]
+            left.imshow(image)
+            extent = (0, image.size[0], image.size[1], 0)
+            shown = left.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55, extent=extent,
+                                interpolation="nearest")
+        else:
+            shown = left.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        left.set_xticks([])
+        left.set_yticks([])
+        left.set_title(f"{self.method}: image cells", fontsize=8)
+        fig.colorbar(shown, ax=left, fraction=0.046)
+        words = self.words[example]
+        wlimit = max([abs(s) for _, s in words] + [1e-12])
+        right.set_axis_off()
+        x, y = 0.0, 0.9
+        for word, score in words:
+            color = (1.0, 1 - max(score, 0) / wlimit * 0.8, 1 - max(score, 0) / wlimit * 0.8) if score >= 0 else \
+                (1 + score / wlimit * 0.8, 1 + score / wlimit * 0.8, 1.0)
+            text = right.text(x, y, word, fontsize=9, bbox=dict(facecolor=color, edgecolor="none", pad=1.5),
+                              transform=right.transAxes)
+            x += 0.03 + 0.022 * len(word)
+            if x > 0.85:
+                x, y = 0.0, y - 0.12
+            del text
+        right.set_title("prompt words", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def features(layout) -> Features:
+    """One feature per cell of every image's heatmap grid, then one per prompt word."""
+    positions, names, cells, grids = [], [], [], []
+    for img in layout.images:
+        grid = img.grid
+        if grid is None:
+            grids.append((0, 0))
+            continue
+        rows, cols = grid.shape
+        grids.append((rows, cols))
+        for r in range(rows):
+            for c in range(cols):
+                positions.append(grid.positions[r, c].reshape(1))
+                names.append(f"image{img.index}[{r},{c}]")
+                cells.append((img.index, r, c))
+    n_image = len(positions)
+    prompt = layout.groups["prompt"]
+    for match in re.finditer(r"\w+", layout.prompt):
+        start, end = match.span()
+        keep = (layout.prompt_spans[:, 0] < end) & (layout.prompt_spans[:, 1] > start)
+        if bool(keep.any()):
+            positions.append(prompt[keep])
+            names.append(match.group())
+    return Features(positions, names, cells, grids, n_image)
+
+
+def image_map(
+    model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None, *,
+    method: str = "ig", n_steps: int = 256, n_samples: int = 25, seed: int = 0,
+) -> ImageMap:
+    """Score every image cell and prompt word of each example for the target (see module docstring).
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM` whose images enter the token sequence.
+        batch: from ``model.prepare``.
+        target, foil: as in :func:`source_split`.
+        method: one of ``METHODS``.
+        n_steps: IG's integration steps (trapezoid rule). The score can change steeply along the
+            path (attention saturating); 256 keep the completeness error under 1% on shapes-llava.
+        n_samples: Shapley sampling's permutations.
+        seed: for Shapley sampling's permutations.
+
+    Returns:
+        An :class:`ImageMap`.
+
+    Raises:
+        InputError: for an unknown method, a family whose images are not in the sequence, an
+            example without grid cells, or bad targets.
+
+    Example:
+        >>> maps = lp.attribution.image_map(model, batch, target="red", method="ablation")
+        >>> maps.scores[0]   # [rows, cols]
+        >>> maps.plot(0)
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; available: {METHODS}")
+    if model.family.image_mode != "tokens":
+        raise InputError(f"image_map needs image tokens in the sequence; {model.family.name}'s images "
+                         f"enter by {model.family.image_mode}")
+    _check_separable(batch)
+    _, foils, ids = target_ids(model, batch, target, foil)
+    grids, words, deltas = [], [], []
+    for i, layout in enumerate(batch.layouts):
+        feats = features(layout)
+        if feats.n_image == 0:
+            raise InputError(f"example {i} has no image grid cells (layout: {layout.summary()})")
+        score = _Score(model, batch, i, ids[i], bool(foils), feats)
+        values, delta = _attribute(score, method, len(feats.positions), n_steps, n_samples, seed)
+        per_image = [np.full(g, np.nan) for g in feats.grids]
+        for (img, r, c), v in zip(feats.cells, values[: feats.n_image]):
+            per_image[img][r, c] = v
+        grids.append(per_image)
+        words.append(list(zip(feats.names[feats.n_image:], values[feats.n_image:].tolist())))
+        deltas.append(delta)
+    rows = max(g[0].shape[0] for g in grids)
+    cols = max(g[0].shape[1] for g in grids)
+    scores = torch.full((len(batch), rows, cols), float("nan"))
+    for i, g in enumerate(grids):
+        scores[i, : g[0].shape[0], : g[0].shape[1]] = torch.as_tensor(g[0])
+    firsts = [imgs[0] if imgs else None for imgs in batch.images]
+    return ImageMap(scores, grids, words, method, torch.tensor(deltas) if method == "ig" else None, firsts)
+
+
+def _check_separable(batch) -> None:
+    """Examples are scored one at a time; inputs packed across examples cannot be split."""
+    n = len(batch)
+    packed = [k for k, v in batch.inputs.items() if torch.is_tensor(v) and v.shape[0] != n]
+    if n > 1 and packed:
+        raise InputError(f"this family packs {packed} across the examples of a batch; call image_map "
+                         "with one example per batch")
+
+
+class _Score:
+    """The target's score for feature gates ``[m, F]`` (1 = present), in one batched pass."""
+
+    def __init__(self, model, batch, index: int, ids: Tensor, with_foil: bool, feats: Features):
+        self.model, self.ids, self.with_foil, self.feats = model, ids, with_foil, feats
+        self.batch, self.index = batch, index
+        length = self.batch.input_ids.shape[1]
+        self.member = torch.zeros(len(feats.positions), length)  # feature x position
+        for f, pos in enumerate(feats.positions):
+            self.member[f, pos] = 1.0
+        self.modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
+                        for layer in _self_attention_layers(model)]
+
+    def inputs(self, m: int) -> dict:
+        i = self.index
+        return {k: torch.cat([v[i:i + 1]] * m) if torch.is_tensor(v) and len(self.batch) > 1
+                else torch.cat([v] * m) if torch.is_tensor(v) else v for k, v in self.batch.inputs.items()}
+
+    def score(self, logits: Tensor) -> Tensor:
+        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        value = logprobs[:, self.ids[0]]
+        return value - logprobs[:, self.ids[1]] if self.with_foil else value
+
+    def removed(self, gates: Tensor) -> Tensor:
+        """Remove (hide) the tokens of features whose gate is 0."""
+        hidden = ((1.0 - gates.float().cpu()) @ self.member) > 0.5
+        with torch.no_grad(), attention.hiding(self.modules, hidden.to(self.model.device)):
+            return self.score(self.model.hf(**self.inputs(len(gates))).logits).cpu()
+
+    def scaled(self, gates: Tensor) -> Tensor:
+        """Move each feature's tokens in the language model's input from a baseline (the mean of its
+        group: image cells or prompt words) to their value by its gate (differentiable)."""
+        member = self.member.to(gates.device)
+        gate = 1.0 - member.sum(0) + gates @ member  # [m, L]: 1 outside the features
+        image = member[: self.feats.n_image].sum(0) > 0
+        words = member[self.feats.n_image:].sum(0) > 0
+        layer0 = self.model.module(f"{self.model.family.lm_layers}.0")
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            base = hidden.clone()
+            for group in (image, words):
+                if bool(group.any()):
+                    base[:, group] = hidden[:, group].mean(1, keepdim=True)
+            moved = base + gate[..., None].to(hidden.dtype) * (hidden - base)
+            if args:
+                return (moved, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": moved}
+
+        handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            return self.score(self.model.hf(**self.inputs(len(gates))).logits)
+        finally:
+            handle.remove()
+
+    def attention_to(self) -> np.ndarray:
+        names = "blocks.*.attn.hook_pattern"
+        with self.model.capture(names) as cache, torch.no_grad():
+            self.model.hf(**self.inputs(1))
+        pattern = cache.stack(names)[:, 0, :, -1].float().mean((0, 1)).cpu()  # [key]
+        return (self.member @ pattern).numpy()
+
+
+def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samples: int, seed: int):
+    ones = torch.ones(1, n_features)
+    if method == "attention":
+        return score.attention_to(), None
+    if method == "ig":
+        ig = IntegratedGradients(score.scaled)
+        with torch.enable_grad():
+            values, delta = ig.attribute(ones.to(score.model.device), baselines=0.0 * ones.to(score.model.device),
+                                         n_steps=n_steps, method="riemann_trapezoid",
+                                         return_convergence_delta=True, internal_batch_size=64)
+        return values[0].detach().cpu().numpy(), float(delta[0])
+    mask = torch.arange(n_features)[None]
+    if method == "ablation":
+        values = FeatureAblation(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
+                                                          perturbations_per_eval=n_features)
+    else:
+        torch.manual_seed(seed)
+        values = ShapleyValueSampling(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
+                                                               n_samples=n_samples,
+                                                               perturbations_per_eval=n_features)
+    return values[0].numpy(), None
