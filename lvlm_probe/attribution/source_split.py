@@ -14,7 +14,9 @@ Bias-Driven Hallucination Sampling). Then
 
 All four coalitions of a batch run as one batched forward pass. Families whose image enters
 through cross-attention (Mllama) remove the image by zeroing its cross-attention mask, which
-makes the model skip the cross-attention layers' contribution for those rows.
+makes the model skip the cross-attention layers' contribution for those rows. Instead of removing
+the image, ``ablation="mean"`` or ``"noise"`` replace its pixels with the batch's mean pixels or
+with Visual Contrastive Decoding's diffusion noise (Leng et al. 2024).
 """
 from __future__ import annotations
 
@@ -31,7 +33,16 @@ from ..hooks import attention
 from .targets import Answer, target_ids
 
 COALITIONS = ("full", "image", "prompt", "empty")  # players present: both, image, prompt, none
-ABLATIONS = ("mask",)
+ABLATIONS = ("mask", "mean", "noise")
+
+
+def diffusion_noise(pixels: Tensor, step: int, generator: torch.Generator) -> Tensor:
+    """Visual Contrastive Decoding's forward-diffusion noise (Leng et al. 2024, ``vcd_add_noise.py``):
+    ``sqrt(a_t) x + sqrt(1 - a_t) eps`` with their 1000-step sigmoid beta schedule."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5
+    alpha_bar = torch.cumprod(1 - betas, dim=0)[step]
+    noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32).to(pixels.device, pixels.dtype)
+    return alpha_bar.sqrt().to(pixels.dtype) * pixels + (1 - alpha_bar).sqrt().to(pixels.dtype) * noise
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class SourceSplit:
 
 def source_split(
     model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None, *,
-    ablation: str = "mask",
+    ablation: str = "mask", noise_step: int = 500, seed: int = 0,
 ) -> SourceSplit:
     """Split each example's target score among prior, prompt and image (exact Shapley values).
 
@@ -102,7 +113,11 @@ def source_split(
         target: the answer to score, one for the batch or one per example: a string that adds
             exactly one token after the text the model sees, or a token id.
         foil: the alternative answer for log-odds (one or per example), or None for log-probs.
-        ablation: how a player is removed: ``"mask"`` (hidden from attention).
+        ablation: how the image is removed: ``"mask"`` (its tokens hidden from attention),
+            ``"mean"`` (the pixels replaced by the batch's mean pixels) or ``"noise"`` (VCD's
+            diffusion noise at ``noise_step`` of 1000, drawn from ``seed``). The prompt is always
+            hidden from attention.
+        noise_step, seed: for ``"noise"``.
 
     Returns:
         A :class:`SourceSplit`.
@@ -118,10 +133,19 @@ def source_split(
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}; available: {ABLATIONS}")
     targets, foils, ids = target_ids(model, batch, target, foil)
-    hidden, cross_mask = _coalitions(model, batch)
+    masked = ablation == "mask"
+    hidden, cross_mask = _coalitions(model, batch, hide_image=masked)
     inputs = {k: torch.cat([v] * len(COALITIONS)) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
     if cross_mask is not None:
         inputs["cross_attention_mask"] = cross_mask
+    if not masked:  # the coalitions without the image ("prompt", "empty") see a replaced one
+        pixels = batch.inputs["pixel_values"]
+        if ablation == "mean":
+            replaced = _mean_image(pixels, batch.inputs.get("image_grid_thw"))
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            replaced = diffusion_noise(pixels, noise_step, generator)
+        inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced])
     modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
                for layer in _self_attention_layers(model)]
     with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)):
@@ -139,14 +163,29 @@ def source_split(
                        targets=targets, foils=foils, ablation=ablation)
 
 
+def _mean_image(pixels: Tensor, grid_thw: Tensor | None) -> Tensor:
+    """The batch's mean image in place of every image. Qwen2-VL packs all images' patches along
+    one axis (``image_grid_thw`` gives each image's count): the mean is then over images, patch by
+    patch, which needs images of one size."""
+    if grid_thw is None:
+        return pixels.float().mean(0, keepdim=True).to(pixels.dtype).expand_as(pixels)
+    counts = grid_thw.prod(-1)
+    if not bool((counts == counts[0]).all()):
+        raise InputError(f"ablation='mean' needs images of one size here; their patch counts are "
+                         f"{counts.tolist()}")
+    per_image = pixels.reshape(len(counts), int(counts[0]), -1)
+    return per_image.float().mean(0, keepdim=True).to(pixels.dtype).expand_as(per_image).reshape(pixels.shape)
+
+
 def _self_attention_layers(model) -> list[int]:
     cross = set(getattr(model.family, "cross_attention_layers", lambda config: [])(model.config))
     return [layer for layer in range(model.n_layers) if layer not in cross]
 
 
-def _coalitions(model, batch) -> tuple[Tensor, Tensor | None]:
+def _coalitions(model, batch, hide_image: bool = True) -> tuple[Tensor, Tensor | None]:
     """Hidden keys ``[4 * batch, seq]`` in ``COALITIONS`` order, and for cross-attention families
-    the cross-attention mask with the image removed where the coalition lacks it."""
+    the cross-attention mask with the image removed where the coalition lacks it (only the prompt
+    is hidden when ``hide_image`` is False: the image is then replaced, not removed)."""
     n, length = batch.input_ids.shape
     image = torch.zeros(n, length, dtype=torch.bool)
     prompt = torch.zeros(n, length, dtype=torch.bool)
@@ -167,10 +206,10 @@ def _coalitions(model, batch) -> tuple[Tensor, Tensor | None]:
         else:
             image[i, image_positions] = True
     none = torch.zeros_like(image)
-    hide_image = none if cross else image
-    hidden = torch.cat([none, prompt, hide_image, hide_image | prompt])
+    image_keys = image if hide_image and not cross else none
+    hidden = torch.cat([none, prompt, image_keys, image_keys | prompt])
     cross_mask = None
-    if cross:
+    if cross and hide_image:
         mask = batch.inputs["cross_attention_mask"]
         keep = torch.tensor([1, 1, 0, 0], dtype=mask.dtype, device=mask.device)  # image present?
         cross_mask = torch.cat([mask * k for k in keep])

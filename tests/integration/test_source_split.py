@@ -53,6 +53,24 @@ def test_batched_split_equals_one_example_at_a_time(tiny):
             torch.testing.assert_close(getattr(together, source)[i], getattr(alone, source)[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "mllama"])
+def test_replacing_the_image_instead_of_removing_it(family):
+    model = lp.zoo.tiny(family, device="cpu")
+    same = model.prepare(images=[[random_image(5)], [random_image(5)]], prompts=[PROMPT, PROMPT])
+    yes, no = model.answer_token_ids(same, ["yes", "no"])[0].tolist()
+    # the batch's mean image of two identical images is the image: it gets no credit
+    mean = source_split(model, same, yes, no, ablation="mean")
+    torch.testing.assert_close(mean.image, torch.zeros(2), atol=1e-5, rtol=0)
+    noise = source_split(model, same, yes, no, ablation="noise", seed=3)
+    again = source_split(model, same, yes, no, ablation="noise", seed=3)
+    torch.testing.assert_close(noise.prior + noise.prompt + noise.image, noise.full, atol=1e-5, rtol=0)
+    assert torch.equal(noise.image, again.image)  # seeded
+    masked = source_split(model, same, yes, no)
+    torch.testing.assert_close(noise.full, masked.full, atol=1e-5, rtol=0)  # same full run
+    if family != "mllama":  # the tiny Mllama's cross-attention gates start at zero: images are inert
+        assert not torch.allclose(noise.values["prompt"], masked.values["prompt"], atol=1e-7)
+
+
 def test_bad_targets_and_inputs():
     model = lp.zoo.load("shapes-llava", device="cpu")
     question = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(1, level="attribute", kind="color")[0]
