@@ -26,6 +26,7 @@ test: setup
 demo: setup
 	$(VENV)/bin/lvlm-probe demo
 	$(VENV)/bin/lvlm-probe sweep probes/shapes_objects.yaml
+	$(VENV)/bin/lvlm-probe attribute --model shapes-llava --world 60 --out runs/attribution
 
 lint: setup
 	$(VENV)/bin/ruff check lvlm_probe tests benchmarks

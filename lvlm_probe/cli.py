@@ -124,6 +124,42 @@ def sweep(
         console.print(f"figure {name}: {path}")
 
 
+@app.command()
+def attribute(
+    model: str = typer.Option(..., help="zoo name, hub id, local directory, or tiny:<family>"),
+    out: Path = typer.Option(..., help="a .png for one prompt; a folder with --world"),
+    image: Path = typer.Option(None, help="the image (one-prompt mode)"),
+    prompt: str = typer.Option(None, help="the prompt (one-prompt mode)"),
+    target: str = typer.Option(None, help="the answer to explain (one token)"),
+    foil: str = typer.Option(None, help="the alternative answer, for log-odds"),
+    method: str = typer.Option("ig", help="image map: ig, ablation, shapley, attention"),
+    world: int = typer.Option(0, help="dataset mode: this many ShapesWorld colour questions"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+) -> None:
+    """Split an answer among prior, prompt and image, and map it over the image."""
+    from .attribution import image_map, source_split
+    from .attribution.run import save_figure, world_attribution
+
+    _quiet_transformers()
+    lvlm = _load(model, device, dtype)
+    if world:
+        table = world_attribution(lvlm, out, n=world, method=method)
+        summary = table.groupby("outcome")[["prior_share", "prompt_share", "image_share", "image"]].mean()
+        console.print(_table(summary.round(3).reset_index(), title="Mean split per outcome"))
+        console.print(f"written to {out}")
+        return
+    if image is None or prompt is None or target is None:
+        raise typer.BadParameter("one-prompt mode needs --image, --prompt and --target (or use --world N)")
+    from PIL import Image
+
+    batch = lvlm.prepare(images=[Image.open(image).convert("RGB")], prompts=[prompt])
+    split = source_split(lvlm, batch, target, foil)
+    console.print(_table(split.shares().round(4), title="Source split"))
+    save_figure(image_map(lvlm, batch, target, foil, method=method).plot(0), out)
+    console.print(f"image map: {out}")
+
+
 def _frame(figures: dict[str, float]):
     import pandas as pd
 

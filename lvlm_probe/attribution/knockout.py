@@ -98,7 +98,7 @@ def knockout(
     for w, start in enumerate(layers, start=1):
         for i in range(n):
             rows.append(dict(layer=start, window=window, example=i,
-                             target=model.tokenizer.convert_ids_to_tokens(int(ids[i])),
+                             target=model.tokenizer.decode([int(ids[i])]),
                              p=float(p[0, i]), p_knocked=float(p[w, i]),
                              relative_change=float((p[w, i] - p[0, i]) / p[0, i])))
     return pd.DataFrame(rows)

@@ -52,8 +52,7 @@ class SourceSplit:
     Attributes:
         prior, prompt, image, full: see the module docstring; ``prior + prompt + image == full``.
         values: ``v(S)`` of every coalition in ``COALITIONS``.
-        targets, foils: the scored tokens per example, as tokenizer pieces (foils None for
-            log-probabilities).
+        targets, foils: the scored tokens per example, decoded (foils None for log-probabilities).
         ablation: how removed players were removed.
     """
 

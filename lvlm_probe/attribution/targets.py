@@ -67,5 +67,5 @@ def target_ids(
             raise InputError(f"example {i}: foil {foils[i]!r} is the same token as target {targets[i]!r}")
         rows.append(row)
     ids = torch.tensor(rows, dtype=torch.long)
-    names = [model.tokenizer.convert_ids_to_tokens(r) for r in rows]  # what was scored, readable
+    names = [[model.tokenizer.decode([t]) for t in r] for r in rows]  # what was scored, readable
     return [r[0] for r in names], [r[1] for r in names] if foils else None, ids
