@@ -13,8 +13,13 @@ target against foil, else log-probability, at the last position). Methods:
   language model's input (after image features are merged) from a baseline, the mean over the
   example's image cells (for a cell) or prompt words (for a word), to their value; ``.delta`` is
   captum's completeness error.
+* ``"kernelshap"``: captum's ``KernelShap`` over the same removals (a weighted linear fit to
+  sampled coalitions; ``n_samples`` coalitions);
 * ``"attention"``: the attention from the last position to each feature's tokens, averaged over
-  heads and layers (no gradient, one forward pass).
+  heads and layers (no gradient, one forward pass);
+* ``"rollout"``: attention rollout (Abnar & Zuidema 2020): per layer the head-averaged pattern
+  mixed half and half with the identity (the residual connection), rows renormalised, multiplied
+  through the layers; the last position's row, summed over each feature's tokens.
 
 Scores map back onto each image's grid (``.scores`` for the first image, ``.grids`` for all).
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from captum.attr import FeatureAblation, IntegratedGradients, ShapleyValueSampling
+from captum.attr import FeatureAblation, IntegratedGradients, KernelShap, ShapleyValueSampling
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -34,7 +39,7 @@ from ..hooks import attention
 from .source_split import _self_attention_layers
 from .targets import Answer, target_ids
 
-METHODS = ("ablation", "shapley", "ig", "attention")
+METHODS = ("ablation", "shapley", "kernelshap", "ig", "attention", "rollout")
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,9 @@ def image_map(
         method: one of ``METHODS``.
         n_steps: IG's integration steps (trapezoid rule). The score can change steeply along the
             path (attention saturating); 256 keep the completeness error under 1% on shapes-llava.
-        n_samples: Shapley sampling's permutations.
-        seed: for Shapley sampling's permutations.
+        n_samples: Shapley sampling's permutations; KernelShap's coalitions (at least twice the
+            feature count).
+        seed: for the sampled methods.
 
     Returns:
         An :class:`ImageMap`.
@@ -251,18 +257,33 @@ class _Score:
         finally:
             handle.remove()
 
-    def attention_to(self) -> np.ndarray:
-        names = "blocks.*.attn.hook_pattern"
+    def patterns(self) -> Tensor:
+        """``[layer, query, key]`` head-averaged attention of the example, self-attention layers."""
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in _self_attention_layers(self.model)]
         with self.model.capture(names) as cache, torch.no_grad():
             self.model.hf(**self.inputs(1))
-        pattern = cache.stack(names)[:, 0, :, -1].float().mean((0, 1)).cpu()  # [key]
+        return torch.stack([cache[n][0].float().mean(0) for n in names]).cpu()
+
+    def attention_to(self) -> np.ndarray:
+        pattern = self.patterns()[:, -1].mean(0)  # the last position's row, mean over layers
         return (self.member @ pattern).numpy()
+
+    def rollout(self) -> np.ndarray:
+        patterns = self.patterns()
+        eye = torch.eye(patterns.shape[-1])
+        flow = eye
+        for layer in patterns:
+            mixed = 0.5 * layer + 0.5 * eye
+            flow = (mixed / mixed.sum(-1, keepdim=True)) @ flow
+        return (self.member @ flow[-1]).numpy()
 
 
 def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samples: int, seed: int):
     ones = torch.ones(1, n_features)
     if method == "attention":
         return score.attention_to(), None
+    if method == "rollout":
+        return score.rollout(), None
     if method == "ig":
         ig = IntegratedGradients(score.scaled)
         with torch.enable_grad():
@@ -274,9 +295,14 @@ def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samp
     if method == "ablation":
         values = FeatureAblation(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
                                                           perturbations_per_eval=n_features)
-    else:
+    elif method == "shapley":
         torch.manual_seed(seed)
         values = ShapleyValueSampling(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
                                                                n_samples=n_samples,
                                                                perturbations_per_eval=n_features)
+    else:
+        torch.manual_seed(seed)
+        values = KernelShap(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
+                                                     n_samples=max(n_samples, 2 * n_features),
+                                                     perturbations_per_eval=n_features)
     return values[0].numpy(), None

@@ -117,6 +117,16 @@ def test_errors_and_families(shapes):
     maps = image_map(qwen, single, yes, method="ablation")
     rows, cols = single.layouts[0].image_grids[0]
     assert maps.scores.shape == (1, rows, cols) and not torch.isnan(maps.scores).any()
+    sub = model.prepare(images=[q.image for q in questions[:4]], prompts=[q.prompt for q in questions[:4]])
+    answers = [q.answer for q in questions[:4]]
+    rollout = image_map(model, sub, answers, method="rollout")
+    for i in range(4):  # rollout rows are distributions: the features hold at most all the mass
+        total = np.nansum(rollout.grids[i][0]) + sum(v for _, v in rollout.words[i])
+        assert 0.0 < total <= 1.0 + 1e-5
+    kernel = image_map(model, sub, answers, method="kernelshap", n_samples=400)
+    sampled = image_map(model, sub, answers, method="shapley", n_samples=20)
+    agree = [np.corrcoef(kernel.grids[i][0].ravel(), sampled.grids[i][0].ravel())[0, 1] for i in range(4)]
+    assert min(agree) > 0.5 and np.mean(agree) > 0.7  # two estimates of the same Shapley values
     attention_maps = image_map(model, batch, [q.answer for q in questions], method="attention")
     assert (attention_maps.scores >= 0).all()  # attention weights, averaged
     assert len(attention_maps.plot(0).axes) >= 2
