@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
-from .source_split import _self_attention_layers
+from .source_split import self_attention_layers
 from .targets import Answer, target_ids
 
 METHODS = ("ablation", "shapley", "kernelshap", "ig", "attention", "rollout")
@@ -213,7 +213,7 @@ class _Score:
         for f, pos in enumerate(feats.positions):
             self.member[f, pos] = 1.0
         self.modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-                        for layer in _self_attention_layers(model)]
+                        for layer in self_attention_layers(model)]
 
     def inputs(self, m: int) -> dict:
         i = self.index
@@ -259,7 +259,7 @@ class _Score:
 
     def patterns(self) -> Tensor:
         """``[layer, query, key]`` head-averaged attention of the example, self-attention layers."""
-        names = [f"blocks.{layer}.attn.hook_pattern" for layer in _self_attention_layers(self.model)]
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in self_attention_layers(self.model)]
         with self.model.capture(names) as cache, torch.no_grad():
             self.model.hf(**self.inputs(1))
         return torch.stack([cache[n][0].float().mean(0) for n in names]).cpu()

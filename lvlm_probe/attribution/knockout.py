@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
-from .source_split import _self_attention_layers
+from .source_split import self_attention_layers
 from .targets import Answer, target_ids
 
 GROUPS = ("image", "prompt", "template", "last", "all")
@@ -78,7 +78,7 @@ def knockout(
     n = len(batch)
     runs = len(layers) + 1  # the unblocked run first
     blocked = {layer: torch.zeros(runs * n, *pairs.shape[1:], dtype=torch.bool)
-               for layer in _self_attention_layers(model)}
+               for layer in self_attention_layers(model)}
     for w, start in enumerate(layers, start=1):
         for layer in range(start, min(start + window, model.n_layers)):
             if layer in blocked:

@@ -146,7 +146,7 @@ def source_split(
             replaced = diffusion_noise(pixels, noise_step, generator)
         inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced])
     modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-               for layer in _self_attention_layers(model)]
+               for layer in self_attention_layers(model)]
     with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)):
         logits = model.hf(**inputs).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
@@ -176,7 +176,8 @@ def _mean_image(pixels: Tensor, grid_thw: Tensor | None) -> Tensor:
     return per_image.float().mean(0, keepdim=True).to(pixels.dtype).expand_as(per_image).reshape(pixels.shape)
 
 
-def _self_attention_layers(model) -> list[int]:
+def self_attention_layers(model) -> list[int]:
+    """The language model's layers that self-attend (all but Mllama's cross-attention layers)."""
     cross = set(getattr(model.family, "cross_attention_layers", lambda config: [])(model.config))
     return [layer for layer in range(model.n_layers) if layer not in cross]
 
