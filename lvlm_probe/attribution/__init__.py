@@ -9,10 +9,12 @@ Example:
 from __future__ import annotations
 
 from .dla import DirectLogitAttribution, dla
+from .faithfulness import deletion_insertion, randomization_check
 from .image_map import METHODS, ImageMap, image_map
 from .knockout import GROUPS, knockout
 from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 
 __all__ = ["COALITIONS", "GROUPS", "METHODS", "DirectLogitAttribution", "ImageMap", "LogitLens", "SourceSplit",
-           "dla", "image_map", "knockout", "logit_lens", "source_split"]
+           "deletion_insertion", "dla", "image_map", "knockout", "logit_lens", "randomization_check",
+           "source_split"]

@@ -9,6 +9,7 @@ from PIL import Image
 
 import lvlm_probe as lp
 from lvlm_probe.attribution import image_map
+from lvlm_probe.attribution.faithfulness import deletion_insertion, randomization_check
 from lvlm_probe.attribution.image_map import _Score, features
 from lvlm_probe.errors import InputError
 from lvlm_probe.worlds.masks import patch_objects
@@ -67,8 +68,8 @@ def test_ig_completeness(shapes):
 
 
 def test_map_points_at_the_asked_object(shapes):
-    """Pointing game on colour questions the model answers right, and deletion: removing cells in
-    the map's order lowers the score faster than removing them in a random order."""
+    """Pointing game on colour questions the model answers right, and deletion / insertion: cells
+    taken in the map's order lower (raise) the score faster than in a random order."""
     model, questions, batch = shapes
     said = model.generate(batch, max_new_tokens=2)
     right = [i for i, (s, q) in enumerate(zip(said, questions)) if s and s.split()[0].strip(".").lower() == q.answer]
@@ -81,20 +82,24 @@ def test_map_points_at_the_asked_object(shapes):
         hits.append(patch_objects(questions[i].scene, grid.shape[0])[r, c] == questions[i].about[0] + 1)
     assert np.mean(hits) >= 0.7
 
-    rng = np.random.default_rng(0)
-    faster = []
-    for i in right[:10]:
-        feats = features(batch.layouts[i])
-        n, cells = len(feats.positions), feats.n_image
-        order = np.argsort(-maps.grids[i][0].reshape(-1))
-        curves = []
-        for ranking in (order, rng.permutation(cells)):
-            gates = torch.ones(cells + 1, n)
-            for k in range(1, cells + 1):
-                gates[k:, ranking[k - 1]] = 0
-            curves.append(score_of(model, batch, i, questions[i].answer, gates).mean())
-        faster.append(curves[0] < curves[1])
-    assert np.mean(faster) >= 0.8
+    curves = deletion_insertion(model, batch, maps, [q.answer for q in questions])
+    areas = curves[curves["example"].isin(right[:12])].groupby("example").mean()
+    assert (areas["deletion"] < areas["random_deletion"]).mean() >= 0.8
+    assert (areas["insertion"] > areas["random_insertion"]).mean() >= 0.8
+    full = curves[curves["step"] == 0].set_index("example")
+    assert np.allclose(full["deletion"], full["random_deletion"])  # both start from the whole image
+
+
+def test_maps_change_when_the_model_is_randomized(shapes):
+    model, questions, _ = shapes
+    sub = model.prepare(images=[q.image for q in questions[:8]], prompts=[q.prompt for q in questions[:8]])
+    before = [p.detach().clone() for p in model.hf.parameters()]
+    check = randomization_check(model, sub, [q.answer for q in questions[:8]])
+    assert check["spearman"].abs().mean() < 0.5
+    assert all(torch.equal(p, q) for p, q in zip(model.hf.parameters(), before))  # randomized a copy
+    again = image_map(model, sub, [q.answer for q in questions[:8]])
+    first = image_map(model, sub, [q.answer for q in questions[:8]])
+    assert np.allclose(again.scores.numpy(), first.scores.numpy(), equal_nan=True)
 
 
 def test_errors_and_families(shapes):
