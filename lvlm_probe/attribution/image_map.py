@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from captum.attr import FeatureAblation, IntegratedGradients, KernelShap, ShapleyValueSampling
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -96,14 +97,12 @@ class ImageMap:
         right.set_axis_off()
         x, y = 0.0, 0.9
         for word, score in words:
-            color = (1.0, 1 - max(score, 0) / wlimit * 0.8, 1 - max(score, 0) / wlimit * 0.8) if score >= 0 else \
-                (1 + score / wlimit * 0.8, 1 + score / wlimit * 0.8, 1.0)
-            text = right.text(x, y, word, fontsize=9, bbox=dict(facecolor=color, edgecolor="none", pad=1.5),
-                              transform=right.transAxes)
+            color = colormaps["RdBu_r"](0.5 + 0.4 * score / wlimit)  # the map's colours, kept readable
+            right.text(x, y, word, fontsize=9, bbox=dict(facecolor=color, edgecolor="none", pad=1.5),
+                       transform=right.transAxes)
             x += 0.03 + 0.022 * len(word)
             if x > 0.85:
                 x, y = 0.0, y - 0.12
-            del text
         right.set_title("prompt words", fontsize=8)
         fig.tight_layout()
         return fig
