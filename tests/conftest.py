@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import lvlm_probe as lp
+
+PROMPTS = ["Is there a heart?", "Is there a red heart left of the blue star? Answer yes or no."]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_cache(tmp_path_factory):
@@ -29,3 +33,12 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 def images():
     """Two images of different sizes and aspect ratios (so dynamic-resolution grids differ)."""
     return [random_image(40, 56, seed=1), random_image(72, 48, seed=2)]
+
+
+@pytest.fixture(scope="module", params=lp.families.names())
+def tiny_batch(request):
+    """Every family's tiny model with a padded two-example batch (different prompt lengths and
+    image sizes)."""
+    model = lp.zoo.tiny(request.param, device="cpu")
+    images = [[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]]
+    return model, model.prepare(images=images, prompts=PROMPTS)

@@ -2,30 +2,13 @@
 position selectors and reductions, hook removal and error messages."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS
 from einops import rearrange
-from PIL import Image
 
 import lvlm_probe as lp
 from lvlm_probe.errors import HookNameError, InputError, LayoutError, LVLMProbeError
-
-FAMILIES = lp.families.names()
-PROMPTS = ["Is there a heart?", "Is there a red heart left of the blue star? Answer yes or no."]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def setup(request):
-    """A tiny model and a padded two-example batch (different prompt lengths and image sizes)."""
-    model = lp.zoo.tiny(request.param, device="cpu")
-    images = [[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]]
-    return model, model.prepare(images=images, prompts=PROMPTS)
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _hidden_states(out):
@@ -48,8 +31,8 @@ def _all_hook_counts(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
 
 
-def test_capture_never_changes_logits(setup):
-    model, batch = setup
+def test_capture_never_changes_logits(tiny_batch):
+    model, batch = tiny_batch
     expected = model.forward(batch).logits
     # patterns and scores switch attention to eager: tests/integration/test_capture_attention.py
     names = [n for n in model.hook_names() if not n.endswith(("hook_pattern", "hook_attn_scores"))]
@@ -59,8 +42,8 @@ def test_capture_never_changes_logits(setup):
     assert cache.names() and set(cache.names()) == set(names)  # every offered hook ran once
 
 
-def test_resid_post_equals_hf_hidden_states(setup):
-    model, batch = setup
+def test_resid_post_equals_hf_hidden_states(tiny_batch):
+    model, batch = tiny_batch
     hidden = _hidden_states(model.forward(batch, output_hidden_states=True))
     assert len(hidden) == model.n_layers + 1
     with model.capture(["blocks.*.hook_resid_post", "ln_final.hook_normalized", "ln_final.hook_out"]) as cache:
@@ -90,8 +73,8 @@ def test_resid_post_equals_hf_hidden_states(setup):
     assert not torch.allclose(resid[-1], hidden[-1], atol=1e-3)  # the norm did change it
 
 
-def test_z_and_result_reproduce_attention_output(setup):
-    model, batch = setup
+def test_z_and_result_reproduce_attention_output(tiny_batch):
+    model, batch = tiny_batch
     names = [n for n in model.hook_names() if n.endswith(("hook_z", "hook_result", "hook_attn_out"))]
     with model.capture(names) as cache:
         model.forward(batch)
@@ -124,8 +107,8 @@ def test_z_and_result_reproduce_attention_output(setup):
     assert checked == model.n_layers
 
 
-def test_position_selectors_and_reductions(setup):
-    model, batch = setup
+def test_position_selectors_and_reductions(tiny_batch):
+    model, batch = tiny_batch
     name = "blocks.0.hook_resid_post"
     with model.capture(name) as cache:
         model.forward(batch)
@@ -150,8 +133,8 @@ def test_position_selectors_and_reductions(setup):
     assert torch.equal(cache[name], full[torch.arange(len(batch)), last_prompt])
 
 
-def test_prompt_word_selects_its_sub_tokens(setup):
-    model, batch = setup
+def test_prompt_word_selects_its_sub_tokens(tiny_batch):
+    model, batch = tiny_batch
     name = "blocks.0.hook_resid_post"
     with model.capture(name) as cache:
         model.forward(batch)
@@ -236,8 +219,8 @@ def test_generate_keeps_every_call(images):
         model.generate(batch, max_new_tokens=2, min_new_tokens=2)
 
 
-def test_names_and_errors(setup):
-    model, _ = setup
+def test_names_and_errors(tiny_batch):
+    model, _ = tiny_batch
     names = model.hook_names()
     assert len(names) == len(set(names))
     resid = [n for n in names if n.startswith("blocks.") and n.endswith(".hook_resid_post")]

@@ -2,31 +2,15 @@
 while captured), resid_mid, and the names of the other towers (Q-Former, Mllama's global encoder)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS, random_image
 from einops import einsum, rearrange, repeat
-from PIL import Image
 
 import lvlm_probe as lp
 from lvlm_probe.hooks import attention
 
-FAMILIES = lp.families.names()
-PROMPTS = ["Is there a heart?", "Is there a red heart left of the blue star? Answer yes or no."]
 ATTENTION = ("hook_pattern", "hook_attn_scores")
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def setup(request):
-    """A tiny model and a padded two-example batch (different prompt lengths and image sizes)."""
-    model = lp.zoo.tiny(request.param, device="cpu")
-    images = [[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]]
-    return model, model.prepare(images=images, prompts=PROMPTS)
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def attention_modules(model):
@@ -57,8 +41,8 @@ def lm_eager_logits(model, batch, **kwargs):
             config._attn_implementation = impl
 
 
-def test_patterns_run_eager_attention_and_only_while_captured(setup):
-    model, batch = setup
+def test_patterns_run_eager_attention_and_only_while_captured(tiny_batch):
+    model, batch = tiny_batch
     before = implementations(model)
     assert "eager" not in before and attention.IMPLEMENTATION not in before
     sdpa = model.forward(batch).logits
@@ -80,9 +64,9 @@ def test_patterns_run_eager_attention_and_only_while_captured(setup):
         assert implementations(model) == before
 
 
-def test_qkv_scores_pattern_and_z_agree(setup):
+def test_qkv_scores_pattern_and_z_agree(tiny_batch):
     """softmax(scores) is the pattern; the pattern applied to the captured values gives z."""
-    model, batch = setup
+    model, batch = tiny_batch
     with model.capture(model.hook_names()) as cache:
         model.forward(batch)
     for layer, prefix, _ in attention_modules(model):
@@ -108,8 +92,8 @@ def test_qkv_scores_pattern_and_z_agree(setup):
                     assert not real[:, later[valid]].any()
 
 
-def test_pattern_positions_select_queries(setup):
-    model, batch = setup
+def test_pattern_positions_select_queries(tiny_batch):
+    model, batch = tiny_batch
     name = next(f"blocks.{layer}.{prefix}.hook_pattern" for layer, prefix, _ in attention_modules(model))
     with model.capture(name) as cache:
         model.forward(batch)
@@ -129,10 +113,10 @@ def test_pattern_positions_select_queries(setup):
         assert not cache[name][i, :, n:].any()  # padding rows
 
 
-def test_resid_mid_splits_each_layer(setup):
+def test_resid_mid_splits_each_layer(tiny_batch):
     """resid_pre + attn_out = resid_mid; resid_mid + mlp_out = resid_post (the two outputs are the
     writes into the residual stream, also for Gemma 3's sandwich norms)."""
-    model, batch = setup
+    model, batch = tiny_batch
     with model.capture(model.hook_names()) as cache:
         model.forward(batch)
     layers = model.module(model.family.lm_layers)
@@ -154,8 +138,8 @@ def test_resid_mid_splits_each_layer(setup):
     assert checked >= 1
 
 
-def test_other_towers_are_named(setup):
-    model, batch = setup
+def test_other_towers_are_named(tiny_batch):
+    model, batch = tiny_batch
     names = model.hook_names()
     fam = model.family
     if fam.name == "blip2":
@@ -185,8 +169,8 @@ def test_other_towers_are_named(setup):
         assert not [n for n in names if n.startswith(("qformer.", "vision.global_blocks."))]
 
 
-def test_attention_switch_never_leaks(setup):
-    model, batch = setup
+def test_attention_switch_never_leaks(tiny_batch):
+    model, batch = tiny_batch
     before = implementations(model)
     with pytest.raises(RuntimeError, match="user code"), model.capture("blocks.*.attn.hook_pattern"):
         raise RuntimeError("user code")

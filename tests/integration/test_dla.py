@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import random_image
 
 import lvlm_probe as lp
 from lvlm_probe.attribution import dla
@@ -12,14 +12,10 @@ from lvlm_probe.attribution.dla import UNSUPPORTED
 from lvlm_probe.errors import InputError
 
 
-def random_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("family", lp.families.names())
 def test_terms_sum_to_the_logit_difference(family):
     model = lp.zoo.tiny(family, device="cpu")
-    batch = model.prepare(images=[[random_image(1)], [random_image(2)]],
+    batch = model.prepare(images=[[random_image(48, 48, 1)], [random_image(48, 48, 2)]],
                           prompts=["Is there a heart?", "Is there a red heart left of the star?"])
     yes, no = model.answer_token_ids(batch, ["yes", "no"])[0].tolist()
     if family in UNSUPPORTED:

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import random_image
 
 import lvlm_probe as lp
 import lvlm_probe.interop as interop
@@ -23,11 +22,6 @@ BRIDGE_NAMES = ["blocks.*.hook_resid_post", "blocks.*.hook_resid_pre", "blocks.*
                 "blocks.*.hook_mlp_out", "blocks.*.attn.hook_z", "ln_final.hook_normalized"]
 BRIDGE_MODELS = [*interop.bridge_families(), "shapes-llava"]
 NO_BRIDGE = sorted(set(lp.families.names()) - set(interop.bridge_families()))
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def load(name: str) -> lp.LVLM:

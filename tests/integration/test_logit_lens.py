@@ -1,10 +1,9 @@
 """The logit lens: its last layer is the model's own output, for every family."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import random_image
 
 import lvlm_probe as lp
 from lvlm_probe.attribution import logit_lens
@@ -12,14 +11,10 @@ from lvlm_probe.attribution.lens import unembed
 from lvlm_probe.errors import InputError
 
 
-def random_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("family", lp.families.names())
 def test_last_layer_is_the_model_output(family):
     model = lp.zoo.tiny(family, device="cpu")
-    batch = model.prepare(images=[[random_image(1)], [random_image(2)]],
+    batch = model.prepare(images=[[random_image(48, 48, 1)], [random_image(48, 48, 2)]],
                           prompts=["Is there a heart?", "Is there a red heart left of the star?"])
     positions = "prompt" if model.family.image_mode == "cross_attention" else "image"
     lens = logit_lens(model, batch, positions=positions, k=3)
@@ -42,7 +37,7 @@ def test_final_soft_cap_follows_the_model(family):
     model = lp.zoo.tiny(family, device="cpu")
     model.text_config.final_logit_softcapping = 0.05
     try:
-        batch = model.prepare(images=[[random_image(1)]], prompts=["Is there a heart?"])
+        batch = model.prepare(images=[[random_image(48, 48, 1)]], prompts=["Is there a heart?"])
         with model.capture("blocks.*.hook_resid_post") as cache:
             logits = model.forward(batch).logits
         decoded = unembed(model, cache[f"blocks.{model.n_layers - 1}.hook_resid_post"])

@@ -2,11 +2,10 @@
 and on shapes-llava, whose colour prior is the ground truth."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from conftest import random_image
 
 import lvlm_probe as lp
 from lvlm_probe.attribution import source_split
@@ -16,14 +15,10 @@ from lvlm_probe.hooks import attention
 PROMPT = "Is there a red heart in the image?"
 
 
-def random_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module", params=lp.families.names())
 def tiny(request):
     model = lp.zoo.tiny(request.param, device="cpu")
-    batch = model.prepare(images=[[random_image(1)], [random_image(2)]], prompts=[PROMPT, PROMPT])
+    batch = model.prepare(images=[[random_image(48, 48, 1)], [random_image(48, 48, 2)]], prompts=[PROMPT, PROMPT])
     yes, no = model.answer_token_ids(batch, ["yes", "no"])[0].tolist()  # tiny tokenizers split words
     return model, batch, yes, no
 
@@ -45,7 +40,7 @@ def test_split_is_exact_and_removes_what_it_says(tiny):
 def test_batched_split_equals_one_example_at_a_time(tiny):
     model, _, yes, no = tiny
     prompts = [PROMPT, "Is the small blue star above the green circle? Answer yes or no."]
-    images = [[random_image(3)], [random_image(4)]]
+    images = [[random_image(48, 48, 3)], [random_image(48, 48, 4)]]
     together = source_split(model, model.prepare(images=images, prompts=prompts), yes, no)
     for i in range(2):
         alone = source_split(model, model.prepare(images=images[i:i + 1], prompts=prompts[i:i + 1]), yes, no)
@@ -56,7 +51,7 @@ def test_batched_split_equals_one_example_at_a_time(tiny):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "mllama"])
 def test_replacing_the_image_instead_of_removing_it(family):
     model = lp.zoo.tiny(family, device="cpu")
-    same = model.prepare(images=[[random_image(5)], [random_image(5)]], prompts=[PROMPT, PROMPT])
+    same = model.prepare(images=[[random_image(48, 48, 5)], [random_image(48, 48, 5)]], prompts=[PROMPT, PROMPT])
     yes, no = model.answer_token_ids(same, ["yes", "no"])[0].tolist()
     # the batch's mean image of two identical images is the image: it gets no credit
     mean = source_split(model, same, yes, no, ablation="mean")
