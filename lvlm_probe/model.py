@@ -273,11 +273,24 @@ class LVLM:
         per_example = answers if isinstance(answers[0], (list, tuple)) else [answers] * len(batch)
         if len(per_example) != len(batch):
             raise InputError(f"got answers for {len(per_example)} examples, the batch has {len(batch)}")
-        rows = []
-        for i, row in enumerate(per_example):
-            context = self._context_text(batch, i)
-            rows.append([self._first_token(context, a) for a in row])
+        rows = [[self._first_token(batch, i, a) for a in row] for i, row in enumerate(per_example)]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def continuation_tokens(self, batch: Batch, i: int, answer: str) -> list[int]:
+        """The token ids ``answer`` adds after the text example ``i`` ends with, tokenized as a
+        continuation of that text (with a leading space when the text does not end in whitespace).
+
+        Example:
+            >>> model.continuation_tokens(batch, 0, "yes")   # one id for most tokenizers
+        """
+        text = self._context_text(batch, i)
+        joined = text + (answer if text[-1:].isspace() or answer[:1].isspace() else " " + answer)
+        base = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
+        k = 0
+        while k < min(len(base), len(full)) and base[k] == full[k]:
+            k += 1
+        return [int(t) for t in full[k:]]
 
     def _context_text(self, batch: Batch, i: int, n_tokens: int = 8) -> str:
         """The text of the last tokens the model actually sees (after the processor's own
@@ -287,22 +300,17 @@ class LVLM:
         tail = batch.input_ids[i, valid[-n_tokens:]].tolist()
         return self.tokenizer.decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _first_token(self, text: str, answer: str | int) -> int:
+    def _first_token(self, batch: Batch, i: int, answer: str | int) -> int:
         if isinstance(answer, int):
             if not 0 <= answer < self.d_vocab:
                 raise InputError(f"answer token id {answer} is outside the vocabulary [0, {self.d_vocab})")
             return answer
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"an answer must be a non-empty string or a token id, got {answer!r}")
-        joined = text + (answer if text[-1:].isspace() or answer[:1].isspace() else " " + answer)
-        base = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
-        k = 0
-        while k < min(len(base), len(full)) and base[k] == full[k]:
-            k += 1
-        if k >= len(full):
+        tokens = self.continuation_tokens(batch, i, answer)
+        if not tokens:
             raise InputError(f"answer {answer!r} adds no token to the prompt text")
-        return int(full[k])
+        return tokens[0]
 
     def answer_logprobs(
         self, batch: Batch, answers: list[str | int] | list[list[str | int]]

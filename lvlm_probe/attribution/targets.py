@@ -20,18 +20,6 @@ def per_example(value: Answer | list[Answer], n: int, what: str) -> list[Answer]
     return values
 
 
-def answer_tokens(model, batch, i: int, answer: str) -> list[int]:
-    """The tokens ``answer`` adds after example ``i``'s text, tokenized as a continuation."""
-    context = model._context_text(batch, i)
-    joined = context + (answer if context[-1:].isspace() or answer[:1].isspace() else " " + answer)
-    base = model.tokenizer(context, add_special_tokens=False)["input_ids"]
-    full = model.tokenizer(joined, add_special_tokens=False)["input_ids"]
-    k = 0
-    while k < min(len(base), len(full)) and base[k] == full[k]:
-        k += 1
-    return list(full[k:])
-
-
 def target_ids(
     model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None
 ) -> tuple[list[str], list[str] | None, Tensor]:
@@ -56,7 +44,7 @@ def target_ids(
                                      f"[0, {model.d_vocab})")
                 row.append(answer)
                 continue
-            tokens = answer_tokens(model, batch, i, answer)
+            tokens = model.continuation_tokens(batch, i, answer)
             if len(tokens) != 1:
                 pieces = model.tokenizer.convert_ids_to_tokens(tokens)
                 raise InputError(f"example {i}: {what} {answer!r} is {len(tokens)} tokens {pieces} after "

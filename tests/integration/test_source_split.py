@@ -108,3 +108,13 @@ def test_prior_driven_errors_have_small_image_shares():
     fig = split.plot()
     assert len(fig.axes[0].patches) == 3 * len(questions)  # a bar per source and example
     assert isinstance(table, pd.DataFrame)
+
+
+def test_continuation_tokens_rebuild_the_answer(tiny):
+    """An answer's continuation tokens decode back to it after the text, and their first one is
+    what answer_token_ids scores."""
+    model, batch, _, _ = tiny
+    for answer in ("yes", "no", "a red heart"):
+        tokens = model.continuation_tokens(batch, 0, answer)
+        assert tokens and model.tokenizer.decode(tokens).strip() == answer
+        assert model.answer_token_ids(batch, [answer])[0, 0].item() == tokens[0]
