@@ -139,7 +139,8 @@ def attribute(
 ) -> None:
     """Split an answer among prior, prompt and image, and map it over the image."""
     from .attribution import image_map, source_split
-    from .attribution.run import save_figure, world_attribution
+    from .attribution.run import world_attribution
+    from .viz import save_figure
 
     _quiet_transformers()
     lvlm = _load(model, device, dtype)

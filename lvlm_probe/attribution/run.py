@@ -8,22 +8,14 @@ model's answer and the outcome), ``split.png`` and a few image maps.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
 
-from ..store.files import atomic_write
+from ..store.files import write_parquet
+from ..viz import save_figure
 from .image_map import image_map
 from .source_split import source_split
-
-
-def save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write(path, buffer.getvalue(), f"figure {path.name}")
-    return path
 
 
 def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, maps: int = 4,
@@ -55,15 +47,9 @@ def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, map
         outcome=["right" if s == q.answer else "typical" if s == q.typical_color else "other"
                  for s, q in zip(said, questions)])
     out.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write(out / "split.parquet", buffer.getvalue(), "split table")
-    shown = min(len(questions), 30)
-    sub = source_split(model, model.prepare(images=[q.image for q in questions[:shown]],
-                                            prompts=[q.prompt for q in questions[:shown]]),
-                       [q.answer for q in questions[:shown]], [q.typical_color for q in questions[:shown]])
-    labels = [f"{o}: {q.shape}" for o, q in zip(table["outcome"][:shown], questions[:shown])]
-    save_figure(sub.plot(labels=labels), out / "split.png")
+    write_parquet(out / "split.parquet", table, "split table")
+    labels = [f"{o}: {q.shape}" for o, q in zip(table["outcome"], questions)]
+    save_figure(split.plot(labels=labels, first=30), out / "split.png")
     if maps:
         picked = questions[:maps]
         small = model.prepare(images=[q.image for q in picked], prompts=[q.prompt for q in picked])

@@ -77,9 +77,11 @@ class SourceSplit:
             table[f"{source}_share"] = table[source].abs() / total
         return table
 
-    def plot(self, labels: list[str] | None = None) -> Figure:
-        """Stacked bars per example (positive credit up, negative down) with the full score marked."""
-        table = self.shares()
+    def plot(self, labels: list[str] | None = None, first: int | None = None) -> Figure:
+        """Stacked bars per example (positive credit up, negative down) with the full score marked;
+        only the ``first`` examples when given (labels beyond them are ignored)."""
+        table = self.shares() if first is None else self.shares().head(first)
+        labels = labels[: len(table)] if labels else None
         fig = Figure(figsize=(max(4.0, 0.45 * len(table) + 2), 3.6))
         ax = fig.subplots()
         x = range(len(table))

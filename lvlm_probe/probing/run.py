@@ -16,7 +16,6 @@ complete shard, and targets whose part exists are not probed again.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from .. import alignment, viz
 from ..errors import InputError, StoreError
 from ..hooks.names import expand
 from ..store import extract
-from ..store.files import atomic_write
+from ..store.files import write_json, write_parquet
+from ..viz import save_figure
 from .config import FolderData, SweepConfig, load_config
-from .sweep import HEAD_HOOKS, encode_labels, sweep, tower_of, transfer
+from .sweep import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # image-vs-text alignment metrics a definition may ask for
@@ -106,17 +106,17 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
              for target in config.transfer], ignore_index=True))
         lines = transfer_table.assign(metric=transfer_table["target"] + ": " + transfer_table["direction"],
                                       value=transfer_table["accuracy"])
-        figures["transfer"] = _save(
+        figures["transfer"] = save_figure(
             viz.alignment_curves(lines, ylabel="transfer accuracy", chance=float(lines["chance"].max())),
             out / "figures" / "transfer.png")
     if config.alignment:
         alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, lm, text))
-        figures["alignment"] = _save(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")
+        figures["alignment"] = save_figure(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")
     if towers is not None:
         cka_table = _cached(out / "cka_vision_lm.parquet", lambda: _cka_map(features))
         if cka_table is not None and len(cka_table):
             grid = cka_table.pivot(index="layer_a", columns="layer_b", values="value")
-            figures["cka"] = _save(viz.layer_map(grid.to_numpy(), title="linear CKA, vision tower x LM"),
+            figures["cka"] = save_figure(viz.layer_map(grid.to_numpy(), title="linear CKA, vision tower x LM"),
                                    out / "figures" / "cka_vision_lm.png")
     return SweepRun(out, results, transfer_table, alignment_table, cka_table, figures)
 
@@ -134,7 +134,7 @@ def _claim(out: Path, config: SweepConfig) -> None:
                              "choose another out, or delete the folder to start again")
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(record, json.dumps(mine, indent=1).encode(), "the sweep definition")
+    write_json(record, mine, "the sweep definition")
 
 
 def _load(config: SweepConfig):
@@ -237,7 +237,7 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
             return pd.concat(tables, ignore_index=True).assign(target=target)
         parts.append(_cached(out / "results" / f"{target}.parquet", run))
     results = pd.concat(parts, ignore_index=True)
-    _write_parquet(results, out / "results.parquet")
+    write_parquet(out / "results.parquet", results, "the sweep's results")
     return results
 
 
@@ -246,23 +246,16 @@ def _alignment(config: SweepConfig, lm, text) -> pd.DataFrame:
     order = pd.Series(range(len(text)), index=text.meta["scene"].to_numpy())
     pairs = torch.tensor(order.loc[lm.meta["scene"].to_numpy()].to_numpy())  # text row of each image row
     rows = []
-    for hook in config.extract.lm_hooks:
-        for name in [h for h in lm.hooks if h in text.hooks and _matches(hook, h)]:
-            x, y = lm[name].float(), text[name].float()[pairs]
-            tower, layer = tower_of(name)
-            for metric in config.alignment:
-                try:
-                    value = METRICS[metric](x, y)
-                except InputError:  # e.g. the placeholder's embedding: the same for every image
-                    value = float("nan")
-                rows.append(dict(hook=name, tower=tower, layer=layer, metric=metric, value=value))
+    for name in [h for h in select_hooks(config.extract.lm_hooks, lm.hooks) if h in text.hooks]:
+        x, y = lm[name].float(), text[name].float()[pairs]
+        tower, layer = tower_of(name)
+        for metric in config.alignment:
+            try:
+                value = METRICS[metric](x, y)
+            except InputError:  # e.g. the placeholder's embedding: the same for every image
+                value = float("nan")
+            rows.append(dict(hook=name, tower=tower, layer=layer, metric=metric, value=value))
     return pd.DataFrame(rows)
-
-
-def _matches(pattern: str, name: str) -> bool:
-    from ..hooks.names import pattern_regex
-
-    return bool(pattern_regex(pattern).match(name))
 
 
 def _cka_map(features: dict) -> pd.DataFrame | None:
@@ -281,33 +274,18 @@ def _cached(path: Path, compute) -> pd.DataFrame:
         return pd.read_parquet(path)
     table = compute()
     if table is not None:
-        _write_parquet(table, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(path, table, f"table {path.name}")
     return table
-
-
-def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write(path, buffer.getvalue(), f"table {path.name}")
 
 
 def _figure_results(results: pd.DataFrame, out: Path) -> dict[str, Path]:
     figures = {}
     chance = results.groupby("target")["chance"].first()
     for target, part in results.groupby("target"):
-        figures[f"{target}_layers"] = _save(viz.layer_curves(part, chance=float(chance[target])),
+        figures[f"{target}_layers"] = save_figure(viz.layer_curves(part, chance=float(chance[target])),
                                             out / "figures" / f"{target}_layers.png")
         if part["head"].notna().any():
-            figures[f"{target}_heads"] = _save(viz.head_heatmap(part, target=target),
+            figures[f"{target}_heads"] = save_figure(viz.head_heatmap(part, target=target),
                                                out / "figures" / f"{target}_heads.png")
     return figures
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write(path, buffer.getvalue(), f"figure {path.name}")
-    return path
-

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from ..errors import StoreError
 
@@ -117,6 +120,13 @@ def atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
             ) from err
         raise StoreError(f"writing {what} to {path} failed: {err}") from err
     fsync_dir(path.parent)
+
+
+def write_parquet(path: Path, table: pd.DataFrame, what: str) -> None:
+    """Write a DataFrame as Parquet atomically (see :func:`atomic_write`)."""
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue(), what)
 
 
 def write_json(path: Path, value: dict[str, Any], what: str) -> None:

@@ -7,5 +7,6 @@ Example:
 from __future__ import annotations
 
 from .layers import TOWERS, alignment_curves, head_heatmap, layer_curves, layer_map, tower_axis
+from .save import save_figure
 
-__all__ = ["TOWERS", "alignment_curves", "head_heatmap", "layer_curves", "layer_map", "tower_axis"]
+__all__ = ["TOWERS", "alignment_curves", "head_heatmap", "layer_curves", "layer_map", "save_figure", "tower_axis"]

@@ -107,6 +107,9 @@ def test_prior_driven_errors_have_small_image_shares():
     assert typical["image"] < 0 < right["image"]  # the image argues for the true colour only when it wins
     fig = split.plot()
     assert len(fig.axes[0].patches) == 3 * len(questions)  # a bar per source and example
+    first = split.plot(labels=[q.shape for q in questions], first=10)
+    assert len(first.axes[0].patches) == 3 * 10
+    assert [t.get_text() for t in first.axes[0].get_xticklabels()] == [q.shape for q in questions[:10]]
     assert isinstance(table, pd.DataFrame)
 
 
