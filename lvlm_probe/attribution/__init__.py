@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from .dla import DirectLogitAttribution, dla
 from .faithfulness import deletion_insertion, randomization_check
+from .groups import GROUPS
 from .image_map import METHODS, ImageMap, image_map
-from .knockout import GROUPS, knockout
+from .knockout import knockout
 from .lens import LogitLens, logit_lens
 from .source_split import COALITIONS, SourceSplit, source_split
 

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..errors import InputError
+from .groups import group_mask
 from .lens import SOFTCAPPED
 from .targets import Answer, target_ids
 
@@ -153,9 +154,4 @@ def dla(model, batch, target: Answer | list[Answer], foil: Answer | list[Answer]
 
 def _groups(batch) -> Tensor:
     """``[batch, seq, 3]``: one-hot source group (image, prompt, template) of every key position."""
-    n, length = batch.input_ids.shape
-    out = torch.zeros(n, length, len(SOURCES))
-    for i, layout in enumerate(batch.layouts):
-        for s, source in enumerate(SOURCES):
-            out[i, layout.positions(source), s] = 1.0
-    return out
+    return torch.stack([group_mask(batch, source, required=False) for source in SOURCES], -1).float()

@@ -13,32 +13,12 @@ from collections.abc import Iterable
 
 import pandas as pd
 import torch
-from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
+from .groups import group_mask, repeat_inputs
 from .source_split import self_attention_layers
 from .targets import Answer, target_ids
-
-GROUPS = ("image", "prompt", "template", "last", "all")
-
-
-def group_mask(batch, group: str) -> Tensor:
-    """``[batch, seq]`` booleans: the positions of a token group in each example.
-
-    Raises:
-        InputError: for an unknown group, or one that is empty in some example.
-    """
-    if group not in GROUPS:
-        raise InputError(f"unknown token group {group!r}; expected one of {GROUPS}")
-    n, length = batch.input_ids.shape
-    mask = torch.zeros(n, length, dtype=torch.bool)
-    for i, layout in enumerate(batch.layouts):
-        positions = layout.positions("all")[-1:] if group == "last" else layout.positions(group)
-        if len(positions) == 0:
-            raise InputError(f"example {i} has no {group} tokens (layout: {layout.summary()})")
-        mask[i, positions] = True
-    return mask
 
 
 def knockout(
@@ -85,7 +65,7 @@ def knockout(
                 blocked[layer][w * n:(w + 1) * n] = pairs
     masks = {model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}"): mask.to(model.device)
              for layer, mask in blocked.items()}
-    inputs = {k: torch.cat([v] * runs) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+    inputs = repeat_inputs(batch.inputs, runs)
     with torch.no_grad(), attention.hiding_each(masks):
         probs = torch.softmax(model.hf(**inputs).logits[:, -1].float(), dim=-1).cpu()
     probs = probs.reshape(runs, n, -1)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
+from .groups import group_mask, repeat_inputs
 from .targets import Answer, target_ids
 
 COALITIONS = ("full", "image", "prompt", "empty")  # players present: both, image, prompt, none
@@ -136,7 +137,7 @@ def source_split(
     targets, foils, ids = target_ids(model, batch, target, foil)
     masked = ablation == "mask"
     hidden, cross_mask = _coalitions(model, batch, hide_image=masked)
-    inputs = {k: torch.cat([v] * len(COALITIONS)) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+    inputs = repeat_inputs(batch.inputs, len(COALITIONS))
     if cross_mask is not None:
         inputs["cross_attention_mask"] = cross_mask
     if not masked:  # the coalitions without the image ("prompt", "empty") see a replaced one
@@ -188,25 +189,15 @@ def _coalitions(model, batch, hide_image: bool = True) -> tuple[Tensor, Tensor |
     """Hidden keys ``[4 * batch, seq]`` in ``COALITIONS`` order, and for cross-attention families
     the cross-attention mask with the image removed where the coalition lacks it (only the prompt
     is hidden when ``hide_image`` is False: the image is then replaced, not removed)."""
-    n, length = batch.input_ids.shape
-    image = torch.zeros(n, length, dtype=torch.bool)
-    prompt = torch.zeros(n, length, dtype=torch.bool)
+    prompt = group_mask(batch, "prompt")  # both players must be there
     cross = model.family.image_mode == "cross_attention"
-    for i, layout in enumerate(batch.layouts):
-        prompt_positions = layout.positions("prompt")
-        if len(prompt_positions) == 0:
-            raise InputError(f"example {i} has no prompt tokens (layout: {layout.summary()}); "
-                             "source_split needs both players")
-        prompt[i, prompt_positions] = True
-        image_positions = layout.positions("image")
-        if cross:
-            if not layout.images:
-                raise InputError(f"example {i} has no image; source_split needs both players")
-        elif len(image_positions) == 0:
-            raise InputError(f"example {i} has no image tokens (layout: {layout.summary()}); "
-                             "source_split needs both players")
-        else:
-            image[i, image_positions] = True
+    if cross:  # the image is attended through cross-attention, not in the sequence
+        missing = [i for i, layout in enumerate(batch.layouts) if not layout.images]
+        if missing:
+            raise InputError(f"example {missing[0]} has no image; source_split needs both players")
+        image = torch.zeros_like(prompt)
+    else:
+        image = group_mask(batch, "image")
     none = torch.zeros_like(image)
     image_keys = image if hide_image and not cross else none
     hidden = torch.cat([none, prompt, image_keys, image_keys | prompt])
