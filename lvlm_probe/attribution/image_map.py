@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
+from .groups import repeat_inputs
 from .source_split import self_attention_layers
 from .targets import Answer, target_ids
 
@@ -207,6 +208,9 @@ class _Score:
     def __init__(self, model, batch, index: int, ids: Tensor, with_foil: bool, feats: Features):
         self.model, self.ids, self.with_foil, self.feats = model, ids, with_foil, feats
         self.batch, self.index = batch, index
+        # the example alone (a one-example batch as it is: its inputs may be packed, see _check_separable)
+        self.example = batch.inputs if len(batch) == 1 else {
+            k: v[index:index + 1] if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
         length = self.batch.input_ids.shape[1]
         self.member = torch.zeros(len(feats.positions), length)  # feature x position
         for f, pos in enumerate(feats.positions):
@@ -215,9 +219,8 @@ class _Score:
                         for layer in self_attention_layers(model)]
 
     def inputs(self, m: int) -> dict:
-        i = self.index
-        return {k: torch.cat([v[i:i + 1]] * m) if torch.is_tensor(v) and len(self.batch) > 1
-                else torch.cat([v] * m) if torch.is_tensor(v) else v for k, v in self.batch.inputs.items()}
+        """The example's inputs, ``m`` times."""
+        return repeat_inputs(self.example, m)
 
     def score(self, logits: Tensor) -> Tensor:
         logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)

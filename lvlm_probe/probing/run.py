@@ -95,14 +95,17 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     text = (extract(model, texts, list(spec.lm_hooks), out=acts / "text", positions="prompt",
                     reduce=spec.reduce, **common) if config.has_text else None)
 
+    # every store is read once here; probes, transfer and alignment share these tensors
     features = _tower_features(towers) | {h: lm[h] for h in lm.hooks}
     meta = lm.meta
+    image_states = {h: features[h] for h in select_hooks(spec.lm_hooks, lm.hooks)}
     results = _probe(config, features, meta, out, progress)
     figures = _figure_results(results, out)
     transfer_table = alignment_table = cka_table = None
     if config.transfer:
         transfer_table = _cached(out / "transfer.parquet", lambda: pd.concat(
-            [transfer(text, lm, target, hooks=list(spec.lm_hooks), seed=config.probes.seed)
+            [transfer(text, (image_states, meta[target].to_numpy()), target, hooks=list(spec.lm_hooks),
+                      seed=config.probes.seed)
              for target in config.transfer], ignore_index=True))
         lines = transfer_table.assign(metric=transfer_table["target"] + ": " + transfer_table["direction"],
                                       value=transfer_table["accuracy"])
@@ -110,7 +113,7 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
             viz.alignment_curves(lines, ylabel="transfer accuracy", chance=float(lines["chance"].max())),
             out / "figures" / "transfer.png")
     if config.alignment:
-        alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, lm, text))
+        alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, image_states, meta, text))
         figures["alignment"] = save_figure(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")
     if towers is not None:
         cka_table = _cached(out / "cka_vision_lm.parquet", lambda: _cka_map(features))
@@ -216,7 +219,11 @@ def _tower_features(towers) -> dict[str, torch.Tensor]:
     """Vision-tower and projector states averaged over their tokens: ``[N, d]`` per hook."""
     if towers is None:
         return {}
-    return {h: (x.float().mean(1) if x.ndim == 3 else x) for h in towers.hooks if (x := towers[h]) is not None}
+    features = {}
+    for hook in towers.hooks:
+        states = towers[hook]
+        features[hook] = states.float().mean(1) if states.ndim == 3 else states
+    return features
 
 
 def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, progress: bool) -> pd.DataFrame:
@@ -241,13 +248,13 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
     return results
 
 
-def _alignment(config: SweepConfig, lm, text) -> pd.DataFrame:
+def _alignment(config: SweepConfig, image_states: dict, meta: pd.DataFrame, text) -> pd.DataFrame:
     """Per LM hook: image-token states vs text states of the same scenes, paired by scene."""
     order = pd.Series(range(len(text)), index=text.meta["scene"].to_numpy())
-    pairs = torch.tensor(order.loc[lm.meta["scene"].to_numpy()].to_numpy())  # text row of each image row
+    pairs = torch.tensor(order.loc[meta["scene"].to_numpy()].to_numpy())  # text row of each image row
     rows = []
-    for name in [h for h in select_hooks(config.extract.lm_hooks, lm.hooks) if h in text.hooks]:
-        x, y = lm[name].float(), text[name].float()[pairs]
+    for name in [h for h in image_states if h in text.hooks]:
+        x, y = image_states[name].float(), text[name].float()[pairs]
         tower, layer = tower_of(name)
         for metric in config.alignment:
             try:
