@@ -10,10 +10,12 @@ from . import (
                      alignment,
                      attribution,
                      bench,
+                     circuits,
                      errors,
                      families,
                      interop,
                      probing,
+                     report,
                      store,
                      viz,
                      worlds,
@@ -35,9 +37,20 @@ from .store import ActivationStore, extract
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # widgets (ipywidgets) and distributed (Ray) load on first use: neither costs an import otherwise.
+    if name in {"widgets", "distributed"}:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LVLM", "Batch", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
     "worlds", "bench", "store", "extract", "ActivationStore", "alignment", "interop", "viz", "probing", "attribution",
+    "circuits", "report", "widgets", "distributed",
     "LVLMProbeError", "UnsupportedModelError", "InputError", "ImageTypeError", "LayoutError",
     "HookNameError", "StoreError", "ModelLoadError", "__version__",
 ]

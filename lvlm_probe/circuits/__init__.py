@@ -1,0 +1,3 @@
+"""Circuits: activation and path patching, head attribution."""
+
+__all__: list[str] = []

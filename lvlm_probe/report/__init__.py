@@ -1,0 +1,3 @@
+"""The self-contained HTML misalignment report."""
+
+__all__: list[str] = []
