@@ -67,6 +67,8 @@ class LVLM:
 
     def __init__(self, hf: transformers.PreTrainedModel, processor: Any, family: Family | None = None):
         self.hf = hf
+        # how load() built this model, so Ray workers can build the same one (None: built in memory)
+        self.source: LoadSpec | None = None
         self.processor = processor
         self.family = family or families.for_config(hf.config)
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -118,6 +120,11 @@ class LVLM:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the parameters' device, or with a ``device_map`` the device of the
+        first module in the map (offloaded parts run on the first accelerator, else the CPU)."""
+        placement = getattr(self.hf, "hf_device_map", None)
+        if placement:
+            return input_device(placement)
         return next(self.hf.parameters()).device
 
     @property
@@ -373,6 +380,46 @@ class LVLM:
         return f"LVLM({self.summary()})"
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """The arguments :func:`load` was called with, to build the same model in another process.
+
+    Attributes:
+        name_or_path: the hub id or local folder.
+        dtype: the dtype name (``"float32"``, ``"bfloat16"``, ...).
+        attn_implementation, trust_remote_code: as passed to :func:`load`.
+        hf_kwargs: the other ``from_pretrained`` keywords (``device_map``, ``max_memory``, ...).
+    """
+
+    name_or_path: str
+    dtype: str
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    hf_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def load(self, device: str | torch.device | None = None) -> LVLM:
+        """Load the model again (on ``device`` unless the spec holds a ``device_map``)."""
+        return load(self.name_or_path, device=device, dtype=self.dtype,
+                    attn_implementation=self.attn_implementation,
+                    trust_remote_code=self.trust_remote_code, **dict(self.hf_kwargs))
+
+
+def input_device(placement: dict[str, Any]) -> torch.device:
+    """The device a ``device_map``-placed model takes its inputs on.
+
+    accelerate runs CPU- and disk-offloaded modules on the first accelerator of the map (or the
+    CPU when there is none), so that is also where the first module's inputs must be.
+    """
+    accelerators = [v for v in placement.values() if not (isinstance(v, str) and v in ("cpu", "disk", "meta"))]
+    first = next(iter(placement.values()))
+    if isinstance(first, str) and first in ("cpu", "disk", "meta"):
+        first = accelerators[0] if accelerators else "cpu"
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+
+
+BACKENDS = ("transformers", "nnsight")
+
+
 def load(
     name_or_path: str | Path,
     *,
@@ -380,6 +427,10 @@ def load(
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    backend: str = "transformers",
+    remote: bool | str = False,
     **hf_kwargs: Any,
 ) -> LVLM:
     """Load a supported vision-language model and its processor.
@@ -387,23 +438,58 @@ def load(
     Args:
         name_or_path: a Hugging Face hub id or a local directory in HF format (works offline
             with ``HF_HUB_OFFLINE=1``).
-        device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
+        device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU. Ignored with
+            ``device_map``.
         dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
         attn_implementation: ``"eager"``, ``"sdpa"``, ... passed to transformers.
         trust_remote_code: off unless asked; only safetensors weights are read.
-        **hf_kwargs: passed to ``from_pretrained`` (e.g. ``device_map``, ``revision``).
+        device_map: split the model over devices with accelerate: ``"auto"``, ``"balanced"``,
+            ``"sequential"`` or a dict ``{module path: device}`` where a device is a GPU index,
+            ``"cpu"`` or ``"disk"`` (then pass ``offload_folder=``). Capture, extraction and
+            attribution gather values across the devices.
+        max_memory: with ``device_map``, the memory each device may use, e.g.
+            ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
+        backend: ``"transformers"`` (default, the model runs here) or ``"nnsight"`` (see
+            ``remote``).
+        remote: with ``backend="nnsight"``: True runs every forward pass on NDIF (the model is
+            never downloaded; only its config and processor), ``"local"`` runs the same
+            serialized request in this process (a dry run), a URL string names another NDIF host.
+            Returns a :class:`~lvlm_probe.interop.RemoteLVLM`.
+        **hf_kwargs: passed to ``from_pretrained`` (e.g. ``revision``, ``offload_folder``).
 
     Returns:
-        An :class:`LVLM` in eval mode.
+        An :class:`LVLM` in eval mode (a :class:`~lvlm_probe.interop.RemoteLVLM` with
+        ``backend="nnsight"``).
 
     Raises:
         UnsupportedModelError: the checkpoint's class has no adapter (names the supported ones).
         ModelLoadError: the checkpoint cannot be read.
+        InputError: an unknown backend, ``remote`` without ``backend="nnsight"``, or
+            ``max_memory`` without ``device_map``.
 
     Example:
         >>> model = lp.load("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
+        >>> big = lp.load("Qwen/Qwen2-VL-72B-Instruct", dtype="bfloat16", device_map="auto",
+        ...               max_memory={i: "70GiB" for i in range(4)})
+        >>> remote = lp.load("llava-hf/llava-1.5-7b-hf", backend="nnsight", remote=True)
     """
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if remote is not False and backend != "nnsight":
+        raise InputError(f"remote={remote!r} needs backend='nnsight', got backend={backend!r}")
+    if max_memory is not None and device_map is None:
+        raise InputError(f"max_memory={max_memory!r} needs a device_map (e.g. device_map='auto')")
     torch_dtype = resolve_dtype(dtype)
+    if backend == "nnsight":
+        from .interop.remote import load_nnsight
+
+        return load_nnsight(str(name_or_path), dtype=torch_dtype, remote=remote,
+                            trust_remote_code=trust_remote_code, device=device,
+                            attn_implementation=attn_implementation, **hf_kwargs)
+    if device_map is not None:
+        hf_kwargs["device_map"] = device_map
+    if max_memory is not None:
+        hf_kwargs["max_memory"] = max_memory
     torch_device = resolve_device(device)
     source = str(name_or_path)
     try:
@@ -427,9 +513,14 @@ def load(
         processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelLoadError(f"cannot load {cls_name} from {source!r}: {err}") from err
+    except ValueError as err:
+        if "device_map" not in hf_kwargs:
+            raise
+        raise InputError(f"cannot place {cls_name} with device_map={device_map!r}: {err}") from err
     if "device_map" not in hf_kwargs:
         hf.to(torch_device)
     hf.eval()
-    return LVLM(hf, processor, family)
-
-
+    model = LVLM(hf, processor, family)
+    model.source = LoadSpec(source, str(torch_dtype).removeprefix("torch."), attn_implementation,
+                            trust_remote_code, tuple(sorted(hf_kwargs.items())))
+    return model

@@ -111,6 +111,8 @@ class ActivationCache:
         if not hits:
             raise KeyError(f"no captured name matches {pattern!r}; captured: {self.names()}")
         values = [self[n] for _, n in hits]
+        # with a device_map the layers (and so their values) live on different devices
+        values = [v.to(values[0].device) for v in values]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
             raise LVLMProbeError(f"cannot stack {pattern!r}: shapes differ {sorted(shapes)}")

@@ -62,9 +62,25 @@ def split_heads(model: Any, point: HookPoint, x: Float[Tensor, "batch pos h_d"])
     x = rearrange(x, "b p (h d) -> b p h d", h=point.heads)
     if point.transform == "heads":
         return x
-    weight = model.hf.get_submodule(point.attn_out).weight.detach()
-    w = rearrange(weight, "m (h d) -> h d m", h=point.heads)
+    w = rearrange(module_weight(model.hf.get_submodule(point.attn_out), x.device),
+                  "m (h d) -> h d m", h=point.heads)
     return einsum(x, w, "b p h d, h d m -> b p h m")
+
+
+def module_weight(module: nn.Module, device: torch.device) -> Tensor:
+    """A module's ``weight`` on ``device``, also when accelerate offloaded it.
+
+    With a ``device_map`` that offloads part of a model to the CPU or disk, the module's own
+    parameter is an empty ``meta`` tensor outside its forward pass; accelerate's hook holds the
+    values, and ``align_module_device`` loads them for the duration of the block.
+    """
+    weight = module.weight
+    if weight.device.type == "meta" and hasattr(module, "_hf_hook"):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module, device):
+            return module.weight.detach().to(device).clone()
+    return weight.detach().to(device)
 
 
 def normalized(norm: nn.Module, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:

@@ -44,12 +44,27 @@ def _public(value: Any) -> Any:
     return value
 
 
+def _offloaded(hf: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The values of a parameter that accelerate offloaded to the CPU or disk (its module's hook
+    keeps them in a weights map; disk entries are memory maps, so sampling reads a few pages)."""
+    owner, _, leaf = name.rpartition(".")
+    hook = getattr(hf.get_submodule(owner) if owner else hf, "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    try:
+        return None if weights is None else weights[leaf]
+    except KeyError:
+        return None
+
+
 def _weights(hf: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, param in hf.named_parameters():
         h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        if param.device.type == "meta" or param.numel() == 0:
-            continue  # offloaded or empty: only its name and shape count
+        if param.device.type == "meta":
+            # a device_map model fingerprints like the same model on one device
+            param = _offloaded(hf, name)
+        if param is None or param.numel() == 0:
+            continue  # empty, or meta without values anywhere: only its name and shape count
         flat = param.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device)
         sample = flat[index.round().long()].cpu().contiguous()
