@@ -1,4 +1,27 @@
-"""Behavioural benchmarks: asking models questions and scoring the answers."""
-from .answers import accuracy_by, ask, first_word
+"""Behavioural benchmarks: asking models questions and scoring the answers.
 
-__all__ = ["ask", "accuracy_by", "first_word"]
+* :func:`pope` / :func:`pope_metrics`: POPE with the official answer parser;
+* :func:`chair`: CHAIR_i and CHAIR_s of captions;
+* :func:`misalignment`: object, attribute and relation questions with POPE, CHAIR and a diagnosis
+  of every error (:mod:`lvlm_probe.bench.diagnosis`).
+"""
+from .answers import accuracy_by, ask, first_word
+from .chair import ChairResult, chair, load_synonyms, shapes_synonyms
+from .diagnosis import CAUSES, Diagnosis, diagnose
+from .misalignment import Misalignment, misalignment
+from .pope import (
+    PARSERS,
+    LineProblem,
+    PopeResult,
+    QuestionFile,
+    pope,
+    pope_answer,
+    pope_metrics,
+    read_questions,
+)
+
+__all__ = [
+    "ask", "accuracy_by", "first_word", "pope", "pope_metrics", "pope_answer", "read_questions", "PARSERS",
+    "PopeResult", "QuestionFile", "LineProblem", "chair", "ChairResult", "load_synonyms", "shapes_synonyms",
+    "misalignment", "Misalignment", "diagnose", "Diagnosis", "CAUSES",
+]

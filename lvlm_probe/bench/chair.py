@@ -1,0 +1,190 @@
+"""CHAIR (Rohrbach et al. 2018): how many objects a caption mentions that are not in the image.
+
+Every mention of an object word in a caption is mapped through a synonym table to its object
+category; a mention is hallucinated when its category is not among the image's true objects.
+
+* ``CHAIR_i = hallucinated mentions / all object mentions`` (instance level; every mention counts,
+  as in the reference implementation);
+* ``CHAIR_s = captions with at least one hallucinated mention / all captions`` (sentence level).
+
+Captions are lowercased and split into words; a multi-word synonym ("hot dog") is matched before
+its single words, longest first. ShapesWorld's table (each shape, its plural and a few common
+names) is built in; COCO's is read from the reference implementation's ``synonyms.txt`` with
+:func:`load_synonyms`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import InputError
+from ..worlds.vocab import SHAPES
+
+_EXTRA_NAMES = {"circle": ("disc", "disk"), "diamond": ("rhombus",), "square": (), "cross": ()}
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _with_plurals(names: Iterable[str]) -> list[str]:
+    out = []
+    for name in names:
+        words = name.split()
+        out += [name, " ".join([*words[:-1], _plural(words[-1])])]
+    return list(dict.fromkeys(out))
+
+
+def shapes_synonyms() -> dict[str, str]:
+    """ShapesWorld's table: word or phrase -> shape (each shape, its plural, a few other names)."""
+    table = {}
+    for shape in SHAPES:
+        for word in _with_plurals([shape, *_EXTRA_NAMES.get(shape, ())]):
+            table[word] = shape
+    return table
+
+
+def load_synonyms(path: str | os.PathLike, plurals: bool = True) -> dict[str, str]:
+    """Read a synonym file in the CHAIR reference format: one category per line, its synonyms
+    after it, comma-separated (``person, girl, boy, man, woman``); the first name is the category.
+
+    Args:
+        path: the file (e.g. the reference implementation's ``synonyms.txt`` for COCO).
+        plurals: also map each name's regular plural (the reference singularises words instead).
+
+    Returns:
+        word or phrase -> category.
+
+    Raises:
+        InputError: if the file does not exist, or a name is claimed by two categories (with the
+            line numbers).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"synonym file {path} does not exist; expected lines 'category, synonym, ...'")
+    table: dict[str, str] = {}
+    where: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        names = [" ".join(n.lower().split()) for n in line.split(",") if n.strip()]
+        if not names:
+            continue
+        for name in _with_plurals(names) if plurals else names:
+            if name in table and table[name] != names[0]:
+                raise InputError(f"{path}: line {number} maps {name!r} to {names[0]!r}, but line "
+                                 f"{where[name]} maps it to {table[name]!r}; expected each name once")
+            table[name], where[name] = names[0], number
+    return table
+
+
+def _truth_set(truth: Any, synonyms: Mapping[str, str]) -> set[str]:
+    """Categories of one image's truth: a ShapesWorld scene, or object names (mapped if synonyms)."""
+    if hasattr(truth, "objects"):  # a ShapesWorld Scene
+        return {o.shape for o in truth.objects}
+    if isinstance(truth, str):
+        raise InputError(f"a truth must be a collection of object names or a scene, got the string {truth!r}")
+    return {synonyms.get(str(t).lower(), str(t).lower()) for t in truth}
+
+
+@dataclass(frozen=True)
+class ChairResult:
+    """CHAIR of a set of captions.
+
+    Attributes:
+        chair_i: hallucinated mentions / mentions (NaN without mentions).
+        chair_s: captions with a hallucinated mention / captions.
+        mentions: one row per mention: ``caption`` (index), ``word`` (as written), ``start`` (word
+            index in the caption), ``object`` (category), ``hallucinated``.
+        captions: one row per caption: ``caption``, ``text``, ``mentions``, ``hallucinated``,
+            ``truth`` (sorted categories), ``missed`` (true categories never mentioned: recall).
+    """
+
+    chair_i: float
+    chair_s: float
+    mentions: pd.DataFrame
+    captions: pd.DataFrame
+
+    def __getitem__(self, key: str) -> Any:
+        """``result["chair_i"]`` as well as ``result.chair_i``."""
+        return getattr(self, key)
+
+    def summary(self) -> dict[str, float]:
+        """The two scores with counts and object recall (share of true objects mentioned)."""
+        truths = sum(len(t) for t in self.captions["truth"])
+        missed = sum(len(m) for m in self.captions["missed"])
+        return {"chair_i": self.chair_i, "chair_s": self.chair_s, "captions": len(self.captions),
+                "mentions": len(self.mentions), "hallucinated": int(self.mentions["hallucinated"].sum()),
+                "recall": (truths - missed) / truths if truths else float("nan")}
+
+
+def find_mentions(caption: str, synonyms: Mapping[str, str]) -> list[tuple[int, str, str]]:
+    """``(word index, matched text, category)`` of every object mention, longest phrase first."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    longest = max((len(k.split()) for k in synonyms), default=1)
+    out, i = [], 0
+    while i < len(words):
+        for size in range(min(longest, len(words) - i), 0, -1):
+            phrase = " ".join(words[i:i + size])
+            if phrase in synonyms:
+                out.append((i, phrase, synonyms[phrase]))
+                i += size
+                break
+        else:
+            i += 1
+    return out
+
+
+def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str, str] | str | os.PathLike | None = None
+          ) -> ChairResult:
+    """CHAIR_i and CHAIR_s of captions against each image's true objects.
+
+    Args:
+        captions: one caption per image.
+        truths: per image, its true objects: names (categories or synonyms of them) or a
+            ShapesWorld scene.
+        synonyms: word -> category mapping, or a path to a synonym file (:func:`load_synonyms`);
+            default ShapesWorld's (:func:`shapes_synonyms`).
+
+    Returns:
+        A :class:`ChairResult`.
+
+    Raises:
+        InputError: for lists of different lengths, an empty list, or a caption that is not a string.
+
+    Example:
+        >>> r = lp.bench.chair(["A red heart and a blue star."], [["heart"]])
+        >>> r["chair_i"], r["chair_s"]
+        (0.5, 1.0)
+    """
+    if isinstance(synonyms, (str, os.PathLike)):
+        synonyms = load_synonyms(synonyms)
+    table = shapes_synonyms() if synonyms is None else {k.lower(): v for k, v in synonyms.items()}
+    if len(captions) != len(truths):
+        raise InputError(f"got {len(captions)} captions and {len(truths)} truths; expected one truth per caption")
+    if not len(captions):
+        raise InputError("captions is empty; expected at least one caption")
+    mention_rows, caption_rows = [], []
+    for c, (text, truth) in enumerate(zip(captions, truths)):
+        if not isinstance(text, str):
+            raise InputError(f"captions[{c}] is {type(text).__name__}; expected a string")
+        present = _truth_set(truth, table)
+        found = find_mentions(text, table)
+        for start, word, obj in found:
+            mention_rows.append(dict(caption=c, word=word, start=start, object=obj, hallucinated=obj not in present))
+        wrong = sum(obj not in present for _, _, obj in found)
+        caption_rows.append(dict(caption=c, text=text, mentions=len(found), hallucinated=wrong,
+                                 truth=sorted(present), missed=sorted(present - {o for _, _, o in found})))
+    mentions = pd.DataFrame(mention_rows, columns=["caption", "word", "start", "object", "hallucinated"])
+    per_caption = pd.DataFrame(caption_rows)
+    chair_i = float(mentions["hallucinated"].mean()) if len(mentions) else float("nan")
+    chair_s = float((per_caption["hallucinated"] > 0).mean())
+    return ChairResult(chair_i, chair_s, mentions, per_caption)

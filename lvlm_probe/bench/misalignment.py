@@ -1,0 +1,239 @@
+"""The misalignment benchmark: object, attribute and relation questions, POPE, CHAIR, and a diagnosis.
+
+:func:`misalignment` asks a model ShapesWorld questions at the three semantic levels on scenes
+with typical and with counterfactual colours (or the questions of an export folder) and reports,
+per split and level, accuracy, how often it errs and how confident its wrong answers were; POPE's
+metrics on the object-level questions; CHAIR on captions it generates for the same scenes; and,
+with ``diagnose=True``, the cause of every error (:mod:`lvlm_probe.bench.diagnosis`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from .answers import first_word
+from .chair import chair
+from .pope import metrics_table
+from .stages import Stages
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def scene_key(scene) -> str:
+    """A short stable id of a scene graph (equal scenes, equal keys), for splits by scene."""
+    return hashlib.sha1(json.dumps(scene.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def answer_questions(model, questions: Sequence[Any], *, batch_size: int = 32, max_new_tokens: int = 3,
+                     progress: bool = True, desc: str = "answering") -> pd.DataFrame:
+    """Ask questions greedily and measure how confident each answer was.
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM`.
+        questions: ShapesWorld questions.
+        batch_size, max_new_tokens: generation settings.
+        progress: show a progress bar.
+
+    Returns:
+        One row per question: ``id``, its labels, ``scene`` (see :func:`scene_key`), ``prompt``,
+        ``gold``, ``output`` (generated text), ``answer`` (its first word), ``correct``,
+        ``p_answer`` (probability of the answer's first token at the answer position: the
+        model's confidence in what it said; NaN for an empty answer) and ``p_gold``.
+
+    Raises:
+        InputError: for an empty question list or a non-positive batch size.
+    """
+    if not len(questions):
+        raise InputError("questions is empty; expected at least one question")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    rows = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress):
+        chunk = questions[start:start + batch_size]
+        batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
+        outputs = model.generate(batch, max_new_tokens=max_new_tokens)
+        said = [first_word(o) for o in outputs]
+        ids = model.answer_token_ids(batch, [[s or q.answer, q.answer] for s, q in zip(said, chunk)])
+        with torch.no_grad():
+            probs = model.forward(batch).logits[:, -1].float().softmax(-1)
+        p = probs.gather(1, ids).cpu().numpy()
+        for k, (q, out, s) in enumerate(zip(chunk, outputs, said)):
+            labels = q.labels()
+            labels["about"] = [int(a) for a in labels.get("about", [])]
+            rows.append(dict(id=q.id, **labels, scene=scene_key(q.scene), prompt=q.prompt, gold=q.answer,
+                             output=out, answer=s, correct=s == q.answer,
+                             p_answer=float(p[k, 0]) if s else np.nan, p_gold=float(p[k, 1])))
+    return pd.DataFrame(rows)
+
+
+def level_table(answers: pd.DataFrame, by: Sequence[str] = ("split", "level")) -> pd.DataFrame:
+    """Per group: ``n``, ``accuracy``, ``errors``, ``error_rate`` and the severity of the errors:
+    ``severity`` (mean probability of the wrong answers the model gave) and ``confident_errors``
+    (share of errors given with probability above 0.5)."""
+    rows = []
+    for key, part in answers.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        wrong = part[~part["correct"]]
+        rows.append({**dict(zip(by, key)), "n": len(part), "accuracy": float(part["correct"].mean()),
+                     "errors": len(wrong), "error_rate": len(wrong) / len(part),
+                     "severity": float(wrong["p_answer"].mean()) if len(wrong) else np.nan,
+                     "confident_errors": float((wrong["p_answer"] > 0.5).mean()) if len(wrong) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def caption_scenes(model, scenes: Sequence[Any], splits: Sequence[str], *, batch_size: int = 32,
+                   max_new_tokens: int = 48, progress: bool = True) -> pd.DataFrame:
+    """Captions generated for scenes with :data:`CAPTION_PROMPT`: ``split``, ``scene``, ``caption``,
+    ``truth`` (the shapes present)."""
+    rows = []
+    for start in tqdm(range(0, len(scenes), batch_size), desc="captioning", disable=not progress):
+        chunk = scenes[start:start + batch_size]
+        batch = model.prepare(images=[s.render() for s in chunk], prompts=[CAPTION_PROMPT] * len(chunk))
+        for scene, split, text in zip(chunk, splits[start:start + batch_size],
+                                      model.generate(batch, max_new_tokens=max_new_tokens)):
+            rows.append(dict(split=split, scene=scene_key(scene), caption=text,
+                             truth=sorted({o.shape for o in scene.objects})))
+    return pd.DataFrame(rows)
+
+
+def chair_table(captions: pd.DataFrame) -> pd.DataFrame:
+    """CHAIR per split (and ``all``): chair_i, chair_s, counts and object recall."""
+    rows = []
+    groups = [*captions.groupby("split", sort=True), ("all", captions)]
+    for split, part in groups:
+        result = chair(list(part["caption"]), [list(t) for t in part["truth"]])
+        rows.append({"split": split, **result.summary()})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Misalignment:
+    """The benchmark's tables (all tidy DataFrames).
+
+    Attributes:
+        answers: one row per question (see :func:`answer_questions`).
+        levels: per split and level: accuracy, error frequency, severity.
+        pope: POPE's metrics per split and sampling mode (object-level questions).
+        captions: generated captions with the shapes present.
+        chair: CHAIR per split.
+        diagnosis: the :class:`~lvlm_probe.bench.diagnosis.Diagnosis`, or None.
+    """
+
+    answers: pd.DataFrame
+    levels: pd.DataFrame
+    pope: pd.DataFrame
+    captions: pd.DataFrame
+    chair: pd.DataFrame
+    diagnosis: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers of every table as JSON-ready records (what the report's JSON holds)."""
+        out = {"levels": records(self.levels), "pope": records(self.pope), "chair": records(self.chair)}
+        if self.diagnosis is not None:
+            out.update(self.diagnosis.summary())
+        return out
+
+
+def records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts of plain Python values (NaN as None), for JSON."""
+    out = []
+    for row in table.to_dict("records"):
+        out.append({k: (None if isinstance(v, float) and np.isnan(v) else
+                        v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
+    return out
+
+
+def _questions(world_or_folder: Any, n: int) -> tuple[list, Any]:
+    """(questions, the world they came from or None)."""
+    from ..worlds import ShapesWorld
+    from ..zoo.evaluate import question_set
+
+    if isinstance(world_or_folder, ShapesWorld):
+        return question_set(world_or_folder, n), world_or_folder
+    if isinstance(world_or_folder, (str, os.PathLike)):
+        folder = Path(world_or_folder)
+        if not (folder / "scenes.jsonl").is_file():
+            raise InputError(f"{folder} is not a ShapesWorld export (no scenes.jsonl); expected a folder "
+                             "written by ShapesWorld.export, or pass a ShapesWorld (a bare POPE file goes "
+                             "to lp.bench.pope)")
+        return ShapesWorld.load_export(folder), None
+    raise InputError(f"world_or_folder must be a ShapesWorld or an export folder, got {type(world_or_folder).__name__}")
+
+
+def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30, diagnose: bool = True,
+                 probe_world: Any = None, n_probe: int = 150, batch_size: int = 32,
+                 cache: str | os.PathLike | None = None, progress: bool = True) -> Misalignment:
+    """Behaviour at the object, attribute and relation levels, with POPE, CHAIR and a diagnosis.
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM` that answers ShapesWorld questions (e.g. shapes-llava).
+        world_or_folder: a ShapesWorld (``n`` questions per level and split, typical and
+            counterfactual; object questions evenly over POPE's modes) or an export folder.
+        n: questions per level and split (world only).
+        captions: scenes captioned per split for CHAIR (the first distinct scenes of the questions).
+        diagnose: also diagnose every error (probes, source split).
+        probe_world: the world the diagnosis probes are trained on (default: the question world's
+            seed + 1, or seed 1001 for a folder; scenes shared with the questions are dropped).
+        n_probe: probe-training questions per question kind and split.
+        batch_size: examples per forward pass.
+        cache: a folder for resumable stages (see :mod:`lvlm_probe.bench.stages`): a rerun with the
+            same arguments reuses finished stages.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`Misalignment`.
+
+    Raises:
+        InputError: for a bad world or folder, or a non-positive count.
+
+    Example:
+        >>> result = lp.bench.misalignment(lp.zoo.load("shapes-llava"), lp.worlds.ShapesWorld(seed=1000))
+        >>> result.levels; result.diagnosis.causes
+    """
+    for name, value in (("n", n), ("n_probe", n_probe), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(captions, bool) or not isinstance(captions, int) or captions < 0:
+        raise InputError(f"captions must be a non-negative int, got {captions!r}")
+    questions, world = _questions(world_or_folder, n)
+    stages = Stages(cache)
+    (answers,) = stages.run("answers", ("answers",), lambda: (answer_questions(
+        model, questions, batch_size=batch_size, progress=progress),))
+    objects = answers[answers["level"] == "object"]
+    pope_table = (metrics_table(objects, ("split", "pope")) if len(objects)
+                  else pd.DataFrame(columns=["split", "pope"]))
+    scenes, scene_splits, seen = [], [], set()
+    for split in sorted({q.split for q in questions}):
+        picked = 0
+        for q in questions:
+            key = scene_key(q.scene)
+            if q.split == split and key not in seen and picked < captions:
+                seen.add(key)
+                scenes.append(q.scene)
+                scene_splits.append(split)
+                picked += 1
+    caption_rows, chair_rows = pd.DataFrame(columns=["split", "scene", "caption", "truth"]), pd.DataFrame()
+    if scenes:
+        (caption_rows,) = stages.run("captions", ("captions",), lambda: (caption_scenes(
+            model, scenes, scene_splits, batch_size=batch_size, progress=progress),))
+        chair_rows = chair_table(caption_rows)
+    diagnosis = None
+    if diagnose:
+        from .diagnosis import default_probe_world
+        from .diagnosis import diagnose as run_diagnosis
+
+        probe_world = probe_world or default_probe_world(world, questions)
+        diagnosis = run_diagnosis(model, questions, answers, probe_world, n_probe=n_probe,
+                                  batch_size=batch_size, stages=stages, progress=progress)
+    return Misalignment(answers, level_table(answers), pope_table, caption_rows, chair_rows, diagnosis)
