@@ -27,6 +27,7 @@ demo: setup
 	$(VENV)/bin/lvlm-probe demo
 	$(VENV)/bin/lvlm-probe sweep probes/shapes_objects.yaml
 	$(VENV)/bin/lvlm-probe attribute --model shapes-llava --world 60 --out runs/attribution
+	$(VENV)/bin/lvlm-probe report --model shapes-llava --out runs/report
 
 lint: setup
 	$(VENV)/bin/ruff check lvlm_probe tests benchmarks

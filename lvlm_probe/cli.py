@@ -161,6 +161,32 @@ def attribute(
     console.print(f"image map: {out}")
 
 
+@app.command()
+def report(
+    model: str = typer.Option(..., help="zoo name, hub id, local directory, or tiny:<family>"),
+    out: Path = typer.Option(..., help="output folder: report.html, report.json, stages/ (resumes)"),
+    n: int = typer.Option(60, help="questions per level and split"),
+    seed: int = typer.Option(1000, help="world seed of the questions (not the training seed)"),
+    folder: Path = typer.Option(None, help="a ShapesWorld export folder instead of a fresh world"),
+    maps: int = typer.Option(4, help="wrong answers shown with an image map"),
+    device: str = typer.Option(None),
+    dtype: str = typer.Option(None),
+) -> None:
+    """Benchmark a model at the object, attribute and relation levels, diagnose its errors, and
+    write a self-contained HTML report with the same numbers as JSON."""
+    from .report import write_report
+    from .worlds import ShapesWorld
+
+    lvlm = _load(model, device, dtype)
+    world = folder if folder is not None else ShapesWorld(seed=seed, image_size=64)
+    result = write_report(lvlm, out, name=model, world=world, n=n, maps=maps).result
+    console.print(_table(result.levels, title="Accuracy, error rate and severity per level"))
+    causes = result.diagnosis.causes.pivot_table(index=["split", "level"], columns="cause", values="n",
+                                                 fill_value=0).reset_index()
+    console.print(_table(causes, title="Errors per cause"))
+    console.print(f"report: {out / 'report.html'}  numbers: {out / 'report.json'}")
+
+
 def _frame(figures: dict[str, float]):
     import pandas as pd
 

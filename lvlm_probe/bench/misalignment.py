@@ -128,6 +128,7 @@ class Misalignment:
         captions: generated captions with the shapes present.
         chair: CHAIR per split.
         diagnosis: the :class:`~lvlm_probe.bench.diagnosis.Diagnosis`, or None.
+        questions: the questions asked, in the order of ``answers``.
     """
 
     answers: pd.DataFrame
@@ -136,6 +137,7 @@ class Misalignment:
     captions: pd.DataFrame
     chair: pd.DataFrame
     diagnosis: Any = None
+    questions: list | None = None
 
     def summary(self) -> dict[str, Any]:
         """The numbers of every table as JSON-ready records (what the report's JSON holds)."""
@@ -236,4 +238,4 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
         probe_world = probe_world or default_probe_world(world, questions)
         diagnosis = run_diagnosis(model, questions, answers, probe_world, n_probe=n_probe,
                                   batch_size=batch_size, stages=stages, progress=progress)
-    return Misalignment(answers, level_table(answers), pope_table, caption_rows, chair_rows, diagnosis)
+    return Misalignment(answers, level_table(answers), pope_table, caption_rows, chair_rows, diagnosis, questions)

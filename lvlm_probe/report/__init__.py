@@ -1,3 +1,8 @@
-"""The self-contained HTML misalignment report."""
+"""The self-contained HTML misalignment report (and the same numbers as JSON).
 
-__all__: list[str] = []
+Example:
+    >>> lp.report.write_report(lp.zoo.load("shapes-llava"), "runs/report", name="shapes-llava")
+"""
+from .run import Report, write_report
+
+__all__ = ["Report", "write_report"]

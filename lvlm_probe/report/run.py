@@ -1,0 +1,199 @@
+"""The misalignment report: one self-contained HTML document and the same numbers as JSON.
+
+:func:`write_report` runs :func:`lvlm_probe.bench.misalignment` with its diagnosis, computes image
+maps of a few wrong answers, and writes ``report.html`` (tables, figures embedded as PNG, captions
+saying what each shows) and ``report.json``. Every stage is kept under ``out/stages``; a rerun
+after an interruption reuses the finished stages and writes the same report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..bench.diagnosis import CAUSES
+from ..bench.misalignment import Misalignment, misalignment, records
+from ..bench.stages import Stages
+from ..errors import InputError
+from ..store.files import atomic_write
+from ..viz import bench as figures
+from . import html as H
+
+EVAL_SEED = 1000  # a world seed the reference model never saw in training
+
+# The tables of the HTML document and of the JSON, under the same names.
+TABLES = ("levels", "pope", "chair", "causes", "cause_kinds")
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where a report was written, and the benchmark behind it."""
+
+    html: Path
+    json: Path
+    result: Misalignment
+
+
+def pick_examples(errors: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Up to ``k`` wrong answers with a source split, counterfactual colour errors first, causes
+    taken in turn so each shows up."""
+    usable = errors.dropna(subset=["full"])
+    usable = usable.assign(_cf=~((usable["split"] == "counterfactual") & (usable["kind"] == "color")))
+    usable = usable.sort_values(["_cf"], kind="stable")
+    picked: list[int] = []
+    queues = [list(usable.index[usable["cause"] == c]) for c in CAUSES]
+    while len(picked) < k and any(queues):
+        for queue in queues:
+            if queue and len(picked) < k:
+                picked.append(queue.pop(0))
+    return usable.loc[picked].drop(columns="_cf")
+
+
+def example_maps(model, questions: list, chosen: pd.DataFrame, method: str, progress: bool) -> pd.DataFrame:
+    """Image maps of the chosen errors (score: the wrong answer against the gold one), as PNGs."""
+    from ..attribution import image_map
+
+    by_id = {q.id: q for q in questions}
+    rows = []
+    for _, e in tqdm(list(chosen.iterrows()), desc="image maps", disable=not progress):
+        q = by_id[e["id"]]
+        batch = model.prepare(images=[q.image], prompts=[q.prompt])
+        result = image_map(model, batch, e["answer"], e["gold"], method=method)
+        rows.append(dict(id=e["id"], question=q.prompt, gold=e["gold"], answer=e["answer"], cause=e["cause"],
+                         split=e["split"], png=figures.png_bytes(result.plot(0))))
+    return pd.DataFrame(rows, columns=["id", "question", "gold", "answer", "cause", "split", "png"])
+
+
+def _figure(fig, caption: str, alt: str) -> str:
+    return H.figure(figures.png_bytes(fig), caption, alt)
+
+
+def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[str, Any]) -> list[str]:
+    d = result.diagnosis
+    levels, errors = result.levels, d.errors
+    total, wrong = int(levels["n"].sum()), int(levels["errors"].sum())
+    cf_colour = d.kinds[(d.kinds["split"] == "counterfactual") & (d.kinds["kind"].isin(["color", "color_yesno"]))]
+    by_cause = cf_colour.groupby("cause")["n"].sum().reindex(list(CAUSES)).fillna(0).astype(int)
+    body = [
+        f"<h1>Misalignment report: {H.esc(name)}</h1>",
+        f"<p>{H.esc(settings['summary'])}</p>",
+        f"<p>{total} ShapesWorld questions ({settings['n']} per level and split, world seed "
+        f"{settings['seed']}, typical and counterfactual colours), {wrong} answered wrongly. "
+        "On counterfactual scenes every asked-about object has an atypical colour, so a model that "
+        "answers from the shape's typical colour errs there.</p>",
+        "<h2>Accuracy per level</h2>",
+        "<p>Per split and semantic level: accuracy, number and rate of errors, and their severity: "
+        "the mean probability the model gave its wrong answer, and the share of errors given with "
+        "probability above one half.</p>",
+        H.table(result.levels, "levels"),
+        _figure(figures.level_bars(result.levels),
+                "Accuracy (left) and the mean probability of the wrong answers (right) per level; "
+                "one bar per split.", "accuracy and severity per level"),
+        "<h2>POPE</h2>",
+        "<p>Object-existence questions scored with POPE's official answer parser; absent objects "
+        "sampled at random, among the most frequent shapes (popular) or as the absent partner of a "
+        "present co-occurring shape (adversarial). A yes-ratio above 0.5 is a bias towards yes.</p>",
+        H.table(result.pope, "pope"),
+        _figure(figures.pope_bars(result.pope),
+                "POPE accuracy, F1 and yes-ratio per sampling mode; dotted line: 0.5.", "POPE metrics"),
+        "<h2>CHAIR</h2>",
+        "<p>Captions generated for the question scenes with the prompt 'Describe the image.'; "
+        "CHAIR_i is the share of object mentions naming a shape that is not in the scene, CHAIR_s "
+        "the share of captions with at least one; recall is the share of present shapes mentioned.</p>",
+        H.table(result.chair, "chair"),
+        H.table(result.captions.head(6).assign(truth=lambda t: [", ".join(x) for x in t["truth"]]),
+                "captions", ["split", "caption", "truth"]),
+        "<h2>Diagnosis of the errors</h2>",
+        "<p>Each wrong answer gets one cause. <b>Prior override</b>: the source split of the wrong "
+        "answer's log-odds against the gold one gives the prior and the prompt together a push "
+        "towards the wrong answer and the image at most half of the credit. <b>Knows but doesn't "
+        "say</b>: otherwise, a linear probe (fitted on other scenes) decodes the asked concept for "
+        "this example at some layer. <b>Perception failure</b>: no probe decodes it.</p>",
+        f"<p>On counterfactual-colour questions ({int(by_cause.sum())} errors): "
+        + ", ".join(f"{c} {n}" for c, n in by_cause.items()) + ".</p>",
+        H.table(d.causes, "causes"),
+        _figure(figures.cause_bars(d.causes), "Errors per split and level, stacked by cause.", "error causes"),
+        "<p>The same per question kind:</p>",
+        H.table(d.kinds, "cause_kinds"),
+        "<h2>Where the concepts become decodable</h2>",
+        "<p>Held-out accuracy of linear probes per layer (embed = the input embeddings), fitted on "
+        "questions about other scenes: at the question's last position (solid) and on the image "
+        "tokens covering the asked object (dashed); dotted: the majority-class rate. A probe counts "
+        "for the diagnosis where it beats chance by 0.1.</p>",
+        _figure(figures.emergence_curves(d.probes),
+                "Probe accuracy against layer per question kind (emergence curves).", "emergence curves"),
+        "<h2>Where the wrong answers came from</h2>",
+        "<p>Source split of the first errors: the log-odds of the wrong answer against the gold one "
+        "split exactly into the prior (template and weights alone), the prompt and the image "
+        "(Shapley values, players removed by masking).</p>",
+        _figure(figures.split_bars(errors),
+                "Prior, prompt and image credit per wrong answer (label: answer/gold, coloured by "
+                "cause: orange prior override, purple knows but doesn't say, grey perception "
+                "failure); black tick: the full log-odds.", "source split of errors"),
+        "<h2>Example heatmaps</h2>",
+        f"<p>Image maps ({H.esc(settings['map_method'])}) of the wrong answer's log-odds against the "
+        "gold one: red cells and words pushed towards the wrong answer, blue towards the gold one.</p>",
+    ]
+    for row in maps.to_dict("records"):
+        body.append(H.figure(row["png"], f"{row['question']} Gold: {row['gold']}; answered: {row['answer']} "
+                             f"({row['split']} scene; cause: {row['cause']}).", f"image map of {row['id']}"))
+    return body
+
+
+def write_report(model, out: str | os.PathLike, *, name: str = "model", world: Any = None, n: int = 60,
+                 captions: int = 30, n_probe: int = 150, maps: int = 4, map_method: str = "ablation",
+                 batch_size: int = 32, progress: bool = True) -> Report:
+    """Run the misalignment benchmark and its diagnosis, and write ``report.html`` and ``report.json``.
+
+    Args:
+        model: an :class:`~lvlm_probe.LVLM` that answers ShapesWorld questions (e.g. shapes-llava).
+        out: output folder; ``out/stages`` keeps each finished stage, so a rerun after an
+            interruption resumes (delete it to start over).
+        name: the model's name in the title.
+        world: the ShapesWorld (default: seed 1000, images at 64 px) or an export folder.
+        n: questions per level and split.
+        captions: scenes captioned per split for CHAIR.
+        n_probe: probe-training questions per kind and split.
+        maps: wrong answers shown with an image map.
+        map_method: the image map's method (see :func:`lvlm_probe.attribution.image_map`).
+        batch_size: examples per forward pass.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        InputError: for a negative ``maps`` (and see :func:`~lvlm_probe.bench.misalignment`).
+
+    Example:
+        >>> lp.report.write_report(lp.zoo.load("shapes-llava"), "runs/report", name="shapes-llava")
+    """
+    from ..worlds import ShapesWorld
+
+    if isinstance(maps, bool) or not isinstance(maps, int) or maps < 0:
+        raise InputError(f"maps must be a non-negative int, got {maps!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = world if world is not None else ShapesWorld(seed=EVAL_SEED, image_size=64)
+    stages = Stages(out / "stages")
+    result = misalignment(model, world, n=n, captions=captions, n_probe=n_probe, batch_size=batch_size,
+                          cache=stages.folder, progress=progress)
+    chosen = pick_examples(result.diagnosis.errors, maps)
+    (shown,) = stages.run("maps", ("maps",), lambda: (example_maps(model, result.questions, chosen, map_method, progress),))
+    seed = world.config.seed if isinstance(world, ShapesWorld) else None
+    settings = dict(summary=model.summary(), n=n, seed=seed, captions=captions, n_probe=n_probe,
+                    map_method=map_method)
+    summary = result.summary()
+    document = {"model": name, "settings": settings, **{k: summary[k] for k in TABLES},
+                "probes": summary["probes"],
+                "examples": records(shown.drop(columns="png"))}
+    html_path, json_path = out / "report.html", out / "report.json"
+    atomic_write(json_path, json.dumps(document, indent=1, sort_keys=True).encode(), "report.json")
+    page = H.document(f"Misalignment report: {name}", _body(name, result, shown, settings))
+    atomic_write(html_path, page.encode("utf-8"), "report.html")
+    return Report(html_path, json_path, result)
