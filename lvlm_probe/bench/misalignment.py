@@ -8,6 +8,7 @@ with ``diagnose=True``, the cause of every error (:mod:`lvlm_probe.bench.diagnos
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -129,6 +130,7 @@ class Misalignment:
         chair: CHAIR per split.
         diagnosis: the :class:`~lvlm_probe.bench.diagnosis.Diagnosis`, or None.
         questions: the questions asked, in the order of ``answers``.
+        settings: what the results depend on (see :func:`run_settings`).
     """
 
     answers: pd.DataFrame
@@ -138,6 +140,7 @@ class Misalignment:
     chair: pd.DataFrame
     diagnosis: Any = None
     questions: list | None = None
+    settings: dict | None = None
 
     def summary(self) -> dict[str, Any]:
         """The numbers of every table as JSON-ready records (what the report's JSON holds)."""
@@ -154,6 +157,20 @@ def records(table: pd.DataFrame) -> list[dict[str, Any]]:
         out.append({k: (None if isinstance(v, float) and np.isnan(v) else
                         v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
     return out
+
+
+def run_settings(model, world_or_folder: Any, **counts: Any) -> dict[str, Any]:
+    """What a run's results depend on: the model's fingerprint, the world's configuration (or the
+    export folder and a digest of its question file) and the counts."""
+    from ..store.fingerprints import fingerprint
+
+    if isinstance(world_or_folder, (str, os.PathLike)):
+        path = Path(world_or_folder) / "questions.jsonl"
+        source = {"folder": str(Path(world_or_folder).resolve()),
+                  "questions": hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None}
+    else:
+        source = {"world": dataclasses.asdict(world_or_folder.config)}
+    return {"model": fingerprint(model)["digest"], **source, **counts}
 
 
 def _questions(world_or_folder: Any, n: int) -> tuple[list, Any]:
@@ -190,7 +207,7 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
         n_probe: probe-training questions per question kind and split.
         batch_size: examples per forward pass.
         cache: a folder for resumable stages (see :mod:`lvlm_probe.bench.stages`): a rerun with the
-            same arguments reuses finished stages.
+            same model and arguments reuses the finished stages (others are computed again).
         progress: show progress bars.
 
     Returns:
@@ -208,8 +225,14 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
             raise InputError(f"{name} must be a positive int, got {value!r}")
     if isinstance(captions, bool) or not isinstance(captions, int) or captions < 0:
         raise InputError(f"captions must be a non-negative int, got {captions!r}")
+    from .diagnosis import default_probe_world
+    from .diagnosis import diagnose as run_diagnosis  # diagnosis imports this module
+
     questions, world = _questions(world_or_folder, n)
-    stages = Stages(cache)
+    probe_world = probe_world or (default_probe_world(world, questions) if diagnose else None)
+    settings = run_settings(model, world_or_folder, n=n, captions=captions, diagnose=diagnose, n_probe=n_probe,
+                            probe_world=dataclasses.asdict(probe_world.config) if probe_world else None)
+    stages = Stages(cache, settings)
     (answers,) = stages.run("answers", ("answers",), lambda: (answer_questions(
         model, questions, batch_size=batch_size, progress=progress),))
     objects = answers[answers["level"] == "object"]
@@ -232,10 +255,7 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
         chair_rows = chair_table(caption_rows)
     diagnosis = None
     if diagnose:
-        from .diagnosis import default_probe_world
-        from .diagnosis import diagnose as run_diagnosis
-
-        probe_world = probe_world or default_probe_world(world, questions)
         diagnosis = run_diagnosis(model, questions, answers, probe_world, n_probe=n_probe,
                                   batch_size=batch_size, stages=stages, progress=progress)
-    return Misalignment(answers, level_table(answers), pope_table, caption_rows, chair_rows, diagnosis, questions)
+    return Misalignment(answers, level_table(answers), pope_table, caption_rows, chair_rows, diagnosis, questions,
+                        settings)

@@ -2,13 +2,17 @@
 
 A stage is finished when its ``done.json`` exists; it is written after every table of the stage,
 so a run killed mid-stage leaves the stage unfinished and a rerun computes it again, while finished
-stages are read back instead of recomputed. Every table, fresh or reused, is the one read from
-disk, so a resumed run returns exactly what an uninterrupted one does.
+stages are read back instead of recomputed. ``done.json`` records the run's settings (model
+fingerprint, world, counts): a stage finished under other settings is computed again, never reused.
+Every table, fresh or reused, is the one read from disk, so a resumed run returns exactly what an
+uninterrupted one does.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -22,18 +26,28 @@ class Stages:
 
     Args:
         folder: where stages are kept, one subfolder per stage.
+        settings: what the results depend on (JSON-serialisable; other values are compared as
+            strings); a stage finished under other settings is not reused.
 
     Example:
-        >>> stages = Stages("runs/report/stages")
+        >>> stages = Stages("runs/report/stages", settings={"n": 60, "model": digest})
         >>> (answers,) = stages.run("answers", ("answers",), lambda: (ask(model, questions),))
     """
 
-    def __init__(self, folder: str | Path | None) -> None:
+    def __init__(self, folder: str | Path | None, settings: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else None
+        # normalised through JSON, so values compare as they are stored
+        self.settings = json.loads(json.dumps(settings or {}, sort_keys=True, default=str))
 
     def done(self, name: str) -> bool:
-        """Whether stage ``name`` finished in an earlier run."""
-        return self.folder is not None and (self.folder / name / DONE).is_file()
+        """Whether stage ``name`` finished in an earlier run with the same settings."""
+        if self.folder is None or not (self.folder / name / DONE).is_file():
+            return False
+        try:
+            record = json.loads((self.folder / name / DONE).read_text())
+        except (OSError, ValueError):
+            return False  # unreadable: compute the stage again
+        return record.get("settings") == self.settings
 
     def run(self, name: str, tables: Sequence[str],
             compute: Callable[[], Sequence[pd.DataFrame]]) -> tuple[pd.DataFrame, ...]:
@@ -55,5 +69,6 @@ class Stages:
             where.mkdir(parents=True, exist_ok=True)
             for table, value in zip(tables, values, strict=True):
                 write_parquet(where / f"{table}.parquet", value, f"stage {name}: {table}")
-            write_json(where / DONE, {"stage": name, "tables": list(tables)}, f"stage {name}")
+            write_json(where / DONE, {"stage": name, "tables": list(tables), "settings": self.settings},
+                       f"stage {name}")
         return tuple(pd.read_parquet(where / f"{table}.parquet") for table in tables)

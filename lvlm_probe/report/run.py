@@ -180,10 +180,10 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = world if world is not None else ShapesWorld(seed=EVAL_SEED, image_size=64)
-    stages = Stages(out / "stages")
     result = misalignment(model, world, n=n, captions=captions, n_probe=n_probe, batch_size=batch_size,
-                          cache=stages.folder, progress=progress)
+                          cache=out / "stages", progress=progress)
     chosen = pick_examples(result.diagnosis.errors, maps)
+    stages = Stages(out / "stages", {**result.settings, "maps": list(chosen["id"]), "map_method": map_method})
     (shown,) = stages.run("maps", ("maps",), lambda: (example_maps(model, result.questions, chosen, map_method, progress),))
     seed = world.config.seed if isinstance(world, ShapesWorld) else None
     settings = dict(summary=model.summary(), n=n, seed=seed, captions=captions, n_probe=n_probe,

@@ -1,0 +1,140 @@
+"""The HTML report: self-contained, readable structure, the JSON's numbers in its tables, resumable."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+from typer.testing import CliRunner
+
+import lvlm_probe as lp
+from lvlm_probe.cli import app
+from lvlm_probe.report.html import cell
+from lvlm_probe.report.run import TABLES
+
+pytestmark = pytest.mark.skipif("shapes-llava" not in lp.zoo.checkpoints(),
+                                reason="shapes-llava checkpoint not shipped")
+SETTINGS = dict(name="shapes-llava", n=18, captions=6, n_probe=60, maps=2, progress=False)
+HEADINGS = {"Accuracy per level", "POPE", "CHAIR", "Diagnosis of the errors", "Where the concepts become decodable",
+            "Where the wrong answers came from", "Example heatmaps"}
+
+
+class Page(HTMLParser):
+    """Headings, images, figure captions, links/scripts and every table's cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[tuple[str, str]] = []
+        self.images: list[dict] = []
+        self.captions: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.foreign: list[str] = []
+        self._text: list[str] | None = None
+        self._tag = None
+        self._table = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("h1", "h2", "figcaption", "td", "th"):
+            self._text, self._tag = [], tag
+        if tag == "img":
+            self.images.append(attrs)
+        if tag in ("script", "link", "iframe", "object", "embed") or any(
+                str(v).startswith(("http:", "https:", "//")) for v in attrs.values()):
+            self.foreign.append(tag)
+        if tag == "table":
+            self._table = attrs.get("id")
+            self.tables[self._table] = []
+        if tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == self._tag and self._text is not None:
+            text = "".join(self._text).strip()
+            if tag in ("h1", "h2"):
+                self.headings.append((tag, text))
+            elif tag == "figcaption":
+                self.captions.append(text)
+            elif self._table is not None:
+                self.tables[self._table][-1].append(text)
+            self._text = self._tag = None
+        if tag == "table":
+            self._table = None
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lp.zoo.load("shapes-llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def report(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return lp.report.write_report(model, out, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def page(report):
+    parser = Page()
+    parser.feed(report.html.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_self_contained_document_with_headings_and_captioned_figures(report, page):
+    text = report.html.read_text(encoding="utf-8")
+    assert report.html.stat().st_size < 10 * 2**20
+    assert page.headings[0] == ("h1", "Misalignment report: shapes-llava")
+    assert HEADINGS <= {t for tag, t in page.headings if tag == "h2"}
+    assert "http://" not in text and "https://" not in text and not page.foreign
+    assert len(page.images) == 7  # levels, POPE, causes, emergence, split, two maps
+    for image in page.images:
+        assert image["src"].startswith("data:image/png;base64,") and image["alt"]
+        assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(page.captions) == len(page.images) and all(len(c) > 20 for c in page.captions)
+    # the example heatmaps are captioned with their questions
+    examples = json.loads(report.json.read_text())["examples"]
+    assert len(examples) == 2
+    for example, caption in zip(examples, page.captions[-2:]):
+        assert caption.startswith(example["question"]) and f"answered: {example['answer']}" in caption
+
+
+def test_json_numbers_are_the_tables_numbers(report, page):
+    numbers = json.loads(report.json.read_text())
+    assert numbers["model"] == "shapes-llava" and numbers["settings"]["n"] == 18
+    for name in TABLES:
+        rows = page.tables[name]
+        header, body = rows[0], rows[1:]
+        assert len(body) == len(numbers[name]) > 0
+        for cells, record in zip(body, numbers[name]):
+            assert cells == [cell(float("nan") if record[c] is None else record[c]) for c in header]
+    result = report.result
+    assert sum(r["errors"] for r in numbers["levels"]) == len(result.diagnosis.errors)
+    assert {p["kind"] for p in numbers["probes"]} == set(result.diagnosis.probes.kind)
+
+
+def test_rerun_after_an_interrupted_stage_reuses_the_others_and_writes_the_same_report(model, report):
+    out = report.html.parent
+    html, numbers = report.html.read_bytes(), report.json.read_bytes()
+    stages = out / "stages"
+    kept = {p: p.stat().st_mtime_ns for p in stages.rglob("*.parquet") if p.parent.name not in ("splits", "maps")}
+    shutil.rmtree(stages / "maps")                   # a stage that never started
+    (stages / "splits" / "done.json").unlink()       # a stage killed before it finished
+    report.html.unlink()
+    again = lp.report.write_report(model, out, **SETTINGS)
+    assert again.html.read_bytes() == html and again.json.read_bytes() == numbers
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were read, not rewritten
+    assert (stages / "splits" / "done.json").is_file() and (stages / "maps" / "done.json").is_file()
+
+
+def test_cli_report(tmp_path):
+    result = CliRunner().invoke(app, ["report", "--model", "shapes-llava", "--device", "cpu", "--n", "6",
+                                      "--maps", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Errors per cause" in result.output and (tmp_path / "report.html").is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["settings"]["n"] == 6
