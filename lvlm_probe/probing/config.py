@@ -73,6 +73,9 @@ class SweepConfig:
     alignment: tuple[str, ...] = ()  # metrics between image and text states: cka, mutual_knn, cosine
     device: str | None = None
     dtype: str | None = None
+    # how the run executes, not what it computes: "local" or "ray" (extraction and probes)
+    backend: str = "local"
+    ray_address: str | None = None
 
     @property
     def has_text(self) -> bool:
@@ -132,6 +135,12 @@ def load_config(path: str | Path) -> SweepConfig:
     config = _build(SweepConfig, {**raw, "data": None, "extract": None, "probes": None}, str(path))
     config = SweepConfig(**{**{f.name: getattr(config, f.name) for f in fields(SweepConfig)},
                             "data": data_obj, "extract": extract, "probes": probes})
+    from ..distributed.options import check_backend  # no Ray import
+
+    try:
+        check_backend(config.backend, config.ray_address)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
     unknown = sorted(set(config.alignment) - {"cka", "mutual_knn", "cosine"})
     if unknown:
         raise InputError(f"{path}: unknown alignment metric(s) {unknown}; expected cka, mutual_knn, cosine")

@@ -10,11 +10,16 @@ Output folder::
     <out>/figures/*.png              accuracy and selectivity through the towers, per-head
                                      heatmaps, transfer and alignment curves, the CKA map
 
+With ``backend: ray`` (and optionally ``ray_address:``) in the definition, the extractions and the
+probes run as Ray tasks inside one Ray session (see :mod:`lvlm_probe.distributed`); the folder's
+contents are the same as a local run's, so a run may resume on the other backend.
+
 A run killed at any moment and started again resumes: the stores continue after their last
 complete shard, and targets whose part exists are not probed again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -70,6 +75,7 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     Raises:
         StoreError: if ``out`` holds a different sweep.
         InputError: for a bad definition or data folder.
+        MissingDependencyError: ``backend: ray`` without Ray installed.
 
     Example:
         >>> run = run_sweep("probes/shapes_objects.yaml")
@@ -77,6 +83,16 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
+    with contextlib.ExitStack() as stack:
+        if config.backend == "ray":
+            from ..distributed.runtime import session
+
+            # one Ray session for every extraction and sweep of the run
+            stack.enter_context(session(config.ray_address))
+        return _run(config, model, progress)
+
+
+def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     out = Path(config.out)
     images, texts = _datasets(config)
     _check_labels(config, images)
@@ -87,7 +103,7 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
             expand(list(names), model.hook_names())  # unknown names fail before any extraction
     _claim(out, config)
     acts = out / "acts"
-    common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress)
+    common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress, **_execution(config))
     lm = extract(model, images, list(spec.lm_hooks + spec.head_hooks), out=acts / "lm",
                  positions=spec.positions, reduce=spec.reduce, **common)
     towers = (extract(model, images, list(spec.tower_hooks), out=acts / "towers", positions="all",
@@ -125,9 +141,21 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
 
 
 # --- setup ------------------------------------------------------------------------------------
+# keys that say how a run executes: a run may resume on another backend
+EXECUTION = ("backend", "ray_address")
+
+
+def _execution(config: SweepConfig) -> dict[str, Any]:
+    """The backend arguments of extract() and sweep()."""
+    return {"backend": config.backend, "ray_address": config.ray_address}
+
+
 def _claim(out: Path, config: SweepConfig) -> None:
-    """Record the definition in ``out``; refuse a folder made by another definition."""
+    """Record the definition in ``out``; refuse a folder made by another definition (the
+    execution keys aside: the results do not depend on them)."""
     mine = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for key in EXECUTION:
+        mine.pop(key, None)
     record = out / "sweep.json"
     if record.exists():
         theirs = json.loads(record.read_text())
@@ -236,7 +264,7 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
     for target in tqdm(spec.targets, desc="probes", disable=not progress):
         def run(target=target):
             kw = dict(control=types is not None, control_by=types, groups=groups, C=spec.C,
-                      test_size=spec.test_size, seed=spec.seed, n_boot=spec.n_boot)
+                      test_size=spec.test_size, seed=spec.seed, n_boot=spec.n_boot, **_execution(config))
             labels = meta[target].to_numpy()
             tables = [sweep(per_layer, labels, hooks=list(per_layer), **kw)]
             if per_head:

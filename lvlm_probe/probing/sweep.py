@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,9 @@ def sweep(
     standardize: bool = True,
     device: str | torch.device | None = None,
     max_iter: int = 500,
+    backend: str = "local",
+    ray_address: str | None = None,
+    ray_resources: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Fit one probe per (hook, layer[, head]) for one target and report held-out accuracy.
 
@@ -180,18 +184,29 @@ def sweep(
         standardize: standardise features per probe on the training set (layers differ in scale).
         device: where to fit (default: the activations' device).
         max_iter: optimiser iterations per probe.
+        backend: ``"local"``, or ``"ray"`` to fit groups of hooks in parallel Ray tasks (same
+            split, seeds and solver, so the same results; see :mod:`lvlm_probe.distributed`). A
+            store is read by the workers from its folder; arrays are sent to them.
+        ray_address: the Ray cluster (``"auto"``, ``"ray://head:10001"``); None uses the running
+            session or starts a local one for this call.
+        ray_resources: Ray resources per task, default ``{"num_cpus": 1}``.
 
     Returns:
         DataFrame with ``COLUMNS``, one row per probe; ``chance`` is the majority-class accuracy
         on the test set.
 
     Raises:
-        InputError: for an unknown target, hook pattern or column, or unusable labels.
+        InputError: for an unknown target, hook pattern or column, unusable labels, or an
+            unknown backend.
+        MissingDependencyError: ``backend="ray"`` without Ray installed.
 
     Example:
         >>> results = lp.probing.sweep(store, target="color", hooks="blocks.*.hook_resid_post")
         >>> results[["layer", "accuracy", "selectivity"]]
     """
+    from ..distributed.options import check_backend  # no Ray import: options are plain Python
+
+    check_backend(backend, ray_address, ray_resources)
     if isinstance(groups, str) and getattr(source, "meta", None) is not None and groups not in source.meta:
         groups = "id"
     get, available, labels, group_values, meta = _source(source, target, groups)
@@ -217,20 +232,51 @@ def sweep(
                           "so control accuracy is near chance by construction; choose a control_by "
                           "that recurs across scenes", stacklevel=2)
     chance = float(np.bincount(codes[test], minlength=len(classes)).max() / len(test))
-    fit = dict(C=C, standardize=standardize, device=device, max_iter=max_iter)
-    rows = []
-    for hook in chosen:
-        x, head_ids = _features(get, hook, heads)
-        accuracy, low, high = _fit_and_score(x, y, train, test, test_groups, n_boot, seed, **fit)
-        ctrl = (_fit_and_score(x, y_control, train, test, test_groups, 0, seed, **fit)[0]
-                if control else np.full(len(head_ids), np.nan))
+    job = HookJob(y, y_control, train, test, test_groups, n_boot, seed, name, chance, heads,
+                  dict(C=C, standardize=standardize, device=device, max_iter=max_iter))
+    if backend == "ray":
+        from ..distributed.sweep import sweep_ray
+
+        parts = sweep_ray(source, chosen, job, address=ray_address, resources=ray_resources)
+    else:
+        parts = [job.rows(get, hook) for hook in chosen]
+    return _typed(pd.DataFrame([row for part in parts for row in part], columns=COLUMNS))
+
+
+@dataclass(frozen=True)
+class HookJob:
+    """Everything a sweep fits per hook except the features: labels, split, seeds, settings.
+
+    One hook's probes depend only on this and its features, which is what lets
+    :mod:`lvlm_probe.distributed.sweep` fit hooks in separate processes with identical results.
+    """
+
+    y: Tensor
+    y_control: Tensor | None
+    train: np.ndarray
+    test: np.ndarray
+    test_groups: np.ndarray
+    n_boot: int
+    seed: int
+    target: str
+    chance: float
+    heads: bool
+    fit: dict[str, Any]
+
+    def rows(self, get: Any, hook: str) -> list[dict[str, Any]]:
+        """The result rows of one hook's probes (one per layer, or per head)."""
+        x, head_ids = _features(get, hook, self.heads)
+        accuracy, low, high = _fit_and_score(x, self.y, self.train, self.test, self.test_groups,
+                                             self.n_boot, self.seed, **self.fit)
+        ctrl = (_fit_and_score(x, self.y_control, self.train, self.test, self.test_groups, 0, self.seed,
+                               **self.fit)[0]
+                if self.y_control is not None else np.full(len(head_ids), np.nan))
         tower, layer = tower_of(hook)
-        for p, head in enumerate(head_ids):
-            rows.append(dict(hook=hook, tower=tower, layer=layer, head=head, target=name,
-                             accuracy=accuracy[p], ci_low=low[p], ci_high=high[p],
-                             control_accuracy=ctrl[p], selectivity=accuracy[p] - ctrl[p],
-                             chance=chance, n_train=len(train), n_test=len(test)))
-    return _typed(pd.DataFrame(rows, columns=COLUMNS))
+        return [dict(hook=hook, tower=tower, layer=layer, head=head, target=self.target,
+                     accuracy=accuracy[p], ci_low=low[p], ci_high=high[p], control_accuracy=ctrl[p],
+                     selectivity=accuracy[p] - ctrl[p], chance=self.chance, n_train=len(self.train),
+                     n_test=len(self.test))
+                for p, head in enumerate(head_ids)]
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def extract(
     max_shard_bytes: int = 1 << 30,
     progress: bool = True,
     overwrite: bool = False,
+    backend: str = "local",
+    ray_address: str | None = None,
+    ray_resources: dict[str, float] | None = None,
 ) -> ActivationStore:
     """Run a model over a dataset and stream the hooks' activations to a store on disk.
 
@@ -61,6 +65,13 @@ def extract(
         max_shard_bytes: write a shard early once its tensors reach this size.
         progress: show a progress bar.
         overwrite: delete an existing store at ``out`` first instead of resuming it.
+        backend: ``"local"`` (this process) or ``"ray"``: shards are extracted by Ray tasks, each
+            loading the model once per worker process (see :mod:`lvlm_probe.distributed`); the
+            store is byte-identical to a local one. ``out`` must be on storage every worker sees.
+        ray_address: the Ray cluster to use (``"auto"``, ``"ray://host:10001"``); None uses the
+            running Ray session, or starts a local one for this call.
+        ray_resources: Ray resources of each shard task, default ``{"num_gpus": 1}`` for a
+            model on a GPU, else ``{"num_cpus": 1}``.
 
     Returns:
         The :class:`ActivationStore`.
@@ -72,6 +83,7 @@ def extract(
         StoreError: ``out`` is not a store, the store was written with other settings, another
             model, or for other examples, or a write failed (a full disk says so). Complete
             shards stay intact and the same call resumes.
+        MissingDependencyError: ``backend="ray"`` without Ray installed.
 
     Example:
         >>> qs = lp.worlds.ShapesWorld(seed=0).questions(200, level="attribute", split="typical")
@@ -79,6 +91,9 @@ def extract(
         ...                    reduce="mean", out="acts/", dtype=torch.float16)
         >>> store["blocks.1.hook_resid_post"].shape       # [200, d_model]
     """
+    from ..distributed.options import check_backend  # no Ray import: options are plain Python
+
+    check_backend(backend, ray_address, ray_resources)
     plan = R.plan(model, hooks, positions, reduce)
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
     if not dtype.is_floating_point:
@@ -118,9 +133,15 @@ def extract(
         writer = _Writer(root, header, state)
         bar = tqdm(total=total, initial=len(stored_ids), disable=not progress, unit="ex",
                    desc=f"extract {root.name}")
+        sizes = dict(batch_size=batch_size, shard_size=shard_size, max_shard_bytes=max_shard_bytes)
         try:
-            n = _stream(model, dataset, plan, dtype, writer, stored_ids, bar, batch_size, shard_size,
-                        max_shard_bytes)
+            if backend == "ray":
+                from ..distributed.extract import extract_ray
+
+                n = extract_ray(model, dataset, plan, positions, dtype, writer, stored_ids, bar,
+                                address=ray_address, resources=ray_resources, **sizes)
+            else:
+                n = _stream(model, dataset, plan, dtype, writer, stored_ids, bar, **sizes)
         finally:
             bar.close()
         if n == 0:
@@ -163,53 +184,75 @@ def _check_same(root: Path, stored: dict[str, Any], header: dict[str, Any]) -> N
         )
 
 
+class Examples:
+    """The dataset's examples after the stored ones, read one at a time.
+
+    Iterating checks that the first ids match the store's (a resumed run must see the same
+    dataset), that ids are unique, and yields :class:`~lvlm_probe.store.rows.Example` objects for
+    the rest; afterwards :attr:`n` is the dataset's length.
+    """
+
+    def __init__(self, dataset: Iterable[Any], stored_ids: list[Any], root: Path):
+        self.dataset, self.stored_ids, self.root = dataset, stored_ids, root
+        self.n = 0
+
+    def __iter__(self):
+        seen: dict[Any, int] = {}
+        stored = self.stored_ids
+        index = -1
+        for index, item in enumerate(self.dataset):
+            if index < len(stored):
+                ident = R.example_id(item, index)
+                if ident != stored[index]:
+                    raise StoreError(
+                        f"the dataset does not match the store {self.root}: example {index} has id "
+                        f"{ident!r}, the store holds {stored[index]!r} there; rerun with the same "
+                        "dataset in the same order, or pass another out= or overwrite=True"
+                    )
+                seen[ident] = index
+                continue
+            example = R.example(item, index)
+            if example.id in seen:
+                raise InputError(f"dataset examples {seen[example.id]} and {index} share the id {example.id!r}; ids must be unique")
+            seen[example.id] = index
+            yield example
+        if index + 1 < len(stored):
+            raise StoreError(
+                f"the dataset has {index + 1} examples but the store {self.root} already holds "
+                f"{len(stored)}; rerun with the same dataset, or pass another out= or overwrite=True"
+            )
+        self.n = index + 1
+
+
 def _stream(model, dataset, plan, dtype, writer, stored_ids, bar, batch_size, shard_size,
             max_shard_bytes) -> int:
     """Skip the stored examples (checking their ids), then run and write the rest; returns the
     number of examples in the dataset."""
-    seen: dict[Any, int] = {}
+    examples = Examples(dataset, stored_ids, writer.root)
     pending: list[R.Example] = []
     buffer = R.ShardBuffer(plan)
-    index = -1
-    for index, item in enumerate(dataset):
-        if index < len(stored_ids):
-            ident = R.example_id(item, index)
-            if ident != stored_ids[index]:
-                raise StoreError(
-                    f"the dataset does not match the store {writer.root}: example {index} has id "
-                    f"{ident!r}, the store holds {stored_ids[index]!r} there; rerun with the same "
-                    "dataset in the same order, or pass another out= or overwrite=True"
-                )
-            seen[ident] = index
-            continue
-        example = R.example(item, index)
-        if example.id in seen:
-            raise InputError(f"dataset examples {seen[example.id]} and {index} share the id {example.id!r}; ids must be unique")
-        seen[example.id] = index
+    fp = writer.header["fingerprint"]
+    for example in examples:
         pending.append(example)
         if len(pending) == min(batch_size, shard_size - len(buffer)):
-            _add(model, plan, pending, dtype, buffer, writer)
+            add_batch(model, plan, pending, dtype, buffer, fp, writer.done())
             bar.update(len(pending))
             pending = []
             if len(buffer) >= shard_size or buffer.nbytes >= max_shard_bytes:
                 writer.write(buffer)
                 buffer = R.ShardBuffer(plan)
-    if index + 1 < len(stored_ids):
-        raise StoreError(
-            f"the dataset has {index + 1} examples but the store {writer.root} already holds "
-            f"{len(stored_ids)}; rerun with the same dataset, or pass another out= or overwrite=True"
-        )
     if pending:
-        _add(model, plan, pending, dtype, buffer, writer)
+        add_batch(model, plan, pending, dtype, buffer, fp, writer.done())
         bar.update(len(pending))
     if len(buffer):
         writer.write(buffer)
-    return index + 1
+    return examples.n
 
 
-def _add(model, plan, examples, dtype, buffer, writer) -> None:
-    values, positions, layouts = R.run(model, plan, examples, dtype, writer.done())
-    fp = writer.header["fingerprint"]
+def add_batch(model, plan: R.Plan, examples: list[R.Example], dtype: torch.dtype,
+              buffer: R.ShardBuffer, fp: dict[str, str], done: str) -> None:
+    """Run one batch and add its values and manifest rows to a shard buffer."""
+    values, positions, layouts = R.run(model, plan, examples, dtype, done)
     rows = []
     for i, (example, layout) in enumerate(zip(examples, layouts)):
         kept = None if positions is None else int((positions[i] >= 0).sum())
@@ -217,6 +260,42 @@ def _add(model, plan, examples, dtype, buffer, writer) -> None:
                      "n_positions": kept, "layout": layout.summary(), "fingerprint": fp["digest"],
                      "processor_fingerprint": fp["processor"]})
     buffer.add(rows, values, positions)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One shard serialised: its record, tensor-file bytes, manifest bytes and the per-example
+    shape of each hook (``-1`` for a padded positions axis)."""
+
+    record: M.ShardRecord
+    data: bytes
+    manifest: bytes
+    shapes: dict[str, tuple[int, ...]]
+
+
+def example_shape(header: dict[str, Any], hook: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A hook's per-example shape from a shard tensor's shape (the padded axis as ``-1``)."""
+    rest = shape[1:]
+    return (-1, *rest[1:]) if hook in header["padded"] else rest
+
+
+def encode_shard(header: dict[str, Any], buffer: R.ShardBuffer, k: int, start: int) -> Encoded:
+    """Serialise a filled buffer as shard ``k`` starting at dataset index ``start``.
+
+    Raises:
+        InputError: label columns Parquet cannot store (before anything is written).
+    """
+    tensors = buffer.tensors()
+    shapes = {h: example_shape(header, h, tuple(tensors[h].shape)) for h in header["hooks"]}
+    # one metadata key: safetensors orders several keys at random, and equal shards should be
+    # equal files (a resumed store is then byte-identical to an uninterrupted one)
+    data = safetensors.torch.save(tensors, metadata={
+        "lvlm_probe": json.dumps({"format": F.FORMAT, "shard": k, "start": start})})
+    del tensors  # the serialised bytes are all that is needed now
+    record = M.ShardRecord(k, start, len(buffer), F.shard_name(k, "safetensors"), len(data), F.checksum(data))
+    rows = [{"id": row["id"], "shard": k, "row": j, **{c: v for c, v in row.items() if c != "id"}}
+            for j, row in enumerate(buffer.rows)]
+    return Encoded(record, data, M.encode(rows, record), shapes)
 
 
 class _Writer:
@@ -229,45 +308,61 @@ class _Writer:
         if state.records:
             first = root / F.SHARDS / state.records[0].file
             with open_shard(first, 0) as f:
-                self.shapes = {h: self._shape(h, tuple(f.get_slice(h).get_shape())) for h in header["hooks"]}
-
-    def _shape(self, hook: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        rest = shape[1:]
-        return (-1, *rest[1:]) if hook in self.header["padded"] else rest
+                self.shapes = {h: example_shape(header, h, tuple(f.get_slice(h).get_shape()))
+                               for h in header["hooks"]}
 
     def done(self) -> str:
         if not self.index:
             return "no shard was complete yet"
         return f"shards 0..{self.index - 1} ({self.start} examples) are complete and kept"
 
-    def write(self, buffer: R.ShardBuffer) -> None:
-        k, n = self.index, len(buffer)
-        tensors = buffer.tensors()
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise unless the next shard's per-example shapes match the earlier shards'."""
         for hook in self.header["hooks"]:
-            shape = self._shape(hook, tuple(tensors[hook].shape))
-            if self.shapes.setdefault(hook, shape) != shape:
+            if self.shapes.setdefault(hook, shapes[hook]) != shapes[hook]:
                 raise StoreError(
-                    f"{hook} has per-example shape {shape} in shard {k} but {self.shapes[hook]} in "
-                    f"earlier shards (whole vision values differ with dynamic image sizes); {self.done()}"
+                    f"{hook} has per-example shape {shapes[hook]} in shard {self.index} but "
+                    f"{self.shapes[hook]} in earlier shards (whole vision values differ with dynamic "
+                    f"image sizes); {self.done()}"
                 )
+
+    def write(self, buffer: R.ShardBuffer) -> None:
+        encoded = encode_shard(self.header, buffer, self.index, self.start)
+        self.check(encoded.shapes)
+        k = self.index
         if k == 0:  # the header goes first, so every shard on disk has one
             F.write_json(self.root / F.HEADER, self.header, "the store header")
-        # one metadata key: safetensors orders several keys at random, and equal shards should be
-        # equal files (a resumed store is then byte-identical to an uninterrupted one)
-        data = safetensors.torch.save(tensors, metadata={
-            "lvlm_probe": json.dumps({"format": F.FORMAT, "shard": k, "start": self.start})})
-        tensor_file = F.shard_name(k, "safetensors")
-        record = M.ShardRecord(k, self.start, n, tensor_file, len(data), F.checksum(data))
-        rows = [{"id": row["id"], "shard": k, "row": j, **{c: v for c, v in row.items() if c != "id"}}
-                for j, row in enumerate(buffer.rows)]
-        manifest = M.encode(rows, record)  # before any write: bad labels must not leave a tensor file
-        del tensors  # the serialised bytes are all that is needed now
-        tensor_path = self.root / F.SHARDS / tensor_file
-        F.atomic_write(tensor_path, data, f"shard {k} (tensors; {self.done()})")
+        tensor_path = self.root / F.SHARDS / encoded.record.file
+        F.atomic_write(tensor_path, encoded.data, f"shard {k} (tensors; {self.done()})")
         try:
-            F.atomic_write(self.root / F.MANIFEST / F.shard_name(k, "parquet"), manifest,
+            F.atomic_write(self.root / F.MANIFEST / F.shard_name(k, "parquet"), encoded.manifest,
                            f"shard {k} (manifest; {self.done()})")
         except BaseException:
             tensor_path.unlink(missing_ok=True)  # uncommitted: a rerun writes this shard again
             raise
-        self.index, self.start = k + 1, self.start + n
+        self.index, self.start = k + 1, self.start + encoded.record.n
+
+    def commit(self, record: M.ShardRecord, tensors: Path, manifest: Path) -> None:
+        """Rename a shard's temporary files, written elsewhere (by a Ray worker), into place in
+        the order :meth:`write` uses: header before shard 0, tensor file, then the manifest that
+        completes the shard.
+
+        Raises:
+            StoreError: a shard out of order (an internal error) or a failed rename.
+        """
+        k = self.index
+        if (record.index, record.start) != (k, self.start):
+            raise StoreError(f"internal: shard {record.index} starting at {record.start} arrived "
+                             f"for position {k} starting at {self.start}")
+        if k == 0:
+            F.write_json(self.root / F.HEADER, self.header, "the store header")
+        tensor_path = self.root / F.SHARDS / record.file
+        try:
+            F.commit(tensors, tensor_path, f"shard {k} (tensors; {self.done()})")
+            F.commit(manifest, self.root / F.MANIFEST / F.shard_name(k, "parquet"),
+                     f"shard {k} (manifest; {self.done()})")
+        except BaseException:
+            tensor_path.unlink(missing_ok=True)  # uncommitted: a rerun writes this shard again
+            manifest.unlink(missing_ok=True)
+            raise
+        self.index, self.start = k + 1, self.start + record.n

@@ -100,6 +100,19 @@ def atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
         StoreError: when the write fails; the temporary file is removed and ``path`` keeps its
             previous content (or stays absent). A full disk (``ENOSPC``, ``EDQUOT``) says so.
     """
+    commit(write_temporary(path, data, what), path, what)
+
+
+def write_temporary(path: Path, data: bytes | memoryview, what: str) -> Path:
+    """The first half of :func:`atomic_write`: write and fsync ``data`` under the temporary name
+    of ``path`` (which a store scan treats as a leftover until :func:`commit` renames it).
+
+    Returns:
+        The temporary file's path.
+
+    Raises:
+        StoreError: as :func:`atomic_write`; the temporary file is removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -108,18 +121,37 @@ def atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _write_error(err, path, len(data), what) from err
+    return tmp
+
+
+def commit(tmp: Path, path: Path, what: str) -> None:
+    """The second half of :func:`atomic_write`: rename a written temporary file into place and
+    make the rename durable.
+
+    Raises:
+        StoreError: if the rename fails (the temporary file is removed).
+    """
+    try:
         os.replace(tmp, path)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if err.errno in DISK_FULL:
-            raise StoreError(
-                f"the disk is full: writing {what} ({len(data)} bytes to {path}) failed with "
-                f"{os.strerror(err.errno)}; every shard completed before it is intact: free some "
-                "space and run extract() again with the same arguments to resume"
-            ) from err
-        raise StoreError(f"writing {what} to {path} failed: {err}") from err
+        raise _write_error(err, path, None, what) from err
     fsync_dir(path.parent)
+
+
+def _write_error(err: OSError, path: Path, size: int | None, what: str) -> StoreError:
+    if err.errno in DISK_FULL:
+        return StoreError(
+            f"the disk is full: writing {what} ({size} bytes to {path}) failed with "
+            f"{os.strerror(err.errno)}; every shard completed before it is intact: free some "
+            "space and run extract() again with the same arguments to resume"
+        )
+    return StoreError(f"writing {what} to {path} failed: {err}")
 
 
 def write_parquet(path: Path, table: pd.DataFrame, what: str) -> None:

@@ -1,0 +1,69 @@
+"""Probe sweeps with Ray: groups of hooks (layers) are fitted in parallel tasks.
+
+Each hook's probes depend only on its features and on the labels, split and seeds that
+:class:`~lvlm_probe.probing.sweep.HookJob` carries, so a task fits exactly what the local loop
+fits and the table is the same, row for row and in the same order.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InputError
+from .runtime import n_workers, runtime_env, session, task_error
+
+
+def sweep_ray(source: Any, hooks: list[str], job: Any, *, address: str | None,
+              resources: dict[str, Any] | None) -> list[list[dict[str, Any]]]:
+    """Fit ``job`` on every hook with Ray tasks; returns each hook's rows, in ``hooks`` order.
+
+    An :class:`~lvlm_probe.ActivationStore` is opened by each task from its folder (shared
+    storage), so only the hooks a task fits are read, and by that task; a dict of arrays sends
+    each task its hooks' arrays.
+
+    Raises:
+        InputError: a store that is not on disk.
+        The library errors a task raises, as they are.
+    """
+    resources = dict(resources or {"num_cpus": 1})
+    root = getattr(source, "root", None)
+    if not isinstance(source, dict) and root is None:
+        raise InputError(f"backend='ray' needs an ActivationStore on disk or a dict of arrays, "
+                         f"got {type(source).__name__}")
+    with session(address) as ray:
+        task = ray.remote(fit_hooks).options(max_retries=3, retry_exceptions=False,
+                                             runtime_env=runtime_env(resources.get("num_cpus", 1)),
+                                             **resources)
+        n_groups = min(len(hooks), 2 * n_workers(ray, resources))
+        groups = [hooks[i::n_groups] for i in range(n_groups)]  # interleaved: layers differ in cost
+        refs = []
+        for group in groups:
+            features = str(root) if root is not None else {h: source[h] for h in group}
+            refs.append(task.remote(job, features, group))
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayTaskError as err:
+            raise task_error(ray, err) from err
+    by_hook = {hook: rows for group, part in zip(groups, results) for hook, rows in zip(group, part)}
+    return [by_hook[h] for h in hooks]
+
+
+def fit_hooks(job: Any, features: str | dict[str, Any], hooks: list[str]) -> list[list[dict[str, Any]]]:
+    """Ray task: each hook's result rows.
+
+    Args:
+        job: the sweep's :class:`~lvlm_probe.probing.sweep.HookJob`.
+        features: a store folder, or ``{hook: array [N, ...]}``.
+        hooks: the hooks to fit.
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(features, str):
+        from ..store import ActivationStore
+
+        get = ActivationStore.open(features, verify=False).__getitem__
+    else:
+        # the conversion probing.sweep applies to a dict source
+        arrays = {h: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for h, v in features.items()}
+        get = arrays.__getitem__
+    return [job.rows(get, hook) for hook in hooks]
