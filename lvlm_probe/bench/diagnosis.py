@@ -16,10 +16,13 @@ The split is checked first because it says where the wrong answer came from; dec
 was available. Both are kept as columns, so other partitions can be read off the table.
 
 Probes are fitted on questions about other scenes (``probe_world``; any scene that also occurs
-among the diagnosed questions is dropped), one per question kind, location and layer: at the last
-position of the question (every kind), and on the image tokens covering the asked object (colour
-and size questions). A probe counts only where it beats chance by ``min_gain`` on held-out scenes
-of the probe set; an example is decodable where a counting probe predicts its concept.
+among the diagnosed questions is dropped), one per question kind, location and layer (the input
+embeddings, then every language-model layer's residual stream): at the last position of the
+question (every kind), on the image tokens covering the asked object (colour and size questions),
+and on those of the two objects of a relation question side by side. A probe counts only where it
+beats chance by ``min_gain`` on held-out scenes of the probe set; an example is decodable where a
+counting probe predicts its concept (:func:`concept`). An error without a source split (an empty
+answer, or one of several tokens) cannot be a prior override.
 """
 from __future__ import annotations
 
@@ -42,13 +45,28 @@ from .stages import Stages
 CAUSES = ("prior override", "knows but doesn't say", "perception failure")
 HOOKS = ("hook_embed", "blocks.*.hook_resid_post")
 OBJECT_KINDS = ("color", "size", "color_yesno")  # one asked object whose image tokens are probed
-LOCATIONS = ("last", "object")
+PAIR_KINDS = ("relation_yesno", "where")  # two asked objects, probed side by side
+LOCATIONS = ("last", "object", "pair")
 
 
-def concept(q) -> str:
-    """The label a probe must decode for a question: the object's true colour for a colour yes/no
-    question (the answer also depends on the colour named), else the gold answer."""
+def concept(q, location: str = "last") -> str | None:
+    """The label a probe at ``location`` must decode for a question.
+
+    At the last position: the gold answer, except the object's true colour for a colour yes/no
+    question (whose answer also depends on the colour named). On the asked object's tokens: its
+    colour or size. On a relation's two objects: the relation that holds between them (None when
+    two hold, e.g. above and left: no single label).
+    """
+    if location == "pair":
+        return q.scene.relation(q.about[0], q.about[1]) if len(q.about) == 2 else None
+    if location == "object":
+        return q.size if q.kind == "size" else q.color
     return q.color if q.kind == "color_yesno" else q.answer
+
+
+def _applies(kind: str, location: str) -> bool:
+    return location == "last" or (location == "object" and kind in OBJECT_KINDS) or (
+        location == "pair" and kind in PAIR_KINDS)
 
 
 def default_probe_world(world: Any, questions: Sequence[Any]):
@@ -80,45 +98,67 @@ def probe_questions(world, kinds: Sequence[str], splits: Sequence[str], n: int, 
     return [q for q in out if scene_key(q.scene) not in avoid]
 
 
-def _object_cells(layout, q) -> torch.Tensor | None:
-    """Sequence positions of the grid cells overlapping the asked object's bounding box."""
+def _object_cells(layout, q, k: int = 0) -> torch.Tensor | None:
+    """Sequence positions of the grid cells overlapping the ``k``-th asked object's bounding box."""
     grid = layout.images[0].grid if layout.images else None
-    if grid is None or not q.about:
+    if grid is None or len(q.about) <= k:
         return None
     rows, cols = grid.shape
     side = q.scene.image_size
-    x0, y0, x1, y1 = q.scene.objects[q.about[0]].bbox
-    r0, r1 = int(y0 * rows // side), max(int(math.ceil(y1 * rows / side)) - 1, int(y0 * rows // side))
-    c0, c1 = int(x0 * cols // side), max(int(math.ceil(x1 * cols / side)) - 1, int(x0 * cols // side))
+    x0, y0, x1, y1 = q.scene.objects[q.about[k]].bbox
+    r0, c0 = int(y0 * rows // side), int(x0 * cols // side)
+    r1 = max(int(math.ceil(y1 * rows / side)) - 1, r0)
+    c1 = max(int(math.ceil(x1 * cols / side)) - 1, c0)
     return grid.positions[max(r0, 0):min(r1, rows - 1) + 1, max(c0, 0):min(c1, cols - 1) + 1].reshape(-1)
 
 
+def _pooled(states: torch.Tensor, i: int, cells: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean of example ``i``'s states ``[L, b, seq, d]`` over some positions: ``[L, d]``."""
+    if cells is None or not len(cells):
+        return None
+    return states[:, i, cells.to(states.device)].mean(1).cpu()
+
+
 def features(model, questions: Sequence[Any], *, batch_size: int = 32, progress: bool = True,
-             desc: str = "probe features") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Residual-stream features of each question at every layer.
+             desc: str = "probe features") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Residual-stream features of each question at every layer, per location.
 
     Returns:
-        ``last [layer, N, d]`` (the question's last position), ``object [layer, N, d]`` (mean over
-        the image tokens covering the asked object; NaN for other kinds) and the layer names
-        (``"embed"``, then ``"0"``, ``"1"``, ...).
+        ``{location: [layer, N, d']}`` and the layer names (``"embed"``, then ``"0"``, ``"1"``, ...).
+        ``last``: the question's last position; ``object``: the mean over the image tokens
+        covering the asked object (colour and size questions); ``pair``: those means of the two
+        objects of a relation question side by side (``d' = 2 d``). NaN where a location does not
+        apply.
     """
-    lasts, objects = [], []
+    parts: dict[str, list[torch.Tensor]] = {loc: [] for loc in LOCATIONS}
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress):
         chunk = questions[start:start + batch_size]
         batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
         with model.capture(list(HOOKS), positions="all", reduce="none") as cache:
             model.forward(batch)
         states = torch.cat([cache["hook_embed"][None], cache.stack(HOOKS[1])]).float()  # [L, b, seq, d]
-        obj = torch.full((states.shape[0], len(chunk), states.shape[-1]), float("nan"))
+        n_layers, d = states.shape[0], states.shape[-1]
+        obj = torch.full((n_layers, len(chunk), d), float("nan"))
+        pair = torch.full((n_layers, len(chunk), 2 * d), float("nan"))
         for i, (q, layout) in enumerate(zip(chunk, batch.layouts)):
-            cells = _object_cells(layout, q) if q.kind in OBJECT_KINDS else None
-            if cells is not None and len(cells):
-                obj[:, i] = states[:, i, cells.to(states.device)].mean(1).cpu()
+            if q.kind in OBJECT_KINDS and (v := _pooled(states, i, _object_cells(layout, q))) is not None:
+                obj[:, i] = v
+            if q.kind in PAIR_KINDS:
+                a, b = (_pooled(states, i, _object_cells(layout, q, k)) for k in (0, 1))
+                if a is not None and b is not None:
+                    pair[:, i] = torch.cat([a, b], -1)
         last = torch.stack([layout.positions("all")[-1] for layout in batch.layouts]).to(states.device)
-        lasts.append(states[:, torch.arange(len(chunk), device=states.device), last].cpu())
-        objects.append(obj)
-    layers = ["embed", *(str(k) for k in range(lasts[0].shape[0] - 1))]
-    return torch.cat(lasts, 1), torch.cat(objects, 1), layers
+        parts["last"].append(states[:, torch.arange(len(chunk), device=states.device), last].cpu())
+        parts["object"].append(obj)
+        parts["pair"].append(pair)
+    layers = ["embed", *(str(k) for k in range(parts["last"][0].shape[0] - 1))]
+    return {loc: torch.cat(v, 1) for loc, v in parts.items()}, layers
+
+
+def _usable(x: torch.Tensor, labels: list) -> np.ndarray:
+    """Indices with a label and finite features (a location that does not apply is NaN)."""
+    finite = torch.isfinite(x).all(-1).all(0).cpu().numpy() if x.shape[1] else np.zeros(0, bool)
+    return np.array([i for i, (v, ok) in enumerate(zip(labels, finite)) if v is not None and ok], dtype=int)
 
 
 def fit_probes(train_x: dict[str, torch.Tensor], train_q: Sequence[Any], test_x: dict[str, torch.Tensor],
@@ -126,44 +166,51 @@ def fit_probes(train_x: dict[str, torch.Tensor], train_q: Sequence[Any], test_x:
                seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit the probes of every kind and location, and decode the diagnosed questions with them.
 
+    Args:
+        train_x, test_x: ``{location: [layer, N, d]}`` features (see :func:`features`) of the
+            probe-training and of the diagnosed questions.
+        train_q, test_q: the questions.
+        layers: layer names.
+        min_gain: accuracy above chance a probe needs to count.
+        seed: of the held-out split (by scene) of the probe-training questions.
+
     Returns:
         ``probes``: kind, location, layer, accuracy (held-out scenes of the probe set), chance
         (majority share there), counts (accuracy >= chance + min_gain), n_train, n_test;
-        ``decoded``: per diagnosed question, ``id``, ``concept``, ``decodable`` and ``decoded_at``
-        (the first counting probe that decodes it, ``"location@layer"``, or None).
+        ``decoded``: per diagnosed question, ``id``, ``concept`` (of the last position),
+        ``decodable`` and ``decoded_at`` (the first counting probe that decodes it,
+        ``"location@layer"``, or None).
     """
     probe_rows = []
-    hits = {q.id: [] for q in test_q}
+    hits: dict[str, list[str]] = {q.id: [] for q in test_q}
     for kind in sorted({q.kind for q in test_q}):
-        tr = np.array([i for i, q in enumerate(train_q) if q.kind == kind])
-        te = np.array([i for i, q in enumerate(test_q) if q.kind == kind])
-        if len(tr) < 8:
-            continue
-        labels = np.array([concept(train_q[i]) for i in tr])
-        classes = sorted(set(labels))
-        if len(classes) < 2:
-            continue
-        codes = np.array([classes.index(v) for v in labels])
-        scenes = np.array([scene_key(train_q[i].scene) for i in tr])
-        fit_idx, val_idx = group_split(scenes, test_size=0.25, seed=seed)
-        target = [concept(test_q[i]) for i in te]
-        for location in LOCATIONS:
-            x = train_x[location][:, tr]
-            if location == "object" and kind not in OBJECT_KINDS:
-                continue
+        tr_kind = [i for i, q in enumerate(train_q) if q.kind == kind]
+        te_kind = [i for i, q in enumerate(test_q) if q.kind == kind]
+        for location in (loc for loc in LOCATIONS if _applies(kind, loc)):
+            x_tr, x_te = train_x[location][:, tr_kind], test_x[location][:, te_kind]
+            labels = [concept(train_q[i], location) for i in tr_kind]
+            keep = _usable(x_tr, labels)
+            classes = sorted({labels[i] for i in keep})
+            scenes = np.array([scene_key(train_q[tr_kind[i]].scene) for i in keep])
+            if len(keep) < 8 or len(classes) < 2 or len(set(scenes)) < 2:
+                continue  # too little to fit and check a probe
+            codes = np.array([classes.index(labels[i]) for i in keep])
+            fit_idx, val_idx = group_split(scenes, test_size=0.25, seed=seed)
+            x = x_tr[:, keep]
             probes = fit_many(x[:, fit_idx], torch.as_tensor(codes[fit_idx]), standardize=True, max_iter=300)
             accuracy = probes.accuracy(x[:, val_idx], torch.as_tensor(codes[val_idx])).cpu().numpy()
             chance = float(np.bincount(codes[val_idx], minlength=len(classes)).max() / len(val_idx))
-            predicted = probes.predict(test_x[location][:, te]).cpu().numpy()  # [L, m] codes
+            targets = [concept(test_q[i], location) for i in te_kind]
+            scored = _usable(x_te, targets)
+            predicted = probes.predict(x_te[:, scored]).cpu().numpy() if len(scored) else None  # [L, m]
             for layer, name in enumerate(layers):
                 counts = bool(accuracy[layer] >= chance + min_gain)
                 probe_rows.append(dict(kind=kind, location=location, layer=name, accuracy=float(accuracy[layer]),
                                        chance=chance, counts=counts, n_train=len(fit_idx), n_test=len(val_idx)))
-                if not counts:
-                    continue
-                for j, i in enumerate(te):
-                    if classes[predicted[layer, j]] == target[j]:
-                        hits[test_q[i].id].append(f"{location}@{name}")
+                if counts and predicted is not None:
+                    for j, i in enumerate(scored):
+                        if classes[predicted[layer, j]] == targets[i]:
+                            hits[test_q[te_kind[i]].id].append(f"{location}@{name}")
     decoded = pd.DataFrame([dict(id=q.id, concept=concept(q), decodable=bool(hits[q.id]),
                                  decoded_at=hits[q.id][0] if hits[q.id] else None) for q in test_q])
     return pd.DataFrame(probe_rows), decoded
@@ -283,10 +330,9 @@ def diagnose(model, questions: Sequence[Any], answers: pd.DataFrame, probe_world
         kinds = sorted({q.kind for q in questions})
         splits = sorted({q.split for q in questions} - {"train"}) or ["typical"]
         train_q = probe_questions(probe_world, kinds, splits, n_probe, avoid)
-        tl, to, layers = features(model, train_q, batch_size=batch_size, progress=progress, desc="probe set")
-        dl, do, _ = features(model, questions, batch_size=batch_size, progress=progress, desc="diagnosed set")
-        return fit_probes({"last": tl, "object": to}, train_q, {"last": dl, "object": do}, questions, layers,
-                          min_gain=min_gain)
+        train_x, layers = features(model, train_q, batch_size=batch_size, progress=progress, desc="probe set")
+        test_x, _ = features(model, questions, batch_size=batch_size, progress=progress, desc="diagnosed set")
+        return fit_probes(train_x, train_q, test_x, questions, layers, min_gain=min_gain)
 
     probes, decoded = stages.run("probes", ("probes", "decoded"), probe_stage)
     (splits,) = stages.run("splits", ("splits",), lambda: (split_errors(

@@ -69,6 +69,13 @@ def example_maps(model, questions: list, chosen: pd.DataFrame, method: str, prog
     return pd.DataFrame(rows, columns=["id", "question", "gold", "answer", "cause", "split", "png"])
 
 
+def _split_examples(errors: pd.DataFrame, k: int = 36) -> pd.DataFrame:
+    """Up to ``k`` errors with a split: counterfactual-colour questions first, grouped by cause."""
+    colour = (errors["split"] == "counterfactual") & errors["kind"].isin(["color", "color_yesno"])
+    order = errors.assign(_first=~colour, _cause=errors["cause"].map(list(CAUSES).index))
+    return order.sort_values(["_first", "_cause"], kind="stable").dropna(subset=["full"]).head(k)
+
+
 def _figure(fig, caption: str, alt: str) -> str:
     return H.figure(figures.png_bytes(fig), caption, alt)
 
@@ -121,20 +128,26 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "<p>The same per question kind:</p>",
         H.table(d.kinds, "cause_kinds"),
         "<h2>Where the concepts become decodable</h2>",
-        "<p>Held-out accuracy of linear probes per layer (embed = the input embeddings), fitted on "
-        "questions about other scenes: at the question's last position (solid) and on the image "
-        "tokens covering the asked object (dashed); dotted: the majority-class rate. A probe counts "
-        "for the diagnosis where it beats chance by 0.1.</p>",
+        "<p>Held-out accuracy of linear probes per layer, fitted on questions about other scenes: "
+        "at the question's last position (solid), on the image tokens covering the asked object "
+        "(dashed) and on the tokens of a relation's two objects side by side (dash-dot); dotted: "
+        "the majority-class rate. Layer 'embed' is the input embeddings, where image positions "
+        "still hold the placeholder token (a chance-level baseline). A probe counts for the "
+        "diagnosis where it beats chance by 0.1.</p>",
         _figure(figures.emergence_curves(d.probes),
                 "Probe accuracy against layer per question kind (emergence curves).", "emergence curves"),
         "<h2>Where the wrong answers came from</h2>",
-        "<p>Source split of the first errors: the log-odds of the wrong answer against the gold one "
+        "<p>Source split of the errors: the log-odds of the wrong answer against the gold one "
         "split exactly into the prior (template and weights alone), the prompt and the image "
         "(Shapley values, players removed by masking).</p>",
-        _figure(figures.split_bars(errors),
-                "Prior, prompt and image credit per wrong answer (label: answer/gold, coloured by "
-                "cause: orange prior override, purple knows but doesn't say, grey perception "
-                "failure); black tick: the full log-odds.", "source split of errors"),
+        _figure(figures.split_means(errors),
+                "Mean prior, prompt and image credit of the wrong answers per cause and level: "
+                "positive credit pushed towards the wrong answer.", "mean source split per cause"),
+        _figure(figures.split_bars(_split_examples(errors)),
+                "Prior, prompt and image credit of single wrong answers, counterfactual-colour "
+                "questions first, grouped by cause (label: answer/gold, coloured by cause: orange "
+                "prior override, purple knows but doesn't say, grey perception failure); black "
+                "tick: the full log-odds.", "source split of single errors"),
         "<h2>Example heatmaps</h2>",
         f"<p>Image maps ({H.esc(settings['map_method'])}) of the wrong answer's log-odds against the "
         "gold one: red cells and words pushed towards the wrong answer, blue towards the gold one.</p>",

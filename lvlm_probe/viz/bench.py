@@ -91,7 +91,8 @@ def cause_bars(causes: pd.DataFrame) -> Figure:
 
 def emergence_curves(probes: pd.DataFrame) -> Figure:
     """Held-out probe accuracy against layer, one panel per question kind; solid: the question's
-    last position, dashed: the asked object's image tokens; dotted grey: chance."""
+    last position, dashed: the asked object's image tokens, dash-dot: a relation's two objects'
+    tokens; dotted grey: chance."""
     require(probes, ["kind", "location", "layer", "accuracy", "chance"], "emergence_curves")
     kinds = list(dict.fromkeys(probes["kind"]))
     cols = min(3, max(len(kinds), 1))
@@ -101,7 +102,7 @@ def emergence_curves(probes: pd.DataFrame) -> Figure:
     for ax, kind in zip(axes, kinds):
         part = probes[probes["kind"] == kind]
         layers = list(dict.fromkeys(part["layer"]))
-        for location, style in (("last", "-"), ("object", "--")):
+        for location, style in (("last", "-"), ("object", "--"), ("pair", "-.")):
             line = part[part["location"] == location].set_index("layer").reindex(layers)
             if line["accuracy"].notna().any():
                 ax.plot(range(len(layers)), line["accuracy"], style, marker="o", ms=3, label=location)
@@ -139,5 +140,29 @@ def split_bars(errors: pd.DataFrame, first: int = 30) -> Figure:
         tick.set_color(CAUSE_COLORS.get(cause, "black"))
     ax.set_ylabel("log-odds wrong vs gold")
     ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+def split_means(errors: pd.DataFrame) -> Figure:
+    """Mean prior, prompt and image credit of the wrong answers per cause, one panel per level."""
+    require(errors, ["level", "prior", "prompt_credit", "image", "cause"], "split_means")
+    table = errors.dropna(subset=["full"])
+    levels = [lv for lv in ("object", "attribute", "relation") if lv in set(table["level"])]
+    fig = Figure(figsize=(3.3 * max(len(levels), 1), 3.0))
+    axes = np.atleast_1d(fig.subplots(1, max(len(levels), 1), sharey=True))
+    labels = {"prior": "prior", "prompt_credit": "prompt", "image": "image"}
+    causes = [c for c in CAUSE_COLORS]
+    for ax, level in zip(axes, levels):
+        means = table[table["level"] == level].groupby("cause")[list(SOURCE_COLORS)].mean().reindex(causes)
+        width = 0.26
+        for k, (source, color) in enumerate(SOURCE_COLORS.items()):
+            ax.bar(np.arange(len(causes)) + (k - 1) * width, means[source], width, color=color, label=labels[source])
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(causes)), [c.replace(" but ", "\nbut ").replace(" ", "\n", 1) if c.startswith("p")
+                                           else c.replace(" but ", "\nbut ") for c in causes], fontsize=7)
+        ax.set_title(level, fontsize=9)
+    axes[0].set_ylabel("mean credit (log-odds)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -119,16 +119,25 @@ def test_prior_override_errors_name_the_typical_colour(model):
     assert prior[named].mean() > prior[~named].mean() + 0.15
 
 
-def test_probes_decode_colour_from_the_object_tokens_and_relations_not_at_all(result):
+def test_probes_per_kind_and_location_and_what_they_decode(result):
     probes = result.diagnosis.probes
-    colour = probes[(probes.kind == "color") & (probes.location == "object")]
+    locations = probes.groupby("kind")["location"].agg(lambda v: set(v)).to_dict()
+    assert locations == {"exist": {"last"}, "color": {"last", "object"}, "color_yesno": {"last", "object"},
+                         "size": {"last", "object"}, "relation_yesno": {"last", "pair"}, "where": {"last", "pair"}}
+    assert (probes.groupby(["kind", "location"]).size() == 5).all()  # embed + 4 layers
+    colour = probes[(probes.kind == "color") & (probes.location == "object")].set_index("layer")
     assert colour.accuracy.max() > 0.8 > colour.chance.max() + 0.4
-    assert colour.set_index("layer").loc["embed", "accuracy"] < 0.5  # no image information at the embeddings' mean
-    where = probes[probes.kind == "where"]
-    assert not where.counts.any()
+    # image positions hold the placeholder token's embedding at "embed": nothing to decode there
+    assert colour.loc["embed", "accuracy"] < colour.loc["embed", "chance"] + 0.1 and not colour.loc["embed", "counts"]
+    assert (probes.counts == (probes.accuracy >= probes.chance + 0.1)).all()
     decoded = result.diagnosis.decoded
     assert decoded.loc[decoded.decodable, "decoded_at"].notna().all()
     assert decoded.loc[~decoded.decodable, "decoded_at"].isna().all()
+    counting = {f"{r.location}@{r.layer}" for r in probes[probes.counts].itertuples()}
+    assert set(decoded.decoded_at.dropna()) <= counting
+    # decodability goes with answering right: the concept is decodable more often when the answer is right
+    joined = decoded.merge(result.answers[["id", "correct"]], on="id")
+    assert joined[joined.correct].decodable.mean() > joined[~joined.correct].decodable.mean()
 
 
 def test_probe_questions_never_share_a_scene_with_the_diagnosed_ones(result):

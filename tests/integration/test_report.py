@@ -92,7 +92,7 @@ def test_self_contained_document_with_headings_and_captioned_figures(report, pag
     assert page.headings[0] == ("h1", "Misalignment report: shapes-llava")
     assert HEADINGS <= {t for tag, t in page.headings if tag == "h2"}
     assert "http://" not in text and "https://" not in text and not page.foreign
-    assert len(page.images) == 7  # levels, POPE, causes, emergence, split, two maps
+    assert len(page.images) == 8  # levels, POPE, causes, emergence, two splits, two maps
     for image in page.images:
         assert image["src"].startswith("data:image/png;base64,") and image["alt"]
         assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
