@@ -76,6 +76,13 @@ def _split_examples(errors: pd.DataFrame, k: int = 36) -> pd.DataFrame:
     return order.sort_values(["_first", "_cause"], kind="stable").dropna(subset=["full"]).head(k)
 
 
+def _source(settings: dict[str, Any]) -> str:
+    if settings["seed"] is None:
+        return f"from the export folder {H.esc(settings['folder'])}"
+    return (f"{settings['n']} per level and split, world seed {settings['seed']}, typical and "
+            "counterfactual colours")
+
+
 def _figure(fig, caption: str, alt: str) -> str:
     return H.figure(figures.png_bytes(fig), caption, alt)
 
@@ -89,8 +96,7 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
     body = [
         f"<h1>Misalignment report: {H.esc(name)}</h1>",
         f"<p>{H.esc(settings['summary'])}</p>",
-        f"<p>{total} ShapesWorld questions ({settings['n']} per level and split, world seed "
-        f"{settings['seed']}, typical and counterfactual colours), {wrong} answered wrongly. "
+        f"<p>{total} ShapesWorld questions ({_source(settings)}), {wrong} answered wrongly. "
         "On counterfactual scenes every asked-about object has an atypical colour, so a model that "
         "answers from the shape's typical colour errs there.</p>",
         "<h2>Accuracy per level</h2>",
@@ -200,10 +206,10 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
     (shown,) = stages.run("maps", ("maps",), lambda: (example_maps(model, result.questions, chosen, map_method, progress),))
     seed = world.config.seed if isinstance(world, ShapesWorld) else None
     settings = dict(summary=model.summary(), n=n, seed=seed, captions=captions, n_probe=n_probe,
-                    map_method=map_method)
+                    map_method=map_method, folder=None if seed is not None else str(world))
     summary = result.summary()
     document = {"model": name, "settings": settings, **{k: summary[k] for k in TABLES},
-                "probes": summary["probes"],
+                "probes": summary["probes"], "errors": records(result.diagnosis.errors),
                 "examples": records(shown.drop(columns="png"))}
     html_path, json_path = out / "report.html", out / "report.json"
     atomic_write(json_path, json.dumps(document, indent=1, sort_keys=True).encode(), "report.json")

@@ -132,9 +132,16 @@ def test_rerun_after_an_interrupted_stage_reuses_the_others_and_writes_the_same_
     assert (stages / "splits" / "done.json").is_file() and (stages / "maps" / "done.json").is_file()
 
 
-def test_cli_report(tmp_path):
-    result = CliRunner().invoke(app, ["report", "--model", "shapes-llava", "--device", "cpu", "--n", "6",
-                                      "--maps", "1", "--out", str(tmp_path)])
+def test_cli_report_on_an_export_folder(tmp_path):
+    world = lp.worlds.ShapesWorld(seed=1000, image_size=64)
+    questions = (world.questions(6, level="object", split="counterfactual", pope="adversarial")
+                 + world.questions(9, level="attribute", split="counterfactual"))
+    world.export(tmp_path / "questions", questions)
+    result = CliRunner().invoke(app, ["report", "--model", "shapes-llava", "--device", "cpu", "--maps", "1",
+                                      "--folder", str(tmp_path / "questions"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "Errors per cause" in result.output and (tmp_path / "report.html").is_file()
-    assert json.loads((tmp_path / "report.json").read_text())["settings"]["n"] == 6
+    assert "Errors per cause" in result.output
+    numbers = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sum(r["n"] for r in numbers["levels"]) == 15
+    assert {r["level"] for r in numbers["levels"]} == {"object", "attribute"}
+    assert "from the export folder" in (tmp_path / "out" / "report.html").read_text()
