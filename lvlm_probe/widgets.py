@@ -72,7 +72,8 @@ class Explorer:
         """The values the current figure shows: ``cells`` (``[rows, cols]`` attention or lens
         probability per image cell), ``lens`` (top tokens per cell, logit-lens mode), ``tokens`` and
         ``scores`` (text tokens up to the query and their contributions), ``image_score`` (the image
-        tokens' summed contribution), ``split`` (prior, prompt, image, full)."""
+        tokens' summed contribution), ``scale`` (the largest contribution of any token, image
+        tokens included, which the colours are relative to), ``split`` (prior, prompt, image, full)."""
         snap, layer, query = self.snapshot, self.layer.value, self.position.value
         head = None if self.head.value == ALL_HEADS else self.head.value
         lens = None
@@ -89,9 +90,10 @@ class Explorer:
         if snap.split is not None:
             split = {k: float(getattr(snap.split, k)[0]) for k in ("prior", "prompt", "image", "full")}
         image = [p for p, g in enumerate(snap.groups) if g == "image"]
+        seen = [p for p, g in enumerate(snap.groups) if g != "pad" and p <= query]
         return dict(cells=cells, lens=lens, tokens=[_clean(snap.tokens[p]) for p in keep],
                     scores=contributions[keep].numpy(), image_score=float(contributions[image].sum()),
-                    split=split)
+                    scale=float(contributions[seen].abs().max()), split=split)
 
     # --- drawing -------------------------------------------------------------------------------
     def render(self) -> Figure:
@@ -117,7 +119,7 @@ class Explorer:
                     f"image tokens {view['image_score']:+.3g}")
         else:  # families whose writes are not linear in the heads
             what = f"attention from the query, L{layer} {head}"
-        _draw_tokens(middle, view["tokens"], view["scores"], what)
+        _draw_tokens(middle, view["tokens"], view["scores"], view["scale"], what)
         _draw_split(right, view["split"], snap.target)
         return fig
 
@@ -191,10 +193,11 @@ def _clean(token: str) -> str:
     return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
 
 
-def _draw_tokens(ax, tokens: list[str], scores: np.ndarray, title: str) -> None:
+def _draw_tokens(ax, tokens: list[str], scores: np.ndarray, scale: float, title: str) -> None:
     ax.set_axis_off()
-    limit = float(np.abs(scores).max()) if len(scores) else 0.0
-    limit = limit or 1.0
+    # relative to the largest token of the whole sequence, so text tokens that a head ignores stay
+    # white even when every text score is rounding noise
+    limit = max(scale, 1e-6)
     x, y = 0.0, 0.92
     for token, score in zip(tokens, scores):
         color = colormaps["RdBu_r"](0.5 + 0.45 * float(score) / limit)
@@ -203,7 +206,7 @@ def _draw_tokens(ax, tokens: list[str], scores: np.ndarray, title: str) -> None:
         x += 0.03 + 0.018 * max(len(token.strip()), 1)
         if x > 0.9:
             x, y = 0.0, y - 0.13
-    ax.set_title(f"{title}\n(max |effect| {limit:.3g})", fontsize=8)
+    ax.set_title(f"{title}\n(colour scale ±{limit:.3g}: the largest token)", fontsize=8)
 
 
 def _draw_split(ax, split: dict[str, float] | None, target: str) -> None:

@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom without a cell error in under a minute, and is
+"""Every notebook in notebooks/ runs top to bottom without a cell error in under two minutes, and is
 kept in git with its outputs stripped."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"
-TIME_LIMIT = 60.0  # seconds for a whole notebook, on a 2-core CPU machine
+TIME_LIMIT = 120.0  # seconds for a whole notebook, on a 2-core CPU machine
 
 
 def test_there_are_notebooks():
