@@ -112,16 +112,25 @@ def _object_cells(layout, q, k: int = 0) -> torch.Tensor | None:
     return grid.positions[max(r0, 0):min(r1, rows - 1) + 1, max(c0, 0):min(c1, cols - 1) + 1].reshape(-1)
 
 
-def _pooled(states: torch.Tensor, i: int, cells: torch.Tensor | None) -> torch.Tensor | None:
-    """Mean of example ``i``'s states ``[L, b, seq, d]`` over some positions: ``[L, d]``."""
-    if cells is None or not len(cells):
-        return None
-    return states[:, i, cells.to(states.device)].mean(1).cpu()
+def _selector(cells: dict[int, torch.Tensor]):
+    """A position selector that picks, for each layout of the running batch, its given cells
+    (the last position where an example has none; those rows are discarded afterwards)."""
+    def select(layout) -> torch.Tensor:
+        return cells.get(id(layout), layout.positions("all")[-1:])
+    return select
+
+
+def _stack(cache) -> torch.Tensor:
+    """``[layer, batch, d]``: the input embeddings, then every layer's residual stream."""
+    return torch.cat([cache["hook_embed"][None], cache.stack(HOOKS[1])]).float().cpu()
 
 
 def features(model, questions: Sequence[Any], *, batch_size: int = 32, progress: bool = True,
              desc: str = "probe features") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Residual-stream features of each question at every layer, per location.
+
+    Each location is reduced inside the hooks (one forward pass per batch, four captures), so
+    memory stays at ``[layer, batch, d]`` per location whatever the sequence length.
 
     Returns:
         ``{location: [layer, N, d']}`` and the layer names (``"embed"``, then ``"0"``, ``"1"``, ...).
@@ -134,23 +143,25 @@ def features(model, questions: Sequence[Any], *, batch_size: int = 32, progress:
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress):
         chunk = questions[start:start + batch_size]
         batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
-        with model.capture(list(HOOKS), positions="all", reduce="none") as cache:
+        cells: list[dict[int, torch.Tensor]] = [{}, {}]  # first and second asked object, per layout
+        for q, layout in zip(chunk, batch.layouts):
+            wanted = 1 if q.kind in OBJECT_KINDS else 2 if q.kind in PAIR_KINDS else 0
+            found = [_object_cells(layout, q, k) for k in range(wanted)]
+            if wanted and all(c is not None and len(c) for c in found):
+                for k, c in enumerate(found):
+                    cells[k][id(layout)] = c
+        hooks = list(HOOKS)
+        with model.capture(hooks, positions="last", reduce="last") as last, \
+                model.capture(hooks, positions=_selector(cells[0]), reduce="mean") as first, \
+                model.capture(hooks, positions=_selector(cells[1]), reduce="mean") as second:
             model.forward(batch)
-        states = torch.cat([cache["hook_embed"][None], cache.stack(HOOKS[1])]).float()  # [L, b, seq, d]
-        n_layers, d = states.shape[0], states.shape[-1]
-        obj = torch.full((n_layers, len(chunk), d), float("nan"))
-        pair = torch.full((n_layers, len(chunk), 2 * d), float("nan"))
-        for i, (q, layout) in enumerate(zip(chunk, batch.layouts)):
-            if q.kind in OBJECT_KINDS and (v := _pooled(states, i, _object_cells(layout, q))) is not None:
-                obj[:, i] = v
-            if q.kind in PAIR_KINDS:
-                a, b = (_pooled(states, i, _object_cells(layout, q, k)) for k in (0, 1))
-                if a is not None and b is not None:
-                    pair[:, i] = torch.cat([a, b], -1)
-        last = torch.stack([layout.positions("all")[-1] for layout in batch.layouts]).to(states.device)
-        parts["last"].append(states[:, torch.arange(len(chunk), device=states.device), last].cpu())
-        parts["object"].append(obj)
-        parts["pair"].append(pair)
+        a, b = _stack(first), _stack(second)
+        has = [torch.tensor([id(layout) in c for layout in batch.layouts]) for c in cells]
+        one = has[0] & ~has[1]  # single-object questions; pairs have both
+        parts["last"].append(_stack(last))
+        parts["object"].append(torch.where(one[None, :, None], a, torch.full_like(a, float("nan"))))
+        both = torch.cat([a, b], -1)
+        parts["pair"].append(torch.where(has[1][None, :, None], both, torch.full_like(both, float("nan"))))
     layers = ["embed", *(str(k) for k in range(parts["last"][0].shape[0] - 1))]
     return {loc: torch.cat(v, 1) for loc, v in parts.items()}, layers
 
@@ -232,16 +243,12 @@ def split_errors(model, questions: Sequence[Any], answers: pd.DataFrame, *, batc
         chunk = items[start:start + batch_size]
         qs = [by_id[i] for i, _ in chunk]
         batch = model.prepare(images=[q.image for q in qs], prompts=[q.prompt for q in qs])
-        ok = [k for k, ((_, said), q) in enumerate(zip(chunk, qs))
-              if said and len(model.continuation_tokens(batch, k, said)) == 1
-              and len(model.continuation_tokens(batch, k, q.answer)) == 1]
+        ok = [k for k, ((_, said), q) in enumerate(zip(chunk, qs)) if _scorable(model, batch, k, said, q.answer)]
         split = None
         if ok:
-            sub = model.prepare(images=[qs[k].image for k in ok], prompts=[qs[k].prompt for k in ok])
-            try:
-                split = source_split(model, sub, [chunk[k][1] for k in ok], [qs[k].answer for k in ok]).shares()
-            except InputError:  # e.g. an answer whose token equals the gold one's: no split
-                split = None
+            if len(ok) < len(chunk):
+                batch = model.prepare(images=[qs[k].image for k in ok], prompts=[qs[k].prompt for k in ok])
+            split = source_split(model, batch, [chunk[k][1] for k in ok], [qs[k].answer for k in ok]).shares()
         for k, (qid, _) in enumerate(chunk):
             row = dict(id=qid, prior=np.nan, prompt_credit=np.nan, image=np.nan, full=np.nan,
                        prior_share=np.nan, prompt_share=np.nan, image_share=np.nan)
@@ -253,6 +260,15 @@ def split_errors(model, questions: Sequence[Any], answers: pd.DataFrame, *, batc
             rows.append(row)
     return pd.DataFrame(rows, columns=["id", "prior", "prompt_credit", "image", "full", "prior_share",
                                        "prompt_share", "image_share"])
+
+
+def _scorable(model, batch, k: int, said: str, gold: str) -> bool:
+    """Whether the wrong answer and the gold one are single, different tokens after example k's
+    text (what a source split of their log-odds needs)."""
+    if not said:
+        return False
+    a, b = model.continuation_tokens(batch, k, said), model.continuation_tokens(batch, k, gold)
+    return len(a) == 1 and len(b) == 1 and a != b
 
 
 def assign_causes(errors: pd.DataFrame, max_image_share: float = 0.5) -> pd.Series:

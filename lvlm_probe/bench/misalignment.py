@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,24 @@ def caption_scenes(model, scenes: Sequence[Any], splits: Sequence[str], *, batch
     return pd.DataFrame(rows)
 
 
-def chair_table(captions: pd.DataFrame) -> pd.DataFrame:
-    """CHAIR per split (and ``all``): chair_i, chair_s, counts and object recall."""
+def chair_table(captions: pd.DataFrame, typical: dict[str, str] | None = None) -> pd.DataFrame:
+    """CHAIR per split (and ``all``): chair_i, chair_s, counts and object recall.
+
+    With ``typical`` (shape -> its typical colour), also ``typical_share``: the share of
+    hallucinated mentions written right after their shape's typical colour ("a yellow star" for a
+    yellow object that is no star): the colour prior naming the shape.
+    """
     rows = []
     groups = [*captions.groupby("split", sort=True), ("all", captions)]
     for split, part in groups:
         result = chair(list(part["caption"]), [list(t) for t in part["truth"]])
-        rows.append({"split": split, **result.summary()})
+        row = {"split": split, **result.summary()}
+        if typical is not None:
+            words = [re.findall(r"[a-z]+", text.lower()) for text in part["caption"]]  # as chair() splits
+            named = [m.start > 0 and typical.get(m.object) == words[m.caption][m.start - 1]
+                     for m in result.mentions.itertuples() if m.hallucinated]
+            row["typical_share"] = float(np.mean(named)) if named else np.nan
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -252,7 +264,8 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
     if scenes:
         (caption_rows,) = stages.run("captions", ("captions",), lambda: (caption_scenes(
             model, scenes, scene_splits, batch_size=batch_size, progress=progress),))
-        chair_rows = chair_table(caption_rows)
+        typical = {q.shape: q.typical_color for q in questions if q.shape and q.typical_color}
+        chair_rows = chair_table(caption_rows, typical)
     diagnosis = None
     if diagnose:
         diagnosis = run_diagnosis(model, questions, answers, probe_world, n_probe=n_probe,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..bench.chair import chair
 from ..bench.diagnosis import CAUSES
 from ..bench.misalignment import Misalignment, misalignment, records
 from ..bench.stages import Stages
@@ -76,6 +78,34 @@ def _split_examples(errors: pd.DataFrame, k: int = 36) -> pd.DataFrame:
     return order.sort_values(["_first", "_cause"], kind="stable").dropna(subset=["full"]).head(k)
 
 
+def _marked(text: str, mentions: pd.DataFrame) -> str:
+    """A caption with its hallucinated object words highlighted."""
+    marked = {int(r.start) + k for r in mentions.itertuples() if r.hallucinated for k in range(len(r.word.split()))}
+    out, index = [], 0
+    for piece in re.finditer(r"[A-Za-z]+|[^A-Za-z]+", text):
+        word = piece.group()
+        if word[0].isalpha():
+            out.append(f'<span class="mark">{H.esc(word)}</span>' if index in marked else H.esc(word))
+            index += 1
+        else:
+            out.append(H.esc(word))
+    return "".join(out)
+
+
+def _caption_examples(captions: pd.DataFrame, per_split: int = 3) -> str:
+    """A few captions per split with hallucinated shapes highlighted, beside the shapes present."""
+    rows = []
+    for split, part in captions.groupby("split", sort=True):
+        part = part.head(per_split)
+        scored = chair(list(part["caption"]), [list(t) for t in part["truth"]])
+        for k, row in enumerate(part.itertuples()):
+            text = _marked(row.caption, scored.mentions[scored.mentions["caption"] == k])
+            rows.append(f'<tr><td class="text">{H.esc(split)}</td><td class="text">{text}</td>'
+                        f'<td class="text">{H.esc(", ".join(row.truth))}</td></tr>')
+    return ('<table id="captions"><thead><tr><th>split</th><th>caption (hallucinated shapes marked)</th>'
+            f'<th>shapes present</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def _source(settings: dict[str, Any]) -> str:
     if settings["seed"] is None:
         return f"from the export folder {H.esc(settings['folder'])}"
@@ -117,10 +147,11 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "<h2>CHAIR</h2>",
         "<p>Captions generated for the question scenes with the prompt 'Describe the image.'; "
         "CHAIR_i is the share of object mentions naming a shape that is not in the scene, CHAIR_s "
-        "the share of captions with at least one; recall is the share of present shapes mentioned.</p>",
+        "the share of captions with at least one; recall is the share of present shapes mentioned; "
+        "typical_share is the share of hallucinated mentions written right after their shape's "
+        "typical colour (a yellow object called a star): the colour prior naming the shape.</p>",
         H.table(result.chair, "chair"),
-        H.table(result.captions.head(6).assign(truth=lambda t: [", ".join(x) for x in t["truth"]]),
-                "captions", ["split", "caption", "truth"]),
+        _caption_examples(result.captions),
         "<h2>Diagnosis of the errors</h2>",
         "<p>Each wrong answer gets one cause. <b>Prior override</b>: the source split of the wrong "
         "answer's log-odds against the gold one gives the prior and the prompt together a push "

@@ -75,3 +75,21 @@ def test_builtin_table_covers_every_shape_and_plural():
     for shape in ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon"):
         assert table[shape] == shape
     assert table["crosses"] == "cross" and table["rhombus"] == "diamond"
+
+
+def test_typical_share_counts_shapes_named_after_their_typical_colour():
+    import pandas as pd
+
+    from lvlm_probe.bench.misalignment import chair_table
+
+    captions = pd.DataFrame({
+        "split": ["counterfactual", "counterfactual", "typical"],
+        "caption": ["A small yellow star.", "A red star and a blue heart.", "A red heart."],
+        "truth": [["triangle"], ["square"], ["heart"]],
+    })
+    table = chair_table(captions, {"star": "yellow", "heart": "red"}).set_index("split")
+    # hallucinated: star after yellow (typical), star after red (not), heart after blue (not)
+    assert table.loc["counterfactual", "hallucinated"] == 3
+    assert table.loc["counterfactual", "typical_share"] == pytest.approx(1 / 3)
+    assert math.isnan(table.loc["typical", "typical_share"]) and table.loc["typical", "chair_i"] == 0.0
+    assert table.loc["all", "chair_s"] == pytest.approx(2 / 3)
