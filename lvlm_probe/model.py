@@ -397,6 +397,17 @@ class LoadSpec:
     trust_remote_code: bool = False
     hf_kwargs: tuple[tuple[str, Any], ...] = ()
 
+    def replace(self, **overrides: Any) -> LoadSpec:
+        """The same spec with some :func:`load` keywords replaced (``None`` removes a
+        ``from_pretrained`` keyword), e.g. ``spec.replace(device_map="auto", max_memory=None)``."""
+        fields = {k: overrides.pop(k) for k in ("dtype", "attn_implementation", "trust_remote_code")
+                  if k in overrides}
+        if isinstance(fields.get("dtype"), torch.dtype):
+            fields["dtype"] = str(fields["dtype"]).removeprefix("torch.")
+        kwargs = {**dict(self.hf_kwargs), **overrides}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return dataclasses.replace(self, **fields, hf_kwargs=tuple(sorted(kwargs.items())))
+
     def load(self, device: str | torch.device | None = None) -> LVLM:
         """Load the model again (on ``device`` unless the spec holds a ``device_map``)."""
         return load(self.name_or_path, device=device, dtype=self.dtype,

@@ -43,8 +43,8 @@ class Written:
 
 def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: torch.dtype, writer: Any,
                 stored_ids: list[Any], bar: Any, *, address: str | None,
-                resources: dict[str, Any] | None, batch_size: int, shard_size: int,
-                max_shard_bytes: int) -> int:
+                resources: dict[str, Any] | None, load: dict[str, Any] | None = None,
+                batch_size: int, shard_size: int, max_shard_bytes: int) -> int:
     """Extract the examples after ``stored_ids`` with Ray tasks; called by
     :func:`lvlm_probe.extract` under the store's lock.
 
@@ -63,6 +63,8 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
             f"{type(model).__name__} was built in memory; save it with model.save_pretrained(dir) "
             "and pass lp.load(dir)"
         )
+    if load:
+        spec = spec.replace(**load)
     resources = dict(resources or ({"num_gpus": 1} if model.device.type == "cuda" else {"num_cpus": 1}))
     examples = Examples(dataset, stored_ids, writer.root)
     sizer = _Sizer(model, plan, dtype)

@@ -41,6 +41,7 @@ def extract(
     backend: str = "local",
     ray_address: str | None = None,
     ray_resources: dict[str, float] | None = None,
+    ray_load: dict[str, Any] | None = None,
 ) -> ActivationStore:
     """Run a model over a dataset and stream the hooks' activations to a store on disk.
 
@@ -72,6 +73,9 @@ def extract(
             running Ray session, or starts a local one for this call.
         ray_resources: Ray resources of each shard task, default ``{"num_gpus": 1}`` for a
             model on a GPU, else ``{"num_cpus": 1}``.
+        ray_load: :func:`lvlm_probe.load` keywords for the workers that replace the driver's,
+            e.g. ``{"device_map": "auto", "max_memory": None}`` when the driver holds the model
+            on CPU and disk but each worker has GPUs (the fingerprints must still match).
 
     Returns:
         The :class:`ActivationStore`.
@@ -94,6 +98,9 @@ def extract(
     from ..distributed.options import check_backend  # no Ray import: options are plain Python
 
     check_backend(backend, ray_address, ray_resources)
+    if ray_load is not None and (backend != "ray" or not isinstance(ray_load, dict)):
+        raise InputError(f"ray_load must be a dict of lp.load keywords, with backend='ray'; got "
+                         f"ray_load={ray_load!r}, backend={backend!r}")
     plan = R.plan(model, hooks, positions, reduce)
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
     if not dtype.is_floating_point:
@@ -139,7 +146,7 @@ def extract(
                 from ..distributed.extract import extract_ray
 
                 n = extract_ray(model, dataset, plan, positions, dtype, writer, stored_ids, bar,
-                                address=ray_address, resources=ray_resources, **sizes)
+                                address=ray_address, resources=ray_resources, load=ray_load, **sizes)
             else:
                 n = _stream(model, dataset, plan, dtype, writer, stored_ids, bar, **sizes)
         finally:

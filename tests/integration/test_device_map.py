@@ -99,3 +99,13 @@ def test_bad_placement_arguments():
         lp.load(build_dir("llava"), backend="vllm")
     with pytest.raises(lp.InputError, match="needs backend='nnsight'"):
         lp.load(build_dir("llava"), remote=True)
+
+
+def test_load_spec_replays_and_replaces_placement(models):
+    whole, split = models
+    assert dict(split.source.hf_kwargs)["device_map"] == SPLIT
+    single = split.source.replace(device_map=None, offload_folder=None)
+    assert "device_map" not in dict(single.hf_kwargs) and single.dtype == "float32"
+    again = single.load(device="cpu")
+    assert not hasattr(again.hf, "hf_device_map") or not again.hf.hf_device_map
+    assert fingerprint(again) == fingerprint(whole)

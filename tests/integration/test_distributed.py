@@ -193,3 +193,12 @@ def test_local_path_never_imports_ray(tmp_path):
     assert first.split() == ["False", "False"]
     assert "needs Ray, which is not installed" in message
     assert "pip install 'lvlm-probe[distributed]'" in message
+
+
+def test_worker_model_must_match_the_driver(ray_session, llava, questions, tmp_path):
+    # ray_load changes what workers load; a different model is caught by its fingerprint
+    with pytest.raises(lp.StoreError, match="Ray worker loaded .* with fingerprint"):
+        lp.extract(llava, questions, HOOKS, out=tmp_path / "a", backend="ray",
+                   ray_load={"dtype": "float16"}, **SIZES)
+    with pytest.raises(InputError, match="ray_load must be a dict"):
+        lp.extract(llava, questions, HOOKS, out=tmp_path / "b", ray_load={"dtype": "float16"})
