@@ -1,8 +1,9 @@
 """Patching in every family's tiny model: writing the clean run's residual stream at the first
 layer restores the clean logits wherever the image enters the token sequence, and an empty edit
-changes nothing."""
+changes nothing; the explorer builds and follows its controls."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_image
@@ -40,3 +41,27 @@ def test_patching_the_first_residual_restores_the_clean_run(tiny_batch):
         return
     table = patch(model, clean, corrupted, "blocks.0.hook_resid_pre", positions="all", metric=logit)
     assert table["metric"].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_explorer_works_in_every_family(tiny_batch):
+    import lvlm_probe as lp
+
+    model, batch = tiny_batch
+    explorer = lp.widgets.explore(model, batch, example=1)
+    counted = []
+    handle = model.hf.register_forward_pre_hook(lambda module, args: counted.append(1))
+    try:
+        before = bytes(explorer.image.value)
+        explorer.layer.value = 0
+        explorer.head.value = model.n_heads - 1
+        assert bytes(explorer.image.value) != before
+    finally:
+        handle.remove()
+    assert not counted
+    shown = explorer.shown()
+    grid = batch.layouts[1].images[0].grid
+    if grid is None:  # BLIP-2's queries, Mllama's cross-attended tiles: no grid in the sequence
+        assert shown["cells"] is None
+    else:
+        assert shown["cells"].shape == grid.shape
+        assert np.all(shown["cells"] >= 0)
