@@ -290,6 +290,22 @@ def cause_table(errors: pd.DataFrame, by: Sequence[str] = ("split", "level")) ->
     return pd.DataFrame(rows, columns=[*by, "cause", "n", "share"])
 
 
+def decodability_table(decoded: pd.DataFrame, answers: pd.DataFrame,
+                       by: Sequence[str] = ("split", "level")) -> pd.DataFrame:
+    """Per group: how often the asked concept is decodable when the answer is right and when it
+    is wrong (``n_right``, ``decodable_right``, ``n_wrong``, ``decodable_wrong``)."""
+    joined = decoded[["id", "decodable"]].merge(answers[["id", *by, "correct"]], on="id")
+    rows = []
+    for key, part in joined.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        right, wrong = part[part["correct"]], part[~part["correct"]]
+        rows.append({**dict(zip(by, key)), "n_right": len(right),
+                     "decodable_right": float(right["decodable"].mean()) if len(right) else np.nan,
+                     "n_wrong": len(wrong),
+                     "decodable_wrong": float(wrong["decodable"].mean()) if len(wrong) else np.nan})
+    return pd.DataFrame(rows)
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """The diagnosis of a benchmark run.
@@ -302,6 +318,8 @@ class Diagnosis:
         kinds: the same per split, level and question kind.
         probes: every probe's held-out accuracy per kind, location and layer (emergence curves).
         decoded: every diagnosed question (right or wrong) with ``decodable``.
+        decodability: per split and level, how often the concept is decodable for right and for
+            wrong answers (:func:`decodability_table`).
     """
 
     errors: pd.DataFrame
@@ -309,9 +327,12 @@ class Diagnosis:
     kinds: pd.DataFrame
     probes: pd.DataFrame
     decoded: pd.DataFrame
+    decodability: pd.DataFrame
 
     def summary(self) -> dict[str, Any]:
-        return {"causes": records(self.causes), "cause_kinds": records(self.kinds), "probes": records(self.probes)}
+        """The tables as JSON-ready records."""
+        return {"causes": records(self.causes), "cause_kinds": records(self.kinds),
+                "decodability": records(self.decodability), "probes": records(self.probes)}
 
 
 def diagnose(model, questions: Sequence[Any], answers: pd.DataFrame, probe_world: Any, *, n_probe: int = 150,
@@ -358,4 +379,5 @@ def diagnose(model, questions: Sequence[Any], answers: pd.DataFrame, probe_world
     errors = errors.merge(splits, on="id", how="left")
     errors["decodable"] = errors["decodable"].fillna(False).astype(bool)
     errors["cause"] = assign_causes(errors, max_image_share)
-    return Diagnosis(errors, cause_table(errors), cause_table(errors, ("split", "level", "kind")), probes, decoded)
+    return Diagnosis(errors, cause_table(errors), cause_table(errors, ("split", "level", "kind")), probes, decoded,
+                     decodability_table(decoded, answers))

@@ -29,7 +29,7 @@ from . import html as H
 EVAL_SEED = 1000  # a world seed the reference model never saw in training
 
 # The tables of the HTML document and of the JSON, under the same names.
-TABLES = ("levels", "pope", "chair", "causes", "cause_kinds")
+TABLES = ("levels", "pope", "chair", "causes", "cause_kinds", "decodability")
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,10 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         _figure(figures.cause_bars(d.causes), "Errors per split and level, stacked by cause.", "error causes"),
         "<p>The same per question kind:</p>",
         H.table(d.kinds, "cause_kinds"),
+        "<p>How often the asked concept is decodable by a counting probe, for right and for wrong "
+        "answers: where wrong answers are decodable almost as often as right ones, the model had "
+        "the information and did not use it.</p>",
+        H.table(d.decodability, "decodability"),
         "<h2>Where the concepts become decodable</h2>",
         "<p>Held-out accuracy of linear probes per layer, fitted on questions about other scenes: "
         "at the question's last position (solid), on the image tokens covering the asked object "

@@ -136,8 +136,13 @@ def test_probes_per_kind_and_location_and_what_they_decode(result):
     counting = {f"{r.location}@{r.layer}" for r in probes[probes.counts].itertuples()}
     assert set(decoded.decoded_at.dropna()) <= counting
     # decodability goes with answering right: the concept is decodable more often when the answer is right
-    joined = decoded.merge(result.answers[["id", "correct"]], on="id")
+    joined = decoded.merge(result.answers[["id", "split", "level", "correct"]], on="id")
     assert joined[joined.correct].decodable.mean() > joined[~joined.correct].decodable.mean()
+    table = result.diagnosis.decodability.set_index(["split", "level"])
+    for (split, level), part in joined.groupby(["split", "level"]):
+        wrong = part[~part.correct]
+        assert table.loc[(split, level), "n_wrong"] == len(wrong)
+        assert table.loc[(split, level), "decodable_wrong"] == pytest.approx(wrong.decodable.mean())
 
 
 def test_probe_questions_never_share_a_scene_with_the_diagnosed_ones(result):
