@@ -195,7 +195,7 @@ def _where(name: str, chunk: Sequence[Site], source: Tensor, n: int):
     tiled = repeat(source, "b ... -> (r b) ...", r=runs)
 
     def edit(value: Tensor) -> Tensor:
-        return torch.where(mask, tiled.to(value.dtype), value)
+        return torch.where(mask.to(value.device), tiled.to(value.device, value.dtype), value)
     return edit
 
 

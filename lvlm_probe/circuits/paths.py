@@ -126,7 +126,7 @@ def _adding(deltas: Tensor):
     flat = rearrange(deltas, "r b p d -> (r b) p d")
 
     def edit(value: Tensor) -> Tensor:
-        return value + flat.to(value.dtype)
+        return value + flat.to(value.device, value.dtype)  # layers may sit on other devices
     return edit
 
 
@@ -141,9 +141,9 @@ def _receiver_edits(model, corrupted, chunk: Sequence[Head], deltas: Tensor, rec
     names = [f"blocks.{layer}.attn.hook_{x}" for layer in layers for x in INPUTS]
     edits = {}
     for j, layer in enumerate(layers):
-        runs = torch.zeros(len(layers), *deltas.shape, dtype=deltas.dtype)  # [layer run, k, b, p, d]
+        runs = torch.zeros(len(layers), *deltas.shape, dtype=deltas.dtype, device=deltas.device)
         # a sender at or after the receiver's layer has no path to it
-        before = torch.tensor([s[0] < layer for s in chunk], dtype=deltas.dtype)
+        before = torch.tensor([s[0] < layer for s in chunk], dtype=deltas.dtype, device=deltas.device)
         runs[j] = deltas * before[:, None, None, None]
         edits[f"blocks.{layer}.hook_resid_pre"] = _adding(rearrange(runs, "l k b p d -> (l k) b p d"))
     inputs = repeat_inputs(corrupted.inputs, len(layers) * k)
@@ -169,7 +169,7 @@ def _replacing(source: Tensor, heads: list[int], k: int, n: int):
     mask = repeat(mask, "h -> 1 1 h 1")
 
     def edit(value: Tensor) -> Tensor:
-        return torch.where(mask.to(value.device), source.to(value.dtype), value)
+        return torch.where(mask.to(value.device), source.to(value.device, value.dtype), value)
     return edit
 
 

@@ -152,10 +152,10 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
     if model.family.name in UNSUPPORTED:
         return None, scales
     head = model.module(model.family.lm_head)
-    direction = head.weight[ids[0]].float()
+    direction = head.weight[ids[0]].float().cpu()
     if len(ids) > 1:
-        direction = direction - head.weight[ids[1]].float()
-    weight = norm.weight.float() if norm.weight is not None else torch.ones_like(direction)
+        direction = direction - head.weight[ids[1]].float().cpu()
+    weight = norm.weight.float().cpu() if norm.weight is not None else torch.ones_like(direction)
     if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
         weight = 1.0 + weight
     writes = []
@@ -167,5 +167,6 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
         out = einsum(v, w_o, "k h d, h d m -> h k m")
         if layer_norm:
             out = out - out.mean(-1, keepdim=True)
-        writes.append(einsum(out, weight * direction, "h k m, m -> h k"))
-    return torch.stack(writes).detach().cpu(), scales
+        # layers of a model spread over devices each compute on their own
+        writes.append(einsum(out, (weight * direction).to(out.device), "h k m, m -> h k").cpu())
+    return torch.stack(writes).detach(), scales
