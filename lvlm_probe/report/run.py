@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..attribution.image_map import METHODS
 from ..bench.chair import chair
 from ..bench.diagnosis import CAUSES
 from ..bench.misalignment import Misalignment, misalignment, records
@@ -222,7 +223,8 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
         A :class:`Report`.
 
     Raises:
-        InputError: for a negative ``maps`` (and see :func:`~lvlm_probe.bench.misalignment`).
+        InputError: for a negative ``maps`` or an unknown ``map_method`` (and see
+            :func:`~lvlm_probe.bench.misalignment`).
 
     Example:
         >>> lp.report.write_report(lp.zoo.load("shapes-llava"), "runs/report", name="shapes-llava")
@@ -231,6 +233,8 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
 
     if isinstance(maps, bool) or not isinstance(maps, int) or maps < 0:
         raise InputError(f"maps must be a non-negative int, got {maps!r}")
+    if map_method not in METHODS:  # checked before the long stages, not after them
+        raise InputError(f"unknown map_method {map_method!r}; available: {METHODS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = world if world is not None else ShapesWorld(seed=EVAL_SEED, image_size=64)

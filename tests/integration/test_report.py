@@ -132,6 +132,16 @@ def test_rerun_after_an_interrupted_stage_reuses_the_others_and_writes_the_same_
     assert (stages / "splits" / "done.json").is_file() and (stages / "maps" / "done.json").is_file()
 
 
+def test_bad_arguments_fail_before_any_stage(model, tmp_path):
+    from lvlm_probe.errors import InputError
+
+    with pytest.raises(InputError, match="unknown map_method 'gradcam'; available:"):
+        lp.report.write_report(model, tmp_path, map_method="gradcam")
+    with pytest.raises(InputError, match="maps must be a non-negative int, got -1"):
+        lp.report.write_report(model, tmp_path, maps=-1)
+    assert not (tmp_path / "stages").exists()
+
+
 def test_cli_report_on_an_export_folder(tmp_path):
     world = lp.worlds.ShapesWorld(seed=1000, image_size=64)
     questions = (world.questions(6, level="object", split="counterfactual", pope="adversarial")
