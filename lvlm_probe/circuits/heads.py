@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from einops import rearrange
 
 from ..attribution.dla import dla
 from ..attribution.groups import group_mask
@@ -65,9 +66,10 @@ def head_attribution(
         terms = dla(model, batch, targets, foil).terms
         heads = terms[terms["component"] == "head"]
         effect = heads.pivot_table(index=["layer", "head"], columns="source", values="value", aggfunc="sum")
-        total = torch.tensor(effect.sum(axis=1).to_numpy()).reshape(model.n_layers, model.n_heads)
-        image = torch.tensor(effect.get("image", 0.0 * effect.iloc[:, 0]).to_numpy()
-                             ).reshape(model.n_layers, model.n_heads)
+        # pivot_table sorts its (layer, head) index, so rows are layer-major
+        total = rearrange(torch.tensor(effect.sum(axis=1).to_numpy()), "(l h) -> l h", h=model.n_heads)
+        image = rearrange(torch.tensor(effect.get("image", 0.0 * effect.iloc[:, 0]).to_numpy()),
+                          "(l h) -> l h", h=model.n_heads)
         attention = image_attention(model, batch)  # [layer, head], summed over examples
         for key, value in (("direct", total), ("image", image), ("attention", attention)):
             sums[key] = sums.get(key, 0) + value

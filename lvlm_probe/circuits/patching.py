@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from jaxtyping import Bool
 from torch import Tensor
 
@@ -173,7 +173,7 @@ def run_sites(model, corrupted, sites: Sequence[Site], sources: dict[str, Tensor
         inputs = repeat_inputs(corrupted.inputs, len(chunk))
         with torch.no_grad(), editing(model, edits):
             logits = model.hf(**inputs).logits[:, -1]
-        out += [score(run) for run in logits.reshape(len(chunk), n, -1)]
+        out += [score(run) for run in rearrange(logits, "(r b) v -> r b v", b=n)]
     return torch.stack(out) if out else torch.zeros(0, n)
 
 
@@ -190,7 +190,7 @@ def _where(name: str, chunk: Sequence[Site], source: Tensor, n: int):
             mask[r] = site.mask
         else:
             mask[r, :, :, site.head] = site.mask
-    mask = mask.reshape(runs * n, *mask.shape[2:]).to(source.device)
+    mask = rearrange(mask, "r b ... -> (r b) ...").to(source.device)
     mask = mask[..., None]  # broadcast over d_model / d_head
     tiled = repeat(source, "b ... -> (r b) ...", r=runs)
 

@@ -98,7 +98,7 @@ def path_patch(
         inputs = repeat_inputs(corrupted.inputs, len(chunk))
         with torch.no_grad(), editing(model, edits):
             logits = model.hf(**inputs).logits[:, -1]
-        values += [score(run).mean() for run in logits.reshape(len(chunk), len(corrupted), -1)]
+        values += [score(run).mean() for run in rearrange(logits, "(r b) v -> r b v", b=len(corrupted))]
     raw = torch.stack(values)
     normalised = normalise(raw, m_clean, m_corrupted)
     name = "logits" if receivers == "logits" else ", ".join(f"L{a}H{b}.{c}" for a, b, c in receivers)
