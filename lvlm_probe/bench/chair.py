@@ -167,7 +167,8 @@ def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str,
     """
     if isinstance(synonyms, (str, os.PathLike)):
         synonyms = load_synonyms(synonyms)
-    table = shapes_synonyms() if synonyms is None else {k.lower(): v for k, v in synonyms.items()}
+    # keys as captions are split: lowercase words separated by single spaces
+    table = shapes_synonyms() if synonyms is None else {" ".join(k.lower().split()): v for k, v in synonyms.items()}
     if len(captions) != len(truths):
         raise InputError(f"got {len(captions)} captions and {len(truths)} truths; expected one truth per caption")
     if not len(captions):

@@ -90,7 +90,8 @@ def pope_metrics(labels: Sequence[str], answers: Sequence[str],
         denominator is zero is NaN) and the counts ``n, tp, fp, tn, fn``.
 
     Raises:
-        InputError: for lists of different lengths, an empty list, or a label other than yes/no.
+        InputError: for lists of different lengths, an empty list, a label other than yes/no, or
+            a parser that returns something else.
 
     Example:
         >>> pope_metrics(["yes", "no"], ["Yes, there is.", "There is not a dog."])["accuracy"]
@@ -105,6 +106,10 @@ def pope_metrics(labels: Sequence[str], answers: Sequence[str],
     if bad:
         raise InputError(f"labels[{bad[0][0]}] is {bad[0][1]!r}; expected 'yes' or 'no'")
     pred = [parse(a) for a in answers]
+    odd = [(i, p) for i, p in enumerate(pred) if p not in ("yes", "no")]
+    if odd:
+        raise InputError(f"the parser turned answers[{odd[0][0]}] {answers[odd[0][0]]!r} into {odd[0][1]!r}; "
+                         "a parser must return 'yes' or 'no'")
     tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, labels))
     fp = sum(p == "yes" and g == "no" for p, g in zip(pred, labels))
     tn = sum(p == "no" and g == "no" for p, g in zip(pred, labels))

@@ -107,7 +107,8 @@ def emergence_curves(probes: pd.DataFrame) -> Figure:
             if line["accuracy"].notna().any():
                 ax.plot(range(len(layers)), line["accuracy"], style, marker="o", ms=3, label=location)
         ax.axhline(float(part["chance"].iloc[0]), color="0.5", ls=":", lw=1)
-        ax.set_xticks(range(len(layers)), layers, fontsize=7)
+        step = max(1, -(-len(layers) // 12))  # at most about 12 labels for deep models
+        ax.set_xticks(range(0, len(layers), step), layers[::step], fontsize=7)
         ax.set_ylim(0, 1.02)
         ax.set_title(kind, fontsize=9)
     for ax in axes[len(kinds):]:

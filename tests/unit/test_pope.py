@@ -153,3 +153,9 @@ def test_shapesworld_export_reads_as_pope(tmp_path):
     assert [q.prompt for q in qf.questions] == [q.prompt for q in qs]
     assert [q.answer for q in qf.questions] == [q.answer for q in qs]
     assert {q.pope for q in qf.questions} == {"popular"}
+
+
+def test_a_parser_must_answer_yes_or_no():
+    with pytest.raises(InputError, match=r"turned answers\[0\] 'Yes' into 'YES'; a parser must return"):
+        pope_metrics(["yes"], ["Yes"], parser=str.upper)
+    assert pope_metrics(["yes", "no"], ["Yes", "nah"], parser="first_word")["accuracy"] == 1.0

@@ -1,0 +1,43 @@
+"""The report's HTML pieces: cells as the JSON's numbers are shown, escaping, marked captions."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from lvlm_probe.bench.chair import chair
+from lvlm_probe.report import html as H
+from lvlm_probe.report.run import _marked, pick_examples
+
+
+def test_cells_and_tables_escape_and_format():
+    assert [H.cell(v) for v in (0.12345, np.float64(1), 3, np.int64(4), None, math.nan, True, ["a", "b"])] == \
+        ["0.123", "1.000", "3", "4", "–", "–", "yes", "a, b"]
+    table = H.table(pd.DataFrame({"q": ["<b>&"], "x": [0.5]}), "t")
+    assert '<table id="t">' in table and "&lt;b&gt;&amp;" in table and "<td>0.500</td>" in table
+    page = H.document("a < b", [table, H.figure(b"\x89PNG", "what it shows", "alt")])
+    assert "<title>a &lt; b</title>" in page and 'src="data:image/png;base64,iVBORw==' in page
+    assert "http" not in page and "<script" not in page
+
+
+def test_marked_caption_highlights_hallucinated_words_only():
+    text = "A red heart, a hot dog and a dog."
+    r = chair([text], [["heart", "hot dog"]], synonyms={"heart": "heart", "hot dog": "hot dog", "dog": "dog"})
+    marked = _marked(text, r.mentions)
+    assert marked == 'A red heart, a hot dog and a <span class="mark">dog</span>.'
+    r = chair(["A <b> star"], [[]])
+    assert _marked("A <b> star", r.mentions) == 'A &lt;b&gt; <span class="mark">star</span>'
+
+
+def test_examples_take_causes_in_turn_counterfactual_colour_first():
+    errors = pd.DataFrame({
+        "id": list("abcdef"), "full": [1.0, 1.0, np.nan, 1.0, 1.0, 1.0],
+        "split": ["typical", "counterfactual", "counterfactual", "counterfactual", "typical", "counterfactual"],
+        "kind": ["color", "color", "color", "size", "exist", "color"],
+        "cause": ["prior override", "prior override", "prior override", "perception failure",
+                  "knows but doesn't say", "knows but doesn't say"],
+    })
+    picked = pick_examples(errors, 4)
+    # c has no split; b before a (counterfactual colour first); then knows (f before e), then perception
+    assert list(picked.id) == ["b", "f", "d", "a"]
