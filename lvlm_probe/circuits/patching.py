@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from jaxtyping import Bool
 from torch import Tensor
 
@@ -179,23 +179,22 @@ def run_sites(model, corrupted, sites: Sequence[Site], sources: dict[str, Tensor
 
 def _where(name: str, chunk: Sequence[Site], source: Tensor, n: int):
     """The edit of one hook for a chunk of sites: each site's rows take ``source`` at its mask
-    (and head), every other row and position keeps the running value."""
-    runs = len(chunk)
-    heads = source.shape[2] if source.ndim == 4 else None
-    mask = torch.zeros(runs, *source.shape[:2], *(() if heads is None else (heads,)), dtype=torch.bool)
-    for r, site in enumerate(chunk):
-        if site.point.name != name:
-            continue
-        if heads is None:
-            mask[r] = site.mask
-        else:
-            mask[r, :, :, site.head] = site.mask
-    mask = rearrange(mask, "r b ... -> (r b) ...").to(source.device)
-    mask = mask[..., None]  # broadcast over d_model / d_head
-    tiled = repeat(source, "b ... -> (r b) ...", r=runs)
+    (and head), every other row and position keeps the running value. Only the rows of sites on
+    this hook are touched, and ``source`` is never tiled, so a pass holds one extra copy of the
+    value whatever the number of sites."""
+    rows = [(r, site) for r, site in enumerate(chunk) if site.point.name == name]
 
     def edit(value: Tensor) -> Tensor:
-        return torch.where(mask.to(value.device), tiled.to(value.device, value.dtype), value)
+        out = value.clone()
+        src = source.to(value.device, value.dtype)
+        for r, site in rows:
+            mask = site.mask.to(value.device)[..., None]  # [b, seq, 1]: over d_model / d_head
+            block = out[r * n:(r + 1) * n]
+            if site.head is None:
+                out[r * n:(r + 1) * n] = torch.where(mask, src, block)
+            else:
+                block[:, :, site.head] = torch.where(mask, src[:, :, site.head], block[:, :, site.head])
+        return out
     return edit
 
 

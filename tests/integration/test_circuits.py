@@ -105,6 +105,16 @@ def test_per_head_sites_and_per_example_rows(model, pair):
     ids = model.answer_token_ids(corrupted, [list(a) for a in zip(*answers)])
     value = (logits.gather(1, ids[:, :1]) - logits.gather(1, ids[:, 1:])).mean()
     assert whole["value"].item() == pytest.approx(float(value), abs=1e-4)
+
+    def one_head(z):  # head 2 of layer 2 at the last position only
+        z = z.clone()
+        z[:, -1, 2] = cache["blocks.2.attn.hook_z"][:, -1, 2]
+        return z
+    with editing(model, {"blocks.2.attn.hook_z": one_head}):
+        logits = last_logits(model, corrupted)
+    row = table[(table["layer"] == 2) & (table["head"] == 2)]
+    value = (logits.gather(1, ids[:, :1]) - logits.gather(1, ids[:, 1:])).mean()
+    assert row["value"].item() == pytest.approx(float(value), abs=1e-4)
     per = patch(model, clean, corrupted, "blocks.3.hook_resid_pre", positions="last", answers=answers,
                 per_example=True)
     assert len(per) == len(clean) and set(per["example"]) == set(range(len(clean)))
