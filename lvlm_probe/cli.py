@@ -181,8 +181,9 @@ def report(
     world = folder if folder is not None else ShapesWorld(seed=seed, image_size=64)
     result = write_report(lvlm, out, name=model, world=world, n=n, maps=maps).result
     console.print(_table(result.levels, title="Accuracy, error rate and severity per level"))
-    causes = result.diagnosis.causes.pivot_table(index=["split", "level"], columns="cause", values="n",
-                                                 fill_value=0).reset_index()
+    causes = (result.diagnosis.causes
+              .pivot_table(index=["split", "level"], columns="cause", values="n", aggfunc="sum", fill_value=0)
+              .reset_index())
     console.print(_table(causes, title="Errors per cause"))
     console.print(f"report: {out / 'report.html'}  numbers: {out / 'report.json'}")
 
