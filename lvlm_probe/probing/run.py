@@ -83,6 +83,9 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
+    from ..distributed.options import check_backend  # no Ray import unless backend is "ray"
+
+    check_backend(config.backend, config.ray_address)  # before any data is built
     with contextlib.ExitStack() as stack:
         if config.backend == "ray":
             from ..distributed.runtime import session

@@ -82,7 +82,8 @@ def extract(
 
     Raises:
         HookNameError: an unknown hook, before anything is written.
-        InputError: a bad selector, reduction, size or dataset row (with its index and id).
+        InputError: a bad selector, reduction, size or dataset row (with its index and id), or
+            an unknown backend or Ray option.
         LayoutError: a selector that selects nothing in some example (with its index and id).
         StoreError: ``out`` is not a store, the store was written with other settings, another
             model, or for other examples, or a write failed (a full disk says so). Complete

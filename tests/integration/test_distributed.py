@@ -195,6 +195,13 @@ def test_local_path_never_imports_ray(tmp_path):
     assert "pip install 'lvlm-probe[distributed]'" in message
 
 
+def test_worker_errors_name_the_examples(ray_session, llava, questions, tmp_path):
+    rows = [q.to_dict() for q in questions]
+    rows[7]["image"] = "not an image"  # reaches a worker: the driver only measures example 0
+    with pytest.raises(lp.ImageTypeError, match=r"dataset examples 6\.\.7"):
+        lp.extract(llava, rows, HOOKS, out=tmp_path / "s", backend="ray", **SIZES)
+
+
 def test_worker_model_must_match_the_driver(ray_session, llava, questions, tmp_path):
     # ray_load changes what workers load; a different model is caught by its fingerprint
     with pytest.raises(lp.StoreError, match="Ray worker loaded .* with fingerprint"):

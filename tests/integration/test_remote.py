@@ -74,9 +74,12 @@ def test_request_is_built_without_sending(remote_model, batch, monkeypatch):
     assert restored is not None
 
 
-def test_local_run_of_the_request_equals_capture(path, batch):
+@pytest.mark.parametrize("remote", ["local", False])
+def test_local_run_of_the_request_equals_capture(path, batch, remote):
+    # "local": the request is serialized and deserialized (with lvlm_probe hidden, as on the
+    # server) and run here; False: a plain nnsight trace over local weights
     local, inputs = batch
-    model = lp.load(path, backend="nnsight", remote="local", device="cpu")
+    model = lp.load(path, backend="nnsight", remote=remote, device="cpu")
     with model.capture(LM, positions="image", reduce="mean") as lm, model.capture(WHOLE) as whole, \
             model.capture("blocks.1.attn.hook_result", positions="last") as result:
         output = model.forward(inputs)
