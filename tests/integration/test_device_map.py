@@ -2,6 +2,7 @@
 exactly like the same model on one device."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from conftest import random_image
@@ -90,6 +91,13 @@ def test_attribution_on_split_model(models, batch):
     for part in ("prior", "prompt", "image", "full"):
         torch.testing.assert_close(torch.as_tensor(getattr(b, part)), torch.as_tensor(getattr(a, part)),
                                    rtol=0, atol=1e-6)
+    # the unembedding is on disk: the lens decodes through accelerate's hooks
+    lens = [lp.attribution.logit_lens(m, batch, positions="last", k=3) for m in (whole, split)]
+    assert torch.equal(lens[1].top_ids, lens[0].top_ids)
+    torch.testing.assert_close(lens[1].top_probs, lens[0].top_probs, rtol=0, atol=1e-6)
+    knocked = [lp.attribution.knockout(m, batch, source="image", dest="last", layers=range(0, 2))
+               for m in (whole, split)]
+    pd.testing.assert_frame_equal(knocked[1], knocked[0])
 
 
 def test_bad_placement_arguments():
