@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from html.parser import HTMLParser
 
 import pytest
@@ -134,6 +139,28 @@ def test_rerun_after_an_interrupted_stage_reuses_the_others_and_writes_the_same_
     assert again.html.read_bytes() == html and again.json.read_bytes() == numbers
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were read, not rewritten
     assert (stages / "splits" / "done.json").is_file() and (stages / "maps" / "done.json").is_file()
+
+
+def test_kill9_then_resume_gives_the_same_report(model, report, tmp_path):
+    """Killed after the probes stage, a rerun reuses the finished stages and writes exactly the
+    uninterrupted run's report."""
+    out = tmp_path / "out"
+    script = ("import lvlm_probe as lp; lp.report.write_report(lp.zoo.load('shapes-llava', device='cpu'), "
+              f"{str(out)!r}, **{SETTINGS!r})")
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker, deadline = out / "stages" / "probes" / "done.json", time.time() + 120
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert marker.exists() and not (out / "report.html").exists()
+    finished = {p: p.stat().st_mtime_ns for name in ("answers", "captions", "probes")
+                for p in (out / "stages" / name).glob("*.parquet")}
+    again = lp.report.write_report(model, out, **SETTINGS)
+    assert again.html.read_bytes() == report.html.read_bytes()
+    assert again.json.read_bytes() == report.json.read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
 
 def test_bad_arguments_fail_before_any_stage(model, tmp_path):
