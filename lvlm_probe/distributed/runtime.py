@@ -23,14 +23,18 @@ def require_ray() -> Any:
     """Import Ray, or say how to install it.
 
     Raises:
-        MissingDependencyError: Ray is not installed.
+        MissingDependencyError: Ray is not installed, or fails to import (says which).
     """
     try:
         import ray
     except ImportError as err:
-        raise MissingDependencyError(
-            f"backend='ray' needs Ray, which is not installed ({err}); install it with {INSTALL}"
-        ) from err
+        if getattr(err, "name", None) == "ray" or isinstance(err, ModuleNotFoundError) and err.name is None:
+            raise MissingDependencyError(
+                f"backend='ray' needs Ray, which is not installed; install it with {INSTALL}"
+            ) from err
+        # Ray is there but one of its own imports failed (a shadowing file, a broken install)
+        raise MissingDependencyError(f"backend='ray': importing Ray failed: {err}; reinstall it with "
+                                     f"{INSTALL}") from err
     return ray
 
 

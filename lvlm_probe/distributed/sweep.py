@@ -63,7 +63,14 @@ def fit_hooks(job: Any, features: str | dict[str, Any], hooks: list[str]) -> lis
 
         get = ActivationStore.open(features, verify=False).__getitem__
     else:
-        # the conversion probing.sweep applies to a dict source
-        arrays = {h: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for h, v in features.items()}
+        arrays = {h: v if torch.is_tensor(v) else _tensor(np.asarray(v)) for h, v in features.items()}
         get = arrays.__getitem__
     return [job.rows(get, hook) for hook in hooks]
+
+
+def _tensor(array: Any) -> Any:
+    """The tensor probing.sweep makes of an array; Ray hands tasks read-only views of the
+    object store's numpy buffers, which torch must not share, so those are copied."""
+    import torch
+
+    return torch.as_tensor(array if array.flags.writeable else array.copy())
