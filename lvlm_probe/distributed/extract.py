@@ -1,13 +1,18 @@
-"""Extraction with Ray: shards are extracted by Ray tasks and committed in order by the driver.
+"""Extraction with Ray: shards are extracted by Ray actors and committed in order by the driver.
 
 The driver reads the dataset, cuts it into exactly the shards a local extraction writes (the same
-batches, the same ``shard_size`` and ``max_shard_bytes`` rule), and submits one task per shard.
-A task loads the model once per worker process (from where :func:`lvlm_probe.load` read it),
-runs the shard's batches, and writes the shard's tensor file and manifest under temporary names
-next to their final ones. The driver renames them into place in shard order, as a local run
-would write them, so the store on disk is always a valid prefix and the finished store is
-byte-identical to a local one. A task whose worker dies is retried by Ray (``max_retries``); the
-dead worker's half-written temporaries are deleted at the end, so no example is stored twice.
+batches, the same ``shard_size`` and ``max_shard_bytes`` rule), and hands them to a pool of
+:class:`ShardWorker` actors (``ray.util.ActorPool``), one per GPU (or per ``ray_resources``
+slot). An actor loads the model once, from where :func:`lvlm_probe.load` read it, keeps it for
+its lifetime, and for each shard runs its batches and writes the tensor file and manifest under
+temporary names next to their final ones. The driver renames them into place in shard order, as a
+local run writes them, so the store on disk is always a valid prefix and the finished store is
+byte-identical to a local one. An actor whose process dies is restarted by Ray (it loads the model
+again) and its shard retried (``max_restarts``, ``max_task_retries``); the dead process's
+half-written temporaries are deleted at the end, so no example is stored twice.
+
+Actors rather than tasks: Ray does not reuse a GPU task's worker process (its ``max_calls`` is 1),
+so tasks would load the model once per shard.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from ..store.fingerprints import fingerprint
 from ..store.store import scan
 from .runtime import n_workers, runtime_env, session, task_error
 
-MAX_RETRIES = 3  # per shard, for workers that die (out of memory, preempted node, kill -9)
+MAX_RETRIES = 3  # restarts of a worker that dies (out of memory, preempted node, kill -9)
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
 
     Raises:
         InputError: a model that was not loaded from a folder or hub id (workers cannot load it).
-        StoreError: a worker that loaded a different model, or a shard that failed every retry.
+        StoreError: a worker that loaded a different model, or a worker that died on every retry.
         The library errors a worker raises (bad rows, selectors) are raised as they are.
     """
     spec = getattr(model, "source", None)
@@ -69,44 +74,53 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
     examples = Examples(dataset, stored_ids, writer.root)
     sizer = _Sizer(model, plan, dtype)
     with session(address) as ray:
-        task = ray.remote(extract_shard).options(
-            max_retries=MAX_RETRIES, retry_exceptions=False,
+        from ray.util import ActorPool
+
+        worker = ray.remote(ShardWorker).options(
+            max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
             runtime_env=runtime_env(resources.get("num_cpus", 1)), **resources)
-        limit = 2 * n_workers(ray, resources)  # enough queued to keep workers busy, bounded memory
-        running: dict[Any, int] = {}
+        n = n_workers(ray, resources)
+        actors: list[Any] = []
+        pool = ActorPool([])
         finished: dict[int, Written] = {}
+        outstanding = 0
         k, start = writer.index, writer.start
         try:
             for shard in _shards(examples, sizer, batch_size, shard_size, max_shard_bytes):
-                ref = task.remote(spec, writer.header, positions, shard, k, start, batch_size, str(writer.root))
-                running[ref] = k
+                if len(actors) < n:  # workers start as work arrives: a short dataset starts few
+                    actors.append(worker.remote(spec))
+                    pool.push(actors[-1])
+                pool.submit(lambda actor, job: actor.extract.remote(*job),
+                            (writer.header, positions, shard, k, start, batch_size, str(writer.root)))
+                outstanding += 1
                 k, start = k + 1, start + len(shard)
-                while len(running) >= limit:
-                    _collect(ray, running, finished, writer, bar)
-            while running:
-                _collect(ray, running, finished, writer, bar)
-        except BaseException:
-            for ref in running:
-                ray.cancel(ref, force=True)
-            raise
+                # two shards per worker in flight keep the workers busy and bound the driver's memory
+                while outstanding >= 2 * n:
+                    _collect(ray, pool, finished, writer, bar)
+                    outstanding -= 1
+            while outstanding:
+                _collect(ray, pool, finished, writer, bar)
+                outstanding -= 1
+        finally:
+            for actor in actors:  # frees their GPUs; stops unfinished shards after an error
+                ray.kill(actor)
     for path in scan(writer.root, verify=False).leftovers:  # temporaries of workers that died
         path.unlink(missing_ok=True)
     return examples.n
 
 
-def _collect(ray: Any, running: dict[Any, int], finished: dict[int, Written], writer: Any, bar: Any) -> None:
-    """Wait for one task, then commit every shard that is next in order."""
-    (ref,), _ = ray.wait(list(running), num_returns=1)
-    k = running.pop(ref)
+def _collect(ray: Any, pool: Any, finished: dict[int, Written], writer: Any, bar: Any) -> None:
+    """Wait for one shard, then commit every shard that is next in order."""
     try:
-        finished[k] = ray.get(ref)
+        written = pool.get_next_unordered()
     except ray.exceptions.RayTaskError as err:
         raise task_error(ray, err) from err
     except ray.exceptions.RayError as err:
         raise StoreError(
-            f"shard {k} failed after {MAX_RETRIES} retries ({type(err).__name__}: {err}); "
+            f"a worker died {MAX_RETRIES + 1} times extracting a shard ({type(err).__name__}: {err}); "
             f"{writer.done()}; rerun the same extract() to resume"
         ) from err
+    finished[written.record.index] = written
     while writer.index in finished:
         written = finished.pop(writer.index)
         writer.check(written.shapes)
@@ -163,54 +177,57 @@ class _Sizer:
         self.per_position = itemsize * sum(v[0, 0].numel() for h, v in values.items() if h in self.plan.padded)
 
 
-# --- the task --------------------------------------------------------------------------------------
-_LOADED: dict[str, tuple[Any, str]] = {}  # one model per worker process, kept across its tasks
-
-
-def _worker_model(spec: Any, digest: str) -> Any:
-    key = repr(spec)
-    if key not in _LOADED:
-        import ray
-
-        _LOADED.clear()  # a worker holds one model: a new one replaces the last
-        model = spec.load(device="cuda" if ray.get_gpu_ids() else "cpu")
-        _LOADED[key] = (model, fingerprint(model)["digest"])
-    model, found = _LOADED[key]
-    if found != digest:
-        raise StoreError(
-            f"a Ray worker loaded {spec.name_or_path!r} with fingerprint {found}, but the store is "
-            f"being written by a model with fingerprint {digest}; the driver's model must be "
-            "exactly what lp.load reads from that path (no changes after loading)"
-        )
-    return model
-
-
-def extract_shard(spec: Any, header: dict[str, Any], positions: Any, examples: list[R.Example], k: int,
-                  start: int, batch_size: int, root: str) -> Written:
-    """Ray task: extract shard ``k`` and write its files under temporary names.
+# --- the worker ------------------------------------------------------------------------------------
+class ShardWorker:
+    """Ray actor: holds one model for its lifetime and extracts shards into the store's folder.
 
     Args:
-        spec: the :class:`~lvlm_probe.model.LoadSpec` of the driver's model.
-        header: the store header (hooks, reduction, dtype, fingerprint).
-        positions: the position selector as the user passed it.
-        examples: the shard's examples, in order.
-        k, start: the shard's index and the dataset index of its first example.
-        batch_size: examples per forward pass.
-        root: the store folder (on storage shared with the driver).
-
-    Returns:
-        A :class:`Written` for the driver to commit.
+        spec: the :class:`~lvlm_probe.model.LoadSpec` of the driver's model (with ``ray_load``
+            applied); the model goes to the actor's GPU when it has one.
     """
-    model = _worker_model(spec, header["fingerprint"]["digest"])
-    plan = R.plan(model, header["hooks"], positions, header["reduce"])
-    dtype = resolve_dtype(header["dtype"])
-    buffer = R.ShardBuffer(plan)
-    done = f"shard {k} is not written; the shards before it are kept when the driver commits them"
-    for i in range(0, len(examples), batch_size):
-        add_batch(model, plan, examples[i: i + batch_size], dtype, buffer, header["fingerprint"], done)
-    encoded = encode_shard(header, buffer, k, start)
-    folder = Path(root)
-    tensors = F.write_temporary(folder / F.SHARDS / encoded.record.file, encoded.data, f"shard {k} (tensors)")
-    manifest = F.write_temporary(folder / F.MANIFEST / F.shard_name(k, "parquet"), encoded.manifest,
-                                 f"shard {k} (manifest)")
-    return Written(encoded.record, encoded.shapes, tensors, manifest)
+
+    def __init__(self, spec: Any):
+        import ray
+
+        self.spec = spec
+        self.model = spec.load(device="cuda" if ray.get_gpu_ids() else "cpu")
+        self.digest = fingerprint(self.model)["digest"]
+
+    def extract(self, header: dict[str, Any], positions: Any, examples: list[R.Example], k: int,
+                start: int, batch_size: int, root: str) -> Written:
+        """Extract shard ``k`` and write its files under temporary names.
+
+        Args:
+            header: the store header (hooks, reduction, dtype, fingerprint).
+            positions: the position selector as the user passed it.
+            examples: the shard's examples, in order.
+            k, start: the shard's index and the dataset index of its first example.
+            batch_size: examples per forward pass.
+            root: the store folder (on storage shared with the driver).
+
+        Returns:
+            A :class:`Written` for the driver to commit.
+
+        Raises:
+            StoreError: the actor's model is not the driver's (by fingerprint).
+        """
+        if self.digest != header["fingerprint"]["digest"]:
+            raise StoreError(
+                f"a Ray worker loaded {self.spec.name_or_path!r} with fingerprint {self.digest}, but "
+                f"the store is written for a model with fingerprint {header['fingerprint']['digest']}; "
+                "the driver's model must be what lp.load reads from that path (unchanged after "
+                "loading), and ray_load must not change the weights or dtype"
+            )
+        model = self.model
+        plan = R.plan(model, header["hooks"], positions, header["reduce"])
+        dtype = resolve_dtype(header["dtype"])
+        buffer = R.ShardBuffer(plan)
+        done = f"shard {k} is not written; the shards before it are kept when the driver commits them"
+        for i in range(0, len(examples), batch_size):
+            add_batch(model, plan, examples[i: i + batch_size], dtype, buffer, header["fingerprint"], done)
+        encoded = encode_shard(header, buffer, k, start)
+        folder = Path(root)
+        tensors = F.write_temporary(folder / F.SHARDS / encoded.record.file, encoded.data, f"shard {k} (tensors)")
+        manifest = F.write_temporary(folder / F.MANIFEST / F.shard_name(k, "parquet"), encoded.manifest,
+                                     f"shard {k} (manifest)")
+        return Written(encoded.record, encoded.shapes, tensors, manifest)

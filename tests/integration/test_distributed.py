@@ -80,23 +80,17 @@ def test_ray_store_equals_local(ray_session, llava, questions, tmp_path, reduce,
     assert remote.ids == [q.id for q in questions] and remote.complete
 
 
-def test_killed_worker_is_retried(ray_session, llava, questions, tmp_path):
+def test_killed_worker_is_retried_and_a_partial_store_resumed(ray_session, llava, questions, tmp_path):
     marker = tmp_path / "crash-once"
-    marker.touch()
     selector = crash_once(marker, os.getpid())
-    reference = lp.extract(llava, questions, HOOKS, out=tmp_path / "local", positions=selector, **SIZES)
-    store = lp.extract(llava, questions, HOOKS, out=tmp_path / "ray", positions=selector,
-                       backend="ray", **SIZES)
+    args = dict(hooks=HOOKS, positions=selector, **SIZES)
+    lp.extract(llava, questions[:6], out=tmp_path / "ray", **args)  # two shards, written locally
+    marker.touch()
+    store = lp.extract(llava, questions, out=tmp_path / "ray", backend="ray", **args)
     assert not marker.exists()  # a worker did die
+    reference = lp.extract(llava, questions, out=tmp_path / "local", **args)
     assert store.ids == reference.ids and len(set(store.ids)) == len(questions)
     assert files_of(tmp_path / "ray") == files_of(tmp_path / "local")  # no leftovers, no duplicates
-
-
-def test_ray_resumes_a_partial_local_store(ray_session, llava, questions, tmp_path):
-    lp.extract(llava, questions[:6], HOOKS, out=tmp_path / "s", **SIZES)
-    lp.extract(llava, questions, HOOKS, out=tmp_path / "s", backend="ray", **SIZES)
-    lp.extract(llava, questions, HOOKS, out=tmp_path / "local", **SIZES)
-    assert files_of(tmp_path / "s") == files_of(tmp_path / "local")
 
 
 def test_ray_sweep_equals_local(ray_session, llava, questions, tmp_path):
@@ -199,13 +193,14 @@ def test_worker_errors_name_the_examples(ray_session, llava, questions, tmp_path
     rows = [q.to_dict() for q in questions]
     rows[7]["image"] = "not an image"  # reaches a worker: the driver only measures example 0
     with pytest.raises(lp.ImageTypeError, match=r"dataset examples 6\.\.7"):
-        lp.extract(llava, rows, HOOKS, out=tmp_path / "s", backend="ray", **SIZES)
+        lp.extract(llava, rows, HOOKS, out=tmp_path / "s", backend="ray", ray_resources={"num_cpus": 2},
+                   **SIZES)
 
 
 def test_worker_model_must_match_the_driver(ray_session, llava, questions, tmp_path):
     # ray_load changes what workers load; a different model is caught by its fingerprint
     with pytest.raises(lp.StoreError, match="Ray worker loaded .* with fingerprint"):
         lp.extract(llava, questions, HOOKS, out=tmp_path / "a", backend="ray",
-                   ray_load={"dtype": "float16"}, **SIZES)
+                   ray_load={"dtype": "float16"}, ray_resources={"num_cpus": 2}, **SIZES)
     with pytest.raises(InputError, match="ray_load must be a dict"):
         lp.extract(llava, questions, HOOKS, out=tmp_path / "b", ray_load={"dtype": "float16"})
