@@ -3,10 +3,10 @@
 Ray is an optional extra (``pip install 'lvlm-probe[distributed]'``) and is imported only when a
 call asks for ``backend="ray"``; the local path never imports it.
 
-* ``lp.extract(..., backend="ray")``: one Ray task per shard, the model loaded once per worker
-  process (one per GPU with ``ray_resources={"num_gpus": 1}``); the driver commits shards in
-  order, so the store is byte-identical to a local extraction and resumes the same way. A worker
-  that dies is replaced and its shard retried (:mod:`lvlm_probe.distributed.extract`).
+* ``lp.extract(..., backend="ray")``: shards go to a pool of Ray actors, each holding the model
+  (one per GPU with ``ray_resources={"num_gpus": 1}``); the driver commits shards in order, so
+  the store is byte-identical to a local extraction and resumes the same way. An actor that dies
+  is restarted and its shard retried (:mod:`lvlm_probe.distributed.extract`).
 * ``lp.probing.sweep(..., backend="ray")``: hooks (layers) are fitted in parallel tasks; the
   results equal the local ones (:mod:`lvlm_probe.distributed.sweep`).
 * ``run_sweep`` and the YAML keys ``backend:`` / ``ray_address:`` do both.
@@ -15,7 +15,7 @@ Without ``ray_address`` a call uses the running Ray session (``ray.init(...)`` f
 across calls) or starts a local instance for its own duration; ``ray_address="auto"`` joins the
 cluster this node belongs to, ``"ray://head:10001"`` a remote one through Ray Client. Workers get
 the driver's ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``HF_HOME`` and ``LVLM_PROBE_CACHE``
-through the task's ``runtime_env``, and one math-library thread per reserved CPU.
+through the workers' ``runtime_env``, and one math-library thread per reserved CPU.
 Stores must be on storage every worker can write (NFS, Lustre, a local disk on one node).
 
 Example:

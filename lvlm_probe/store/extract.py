@@ -66,12 +66,12 @@ def extract(
         max_shard_bytes: write a shard early once its tensors reach this size.
         progress: show a progress bar.
         overwrite: delete an existing store at ``out`` first instead of resuming it.
-        backend: ``"local"`` (this process) or ``"ray"``: shards are extracted by Ray tasks, each
-            loading the model once per worker process (see :mod:`lvlm_probe.distributed`); the
-            store is byte-identical to a local one. ``out`` must be on storage every worker sees.
+        backend: ``"local"`` (this process) or ``"ray"``: shards are extracted by Ray actors
+            that each load the model once (see :mod:`lvlm_probe.distributed`); the store is
+            byte-identical to a local one. ``out`` must be on storage every worker sees.
         ray_address: the Ray cluster to use (``"auto"``, ``"ray://host:10001"``); None uses the
             running Ray session, or starts a local one for this call.
-        ray_resources: Ray resources of each shard task, default ``{"num_gpus": 1}`` for a
+        ray_resources: Ray resources of each worker, default ``{"num_gpus": 1}`` for a
             model on a GPU, else ``{"num_cpus": 1}``.
         ray_load: :func:`lvlm_probe.load` keywords for the workers that replace the driver's,
             e.g. ``{"device_map": "auto", "max_memory": None}`` when the driver holds the model
