@@ -31,7 +31,7 @@ from ..store import rows as R
 from ..store.extract import Examples, add_batch, encode_shard
 from ..store.fingerprints import fingerprint
 from ..store.store import scan
-from .runtime import n_workers, runtime_env, session, task_error
+from .runtime import default_resources, n_workers, runtime_env, session, task_error
 
 MAX_RETRIES = 3  # restarts of a worker that dies (out of memory, preempted node, kill -9)
 
@@ -70,11 +70,13 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
         )
     if load:
         spec = spec.replace(**load)
-    resources = dict(resources or ({"num_gpus": 1} if model.device.type == "cuda" else {"num_cpus": 1}))
     examples = Examples(dataset, stored_ids, writer.root)
     sizer = _Sizer(model, plan, dtype)
     with session(address) as ray:
         from ray.util import ActorPool
+
+        # one GPU per worker when the cluster has GPUs, even if the driver holds the model on CPU
+        resources = dict(resources or default_resources(ray))
 
         worker = ray.remote(ShardWorker).options(
             max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,

@@ -76,6 +76,17 @@ def session(address: str | None) -> Iterator[Any]:
         ray.shutdown()
 
 
+def default_resources(ray: Any) -> dict[str, Any]:
+    """One GPU per extraction worker on a cluster with GPUs; else one worker per node with all of
+    the smallest node's CPUs (a model copy per CPU would multiply memory for no speed: torch
+    already uses every core it is given)."""
+    if ray.cluster_resources().get("GPU"):
+        return {"num_gpus": 1}
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    cpus = [c for c in cpus if c]
+    return {"num_cpus": max(1, int(min(cpus))) if cpus else 1}
+
+
 def n_workers(ray: Any, resources: dict[str, Any]) -> int:
     """How many tasks with ``resources`` the cluster can run at once (at least 1)."""
     total = ray.cluster_resources()

@@ -71,8 +71,8 @@ def extract(
             byte-identical to a local one. ``out`` must be on storage every worker sees.
         ray_address: the Ray cluster to use (``"auto"``, ``"ray://host:10001"``); None uses the
             running Ray session, or starts a local one for this call.
-        ray_resources: Ray resources of each worker, default ``{"num_gpus": 1}`` for a
-            model on a GPU, else ``{"num_cpus": 1}``.
+        ray_resources: Ray resources of each worker, default ``{"num_gpus": 1}`` on a cluster
+            with GPUs, else one worker per node with all of its CPUs.
         ray_load: :func:`lvlm_probe.load` keywords for the workers that replace the driver's,
             e.g. ``{"device_map": "auto", "max_memory": None}`` when the driver holds the model
             on CPU and disk but each worker has GPUs (the fingerprints must still match).

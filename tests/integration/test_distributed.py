@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_z"]
 SIZES = dict(batch_size=2, shard_size=3, progress=False)
+RAY = dict(backend="ray", ray_resources={"num_cpus": 1})  # two workers on the two-CPU instance
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def crash_once(marker: Path, driver: int):
 def test_ray_store_equals_local(ray_session, llava, questions, tmp_path, reduce, positions, max_bytes):
     args = dict(hooks=HOOKS, positions=positions, reduce=reduce, max_shard_bytes=max_bytes, **SIZES)
     local = lp.extract(llava, questions, out=tmp_path / "local", **args)
-    remote = lp.extract(llava, questions, out=tmp_path / "ray", backend="ray", **args)
+    remote = lp.extract(llava, questions, out=tmp_path / "ray", **RAY, **args)
     expected = files_of(tmp_path / "local")
     assert files_of(tmp_path / "ray") == expected
     assert len(local.records) == len(remote.records) > 1
@@ -86,7 +87,7 @@ def test_killed_worker_is_retried_and_a_partial_store_resumed(ray_session, llava
     args = dict(hooks=HOOKS, positions=selector, **SIZES)
     lp.extract(llava, questions[:6], out=tmp_path / "ray", **args)  # two shards, written locally
     marker.touch()
-    store = lp.extract(llava, questions, out=tmp_path / "ray", backend="ray", **args)
+    store = lp.extract(llava, questions, out=tmp_path / "ray", **RAY, **args)
     assert not marker.exists()  # a worker did die
     reference = lp.extract(llava, questions, out=tmp_path / "local", **args)
     assert store.ids == reference.ids and len(set(store.ids)) == len(questions)
@@ -193,14 +194,13 @@ def test_worker_errors_name_the_examples(ray_session, llava, questions, tmp_path
     rows = [q.to_dict() for q in questions]
     rows[7]["image"] = "not an image"  # reaches a worker: the driver only measures example 0
     with pytest.raises(lp.ImageTypeError, match=r"dataset examples 6\.\.7"):
-        lp.extract(llava, rows, HOOKS, out=tmp_path / "s", backend="ray", ray_resources={"num_cpus": 2},
-                   **SIZES)
+        lp.extract(llava, rows, HOOKS, out=tmp_path / "s", backend="ray", **SIZES)  # default: one worker
 
 
 def test_worker_model_must_match_the_driver(ray_session, llava, questions, tmp_path):
     # ray_load changes what workers load; a different model is caught by its fingerprint
     with pytest.raises(lp.StoreError, match="Ray worker loaded .* with fingerprint"):
         lp.extract(llava, questions, HOOKS, out=tmp_path / "a", backend="ray",
-                   ray_load={"dtype": "float16"}, ray_resources={"num_cpus": 2}, **SIZES)
+                   ray_load={"dtype": "float16"}, **SIZES)
     with pytest.raises(InputError, match="ray_load must be a dict"):
         lp.extract(llava, questions, HOOKS, out=tmp_path / "b", ray_load={"dtype": "float16"})
