@@ -117,3 +117,17 @@ def test_load_spec_replays_and_replaces_placement(models):
     again = single.load(device="cpu")
     assert not hasattr(again.hf, "hf_device_map") or not again.hf.hf_device_map
     assert fingerprint(again) == fingerprint(whole)
+
+
+def test_auto_map_with_max_memory_offloads_and_captures_the_same(models, batch, tmp_path):
+    whole, _ = models
+    # a CPU budget smaller than the model makes accelerate's "auto" placement spill to disk
+    auto = lp.load(build_dir("llava"), device_map="auto", max_memory={"cpu": "200KiB"},
+                   offload_folder=str(tmp_path))
+    assert set(auto.hf.hf_device_map.values()) == {"cpu", "disk"}
+    captured = []
+    for model in (whole, auto):
+        with model.capture("blocks.*.hook_resid_post", positions="image", reduce="mean") as cache:
+            model.forward(batch)
+        captured.append(cache.stack("blocks.*.hook_resid_post"))
+    torch.testing.assert_close(captured[1], captured[0], rtol=0, atol=0)
