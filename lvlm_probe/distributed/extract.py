@@ -38,7 +38,7 @@ MAX_RETRIES = 3  # restarts of a worker that dies (out of memory, preempted node
 
 @dataclass(frozen=True)
 class Written:
-    """What a task wrote: the shard's record, per-example shapes and its two temporary files."""
+    """What a worker wrote: the shard's record, per-example shapes and its two temporary files."""
 
     record: M.ShardRecord
     shapes: dict[str, tuple[int, ...]]
@@ -50,7 +50,7 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
                 stored_ids: list[Any], bar: Any, *, address: str | None,
                 resources: dict[str, Any] | None, load: dict[str, Any] | None = None,
                 batch_size: int, shard_size: int, max_shard_bytes: int) -> int:
-    """Extract the examples after ``stored_ids`` with Ray tasks; called by
+    """Extract the examples after ``stored_ids`` with Ray actors; called by
     :func:`lvlm_probe.extract` under the store's lock.
 
     Returns:
@@ -58,7 +58,8 @@ def extract_ray(model: Any, dataset: Any, plan: R.Plan, positions: Any, dtype: t
 
     Raises:
         InputError: a model that was not loaded from a folder or hub id (workers cannot load it).
-        StoreError: a worker that loaded a different model, or a worker that died on every retry.
+        StoreError: a worker that loaded a different model, or workers that could not start
+            (the model does not load on a worker) or died on every retry.
         The library errors a worker raises (bad rows, selectors) are raised as they are.
     """
     spec = getattr(model, "source", None)
@@ -119,8 +120,8 @@ def _collect(ray: Any, pool: Any, finished: dict[int, Written], writer: Any, bar
         raise task_error(ray, err) from err
     except ray.exceptions.RayError as err:
         raise StoreError(
-            f"a worker died {MAX_RETRIES + 1} times extracting a shard ({type(err).__name__}: {err}); "
-            f"{writer.done()}; rerun the same extract() to resume"
+            f"a Ray worker could not load the model or died {MAX_RETRIES + 1} times extracting a shard "
+            f"({type(err).__name__}: {err}); {writer.done()}; rerun the same extract() to resume"
         ) from err
     finished[written.record.index] = written
     while writer.index in finished:
