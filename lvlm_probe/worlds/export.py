@@ -82,11 +82,31 @@ def export(folder: str | os.PathLike, questions: Iterable[Question]) -> Path:
     return folder / QUESTIONS_FILE
 
 
-def _read_lines(path: Path) -> list[dict]:
+def _read_lines(path: Path) -> list[tuple[int, dict]]:
+    """(1-based line number, row) of every non-blank line."""
     if not path.is_file():
         raise InputError(f"{path} does not exist; expected a folder written by ShapesWorld.export")
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path} line {number}: invalid JSON ({err.msg}); expected one "
+                                     "JSON object per line as ShapesWorld.export writes") from err
+    return rows
+
+
+def _parse(path: Path, number: int, parse):
+    """``parse()``, with a malformed row reported by file and line."""
+    try:
+        return parse()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        what = (f"no {err} (a missing field, or a scene_id with no scene)" if isinstance(err, KeyError)
+                else f"{type(err).__name__}: {err}")
+        raise InputError(f"{path} line {number}: {what}; expected a line as ShapesWorld.export "
+                         "writes it") from err
 
 
 def load_export(folder: str | os.PathLike) -> list[Question]:
@@ -99,21 +119,23 @@ def load_export(folder: str | os.PathLike) -> list[Question]:
         The questions, equal to the exported ones (same ids, prompts, answers, scene graphs, labels).
 
     Raises:
-        InputError: if the folder lacks ``questions.jsonl`` or ``scenes.jsonl``.
+        InputError: if the folder lacks ``questions.jsonl`` or ``scenes.jsonl``, or a line of either
+            is malformed (the message names the file and line).
     """
     folder = Path(folder)
-    scenes = {row["scene_id"]: Scene.from_dict(row) for row in _read_lines(folder / SCENES_FILE)}
+    scenes = {}
+    for number, row in _read_lines(folder / SCENES_FILE):
+        scenes[_parse(folder / SCENES_FILE, number, lambda: row["scene_id"])] = _parse(
+            folder / SCENES_FILE, number, lambda: Scene.from_dict(row))
     names = {f.name for f in dataclasses.fields(Question)} - set(_OWN_KEYS)
     out = []
-    for row in _read_lines(folder / QUESTIONS_FILE):
-        out.append(
-            Question(
-                id=row["id"],
-                prompt=row["text"],
-                answer=row["label"],
-                scene=scenes[row["scene_id"]],
-                about=tuple(row["about"]),
-                **{k: v for k, v in row.items() if k in names},
-            )
-        )
+    for number, row in _read_lines(folder / QUESTIONS_FILE):
+        out.append(_parse(folder / QUESTIONS_FILE, number, lambda: Question(
+            id=row["id"],
+            prompt=row["text"],
+            answer=row["label"],
+            scene=scenes[row["scene_id"]],
+            about=tuple(row["about"]),
+            **{k: v for k, v in row.items() if k in names},
+        )))
     return out

@@ -138,7 +138,10 @@ def object_question(
 ) -> Question:
     """Existence: "Is there a {shape}?" about a present shape (yes) or an absent one (no).
 
-    Absent shapes are sampled by POPE's ``pope`` mode.
+    Absent shapes are sampled by POPE's ``pope`` mode: ``random`` draws the scene, then one of
+    the shapes it lacks uniformly (so a present shape's usual partner is asked about only as often
+    as the scenes lack it); ``popular`` the most frequent shape it lacks; ``adversarial`` the
+    usual partner of a present shape.
 
     Args:
         rank: returns the shapes from most to least frequent in training scenes (for ``popular``).
@@ -151,9 +154,11 @@ def object_question(
         scene = steer_colors(rng, cfg, scene, (i,), split)
         shape, about, answer = scene.objects[i].shape, (i,), YES
     else:
-        if pope == "random":
-            shape = _choice(rng, cfg.shapes)
-            scene = sample_scene(rng, cfg, split, forbid=(shape,))
+        if pope == "random":  # as POPE samples: a scene, then one of the shapes it lacks
+            scene = sample_scene(
+                rng, cfg, split, max_objects=min(cfg.max_objects, len(cfg.shapes) - 1)
+            )
+            shape = _choice(rng, [s for s in cfg.shapes if s not in scene.shapes])
         elif pope == "popular":
             scene = sample_scene(
                 rng, cfg, split, max_objects=min(cfg.max_objects, len(cfg.shapes) - 1)

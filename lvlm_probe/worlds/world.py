@@ -268,16 +268,30 @@ class ShapesWorld:
             out.append((q.image, q.prompt, q.answer))
         return out
 
-    def training_questions(self, n: int, start: int = 0) -> list[Question]:
-        """The questions behind :meth:`training_examples`, with their scene graphs and labels."""
+    def training_questions(
+        self, n: int, start: int = 0, mix: Sequence[Sequence[str | None]] = TRAINING_MIX
+    ) -> list[Question]:
+        """The questions behind :meth:`training_examples`, with their scene graphs and labels.
+
+        Args:
+            n, start: as for :meth:`training_examples`.
+            mix: the (level, kind, pope mode) tasks that example k draws from uniformly; repeat a
+                task to weight it. The default is every level, kind and POPE mode once.
+
+        Raises:
+            InputError: for a negative n or start, or a task of ``mix`` the world cannot ask.
+        """
         n = _count(n)
         start = _count(start)
+        mix = [self._training_task(m) for m in mix]
         mix = [
             m
-            for m in TRAINING_MIX
+            for m in mix
             if not (m[0] == "relation" and self.config.max_objects < 2)
             and not (m[2] == "adversarial" and not self.config.pairs)
         ]
+        if not mix:
+            raise InputError("mix must hold at least one task this world can ask, got none")
         out = []
         for k in range(start, start + n):
             rng = S.stream(self.config, S.TRAINING, k)
@@ -297,6 +311,19 @@ class ShapesWorld:
                 )
             )
         return out
+
+    @staticmethod
+    def _training_task(task: Sequence[str | None]) -> tuple[str, str, str | None]:
+        if isinstance(task, str) or len(task) != 3:
+            raise InputError(f"a training task is (level, kind, pope mode or None), got {task!r}")
+        level, kind, pope = task
+        _member(level, LEVELS, "level")
+        _member(kind, KINDS[level], f"kind of level {level!r}")
+        if level == "object":
+            _member(pope, POPE_MODES, "POPE mode")
+        elif pope is not None:
+            raise InputError(f"only object tasks take a POPE mode, got {task!r}")
+        return level, kind, pope
 
     def pairs(
         self, n: int, change: str = "color", split: str = "typical"

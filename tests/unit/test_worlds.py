@@ -165,6 +165,11 @@ def test_pope_negatives(world):
             if mode == "popular":
                 best = max(freq[s] for s in freq if s not in present)
                 assert freq[q.shape] >= best - 0.03
+    # random negatives follow the scenes: a present shape's partner is absent (and asked about)
+    # only in the scenes that break the pair, so far less often than adversarial sampling asks
+    partners = [q for q in world.questions(400, level="object", pope="random") if q.answer == "no"
+                and partner.get(q.shape) in {o.shape for o in q.scene.objects}]
+    assert len(partners) < 0.15 * 200
     # paired shapes are more frequent, so popular negatives are paired shapes
     popular = {
         q.shape for q in world.questions(40, level="object", pope="popular") if q.answer == "no"
@@ -260,6 +265,21 @@ def test_training_examples_mix_levels(world):
     assert img.size == (64, 64) and (prompt, answer) == (qs[2].prompt, qs[2].answer)
 
 
+def test_training_mix_weights_and_limits_the_tasks(world):
+    mix = [("object", "exist", "random")] * 3 + [("relation", "where", None)]
+    qs = world.training_questions(400, mix=mix)
+    tasks = {(q.level, q.kind, q.pope) for q in qs}
+    assert tasks == {("object", "exist", "random"), ("relation", "where", None)}
+    share = sum(q.level == "object" for q in qs) / len(qs)
+    assert 0.68 < share < 0.82  # 3 of 4
+    assert all(q.answer == gold(q) for q in qs)
+    for bad, match in ((["object"], "level, kind, pope"), ([("object", "color", None)], "kind"),
+                       ([("object", "exist", None)], "POPE mode"),
+                       ([("relation", "where", "random")], "only object tasks"), ([], "at least one")):
+        with pytest.raises(InputError, match=match):
+            world.training_questions(2, mix=bad)
+
+
 # -- counterfactual pairs ------------------------------------------------------------------------
 
 
@@ -313,6 +333,18 @@ def test_export_round_trips(world, tmp_path):
     assert back == qs
     saved = np.asarray(Image.open(tmp_path / lines[0]["image"]).convert("RGB"))
     assert np.array_equal(saved, pixels(qs[0]))
+
+
+def test_a_malformed_export_line_is_named(world, tmp_path):
+    path = world.export(tmp_path, world.questions(3, level="attribute"))
+    lines = path.read_text().splitlines()
+    for bad, shown in (("{not json", "line 2: invalid JSON"),
+                       (json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "about"}),
+                        "line 2: no 'about'"),
+                       (json.dumps({**json.loads(lines[1]), "scene_id": 99}), "line 2: no 99")):
+        path.write_text("\n".join([lines[0], bad, lines[2]]) + "\n")
+        with pytest.raises(InputError, match=shown):
+            ShapesWorld.load_export(tmp_path)
 
 
 # -- bad knobs -----------------------------------------------------------------------------------
