@@ -26,6 +26,20 @@ NAME = "shapes-llava"
 COMMAND = "lvlm-probe zoo train shapes-llava"
 CAPTION_PROMPT = "Describe the image."
 
+# The tasks of the training stream (see ShapesWorld.training_questions), repeated to weight them.
+# Absent shapes are drawn uniformly (POPE's random mode) as a plain training set would hold them:
+# a model that rarely sees a present shape's usual partner asked about while absent can fall back
+# on the co-occurrence prior, which POPE's adversarial questions then expose. Relations, the
+# hardest level, get the largest share.
+TRAINING_TASKS: tuple[tuple[str, str, str | None], ...] = (
+    *(("object", "exist", "random"),) * 3,
+    ("attribute", "color", None),
+    ("attribute", "size", None),
+    *(("attribute", "color_yesno", None),) * 2,
+    *(("relation", "relation_yesno", None),) * 2,
+    *(("relation", "where", None),) * 2,
+)
+
 # LLaVA's chat format with the question before the image, an order LLaVA's own instruction data
 # uses too: every image token can then attend to the question, so a model this small learns to
 # match the asked shape at the image tokens themselves instead of only at the answer position.
@@ -48,7 +62,11 @@ class Recipe:
             (the priors it teaches live here).
         steps, batch_size, lr, warmup, weight_decay: optimisation.
         vision, text: CLIP vision tower and Llama language model sizes.
-        caption_rate: share of training examples that ask for a caption instead of a question.
+        caption_rate: share of stage-2 batches that ask for captions instead of answers (whole
+            batches, so short answers are not padded to a caption's length).
+        tasks: the question tasks of the training stream, ``(level, kind, pope mode)``.
+        answer_heads_layer, answer_heads_weight: where the auxiliary answer-position heads read
+            and the weight of their loss (0 = none); see :mod:`lvlm_probe.zoo.answer_heads`.
         vision_steps, vision_batch_size, vision_lr: stage 1, per-patch pre-training of the vision
             tower (see :mod:`lvlm_probe.zoo.vision_pretrain`).
         position_code: also align each projected patch's position with the relation words.
@@ -57,8 +75,8 @@ class Recipe:
 
     seed: int = 0
     world: dict[str, Any] = field(default_factory=lambda: dict(
-        image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.8))
-    steps: int = 3000
+        image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.9))
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
@@ -75,6 +93,9 @@ class Recipe:
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     position_code: bool = False
+    tasks: tuple[tuple[str, str, str | None], ...] = TRAINING_TASKS
+    answer_heads_layer: int = 2
+    answer_heads_weight: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +103,10 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if "tasks" in fields:  # JSON lists back to the tuples the default holds
+            fields["tasks"] = tuple(tuple(task) for task in fields["tasks"])
+        return cls(**fields)
 
     def training_world(self) -> ShapesWorld:
         return ShapesWorld(seed=self.seed, **self.world)

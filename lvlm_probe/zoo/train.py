@@ -3,7 +3,8 @@
 Two stages on the real ``LlavaForConditionalGeneration``: stage 1 pre-trains the vision tower on
 per-patch labels and aligns the projector (:mod:`lvlm_probe.zoo.vision_pretrain`); stage 2 trains the
 projector and language model, tower frozen, on the world's questions and captions, with the loss on
-the answer tokens only. Each step draws the next examples of the world's endless training stream (so
+the answer tokens plus that of auxiliary heads at the answer position
+(:mod:`lvlm_probe.zoo.answer_heads`). Each step draws the next examples of the world's endless training stream (so
 the data never repeats and never sits in memory) and runs them through the real processor. Every
 ``checkpoint_every`` steps the weights and optimiser state are written atomically, so a run that is
 killed resumes where it stopped and ends with the same weights.
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from .answer_heads import AnswerHeads, answer_targets
 from .shapes_llava import CAPTION_PROMPT, COMMAND, Recipe, build_untrained
 from .vision_pretrain import PatchHeads, patch_targets, position_basis, vision_loss, word_table
 
@@ -55,21 +57,23 @@ def collate(processor, examples: list[tuple[Any, str, str]], device: torch.devic
     return {k: v.to(device) for k, v in {**full, "labels": labels}.items()}
 
 
-def training_batch(world, recipe: Recipe, step: int) -> list[tuple[Any, str, str]]:
-    """Examples ``[step * batch_size, (step + 1) * batch_size)`` of the training stream.
+def training_batch(world, recipe: Recipe, step: int) -> tuple[list[tuple[Any, str, str]], list]:
+    """Stage 2's examples ``[step * batch_size, (step + 1) * batch_size)`` of the training stream.
 
-    Every ``1 / caption_rate``-th example asks for a caption of its scene instead of its question:
-    captions name every object's size, colour and shape, a dense signal that teaches the vision
-    tower and projector what the questions are about.
+    Every ``1 / caption_rate``-th step asks for captions instead of answers: they name every
+    object's size, colour and shape, a dense signal about what the questions are about. Whole steps,
+    so that one-word answers are not padded to a caption's length.
+
+    Returns:
+        The (image, prompt, answer) triples, and per example the question it answers (``None`` for
+        a caption), for the answer-position targets.
     """
-    start = step * recipe.batch_size
-    questions = world.training_questions(recipe.batch_size, start=start)
+    questions = world.training_questions(recipe.batch_size, start=step * recipe.batch_size,
+                                         mix=recipe.tasks)
     every = round(1 / recipe.caption_rate) if recipe.caption_rate > 0 else 0
-    return [
-        (q.image, CAPTION_PROMPT, world.caption(q.scene)) if every and (start + i) % every == 0
-        else (q.image, q.prompt, q.answer)
-        for i, q in enumerate(questions)
-    ]
+    if every and step % every == every - 1:
+        return [(q.image, CAPTION_PROMPT, world.caption(q.scene)) for q in questions], [None] * len(questions)
+    return [(q.image, q.prompt, q.answer) for q in questions], questions
 
 
 def _template(processor, prompt: str) -> str:
@@ -153,6 +157,10 @@ def train(
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.vision_steps < 0:
         raise InputError(f"steps and batch_size must be >= 1 and vision_steps >= 0, got {recipe.steps}, "
                          f"{recipe.batch_size} and {recipe.vision_steps}")
+    n_layers = recipe.text["num_hidden_layers"]
+    if recipe.answer_heads_weight and not 0 <= recipe.answer_heads_layer < n_layers:
+        raise InputError(f"answer_heads_layer must be in [0, {n_layers - 1}] for a {n_layers}-layer language "
+                         f"model (its comparisons read one layer later), got {recipe.answer_heads_layer}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -164,6 +172,8 @@ def train(
         grid = recipe.world["image_size"] // recipe.vision["patch_size"]
         heads = PatchHeads(model.config.vision_config.hidden_size, len(cfg.shapes), len(cfg.colors),
                            len(cfg.sizes), grid)
+        answer_heads = AnswerHeads(model.config.text_config.hidden_size, len(cfg.colors), len(cfg.sizes),
+                                   recipe.answer_heads_layer) if recipe.answer_heads_weight else None
     model.to(device)
     heads.to(device)
     state_dir = out / STATE
@@ -203,20 +213,28 @@ def train(
         done = recipe.vision_steps
         _save_state(state_dir, modules, None, done, losses)  # stage 2 starts a fresh optimiser
 
-    # Stage 2: projector and language model on the frozen tower, on questions and captions.
+    # Stage 2: projector and language model on the frozen tower, on questions and captions, with
+    # the answer-position heads beside them.
     tower.requires_grad_(False)
     tower.eval()
     params = [p for name, p in model.named_parameters() if not name.startswith("model.vision_tower.")]
+    modules: dict[str, torch.nn.Module] = {"model": model}
+    if answer_heads is not None:
+        answer_heads.to(device)
+        params += list(answer_heads.parameters())
+        modules["answer_heads"] = answer_heads
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    modules = {"model": model}
-    losses = _load_state(state_dir, modules, optimizer) if done else []
+    if done:  # the answer heads have a state once stage 2 has begun
+        losses = _load_state(state_dir, modules if done > recipe.vision_steps else {"model": model}, optimizer)
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
     for step in range(done - recipe.vision_steps, recipe.steps):
-        batch = collate(processor, training_batch(world, recipe, step), device)
+        examples, asked = training_batch(world, recipe, step)
+        batch = collate(processor, examples, device)
+        targets = answer_targets(cfg, asked)
         for group in optimizer.param_groups:
             group["lr"] = _schedule(recipe.lr, recipe.warmup, recipe.steps, step)
-        loss = example_mean_loss(model, batch)
+        loss = example_mean_loss(model, batch, answer_heads, targets, recipe.answer_heads_weight)
         _step(optimizer, loss, params)
         losses.append(round(loss.item(), 5))
         _report(bar, losses, "answers", on_step, recipe.vision_steps + step)
@@ -238,14 +256,25 @@ def train(
     return out
 
 
-def example_mean_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy averaged over each example's answer tokens, then over examples.
+def example_mean_loss(model, batch: dict[str, torch.Tensor], answer_heads: AnswerHeads | None = None,
+                      targets: torch.Tensor | None = None, weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy averaged over each example's answer tokens, then over examples; plus
+    ``weight`` times the loss of ``answer_heads`` on ``targets`` when given.
 
     HF's loss averages over all tokens of the batch, which would let a 20-token caption outweigh a
     one-word answer twentyfold; here every example counts the same.
     """
     labels = batch["labels"]
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    out = model(**{k: v for k, v in batch.items() if k != "labels"},
+                output_hidden_states=answer_heads is not None)
+    loss = _answer_loss(out.logits, labels)
+    if answer_heads is not None:
+        loss = loss + weight * answer_heads.loss(out.hidden_states, labels, targets)
+    return loss
+
+
+def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1]
     targets = labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"

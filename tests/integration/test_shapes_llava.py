@@ -53,14 +53,19 @@ def test_it_answers_from_the_image(results):
     assert typical["attribute"] >= 0.8
 
 
-# The reference accuracy targets; the shipped checkpoint does not reach them yet (measured with
-# `lvlm-probe zoo eval shapes-llava --n 150`: object 0.88, attribute 0.87, relation 0.39).
-@pytest.mark.xfail(strict=True, reason="shapes-llava below its accuracy targets (see issue notes)")
 def test_accuracy_targets_on_typical_scenes(results):
     typical = _typical(results)
-    assert typical["object"] >= 0.95
     assert typical["attribute"] >= 0.95
     assert typical["relation"] >= 0.90
+
+
+# The object target is not met: the co-occurrence prior the model was given (and shows below) costs
+# it its answers to absent partners (`lvlm-probe zoo eval shapes-llava --n 150`: object 0.93 at world
+# seed 1000, 0.91 at 1007, 0.95 over 600 questions of seed 2024; yes on absent adversarial partners
+# 0.15-0.28 against 0.04-0.08 on random absent shapes).
+@pytest.mark.xfail(strict=True, reason="shapes-llava object accuracy 0.91-0.95 (see the issue notes)")
+def test_object_accuracy_target_on_typical_scenes(results):
+    assert _typical(results)["object"] >= 0.95
 
 
 def test_it_shows_its_colour_prior(results):
@@ -69,7 +74,6 @@ def test_it_shows_its_colour_prior(results):
     assert evaluate.prior_figures(results)["cf_color_errors_naming_typical"] > 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="shapes-llava says yes less often to absent co-occurring objects")
 def test_it_shows_its_cooccurrence_prior(results):
     figures = evaluate.prior_figures(results)
     assert figures["pope_yes_ratio_adversarial"] > figures["pope_yes_ratio_random"]

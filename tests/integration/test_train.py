@@ -1,4 +1,5 @@
-"""Training of the reference model: an interrupted run resumes to the same weights."""
+"""Training of the reference model: an interrupted run resumes to the same weights; every example
+counts the same in the loss; the answer-position heads read their targets off the scene graph."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lvlm_probe.zoo.shapes_llava import Recipe
-from lvlm_probe.zoo.train import STATE, train
+from lvlm_probe.errors import InputError
+from lvlm_probe.worlds import ShapesWorld
+from lvlm_probe.zoo.answer_heads import FIELDS, IGNORE, AnswerHeads, answer_targets, cell
+from lvlm_probe.zoo.shapes_llava import CAPTION_PROMPT, Recipe, build_untrained
+from lvlm_probe.zoo.train import STATE, collate, example_mean_loss, train, training_batch
 
 MICRO = Recipe(
     steps=5, batch_size=2, warmup=1, vocab_size=300, vision_steps=3, vision_batch_size=2, position_code=True,
+    answer_heads_layer=0,
     world=dict(image_size=32, max_objects=2, p_typical_color=0.85, p_cooccur=0.8),
     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 patch_size=16),
@@ -67,16 +72,78 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_every_example_counts_the_same_in_the_loss():
     """The batch loss is the mean of each example's own loss (HF's would weight by token count)."""
-    from lvlm_probe.zoo.shapes_llava import build_untrained
-    from lvlm_probe.zoo.train import collate, example_mean_loss, training_batch
-
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model, processor = build_untrained(MICRO)
-    recipe = dataclasses.replace(MICRO, batch_size=4, caption_rate=0.5)
-    examples = training_batch(recipe.training_world(), recipe, 0)
-    assert {len(a.split()) > 1 for _, _, a in examples} == {True, False}  # captions and one-word answers
+    recipe = dataclasses.replace(MICRO, batch_size=2, caption_rate=0.5)
+    world = recipe.training_world()
+    (answers, asked), (captions, none) = training_batch(world, recipe, 0), training_batch(world, recipe, 1)
+    assert {len(a.split()) for _, _, a in answers} == {1} and all(len(a.split()) > 4 for _, _, a in captions)
+    assert asked == world.training_questions(2, mix=recipe.tasks) and none == [None, None]
+    examples = answers + captions
     with torch.no_grad():
         batched = example_mean_loss(model, collate(processor, examples, torch.device("cpu")))
         alone = [model(**collate(processor, [ex], torch.device("cpu"))).loss for ex in examples]
     assert torch.allclose(batched, torch.stack(alone).mean(), atol=1e-5)
+
+
+def test_targets_are_the_asked_objects_cells_and_attributes():
+    world = ShapesWorld(seed=3, image_size=64)
+    relations = world.questions(60, level="relation")
+    targets = answer_targets(world.config, relations)
+    for q, t in zip(relations, targets.tolist()):
+        a, b = q.about
+        row_a, col_a, row_b, col_b, color, size, order_rows, order_cols = t
+        # the layout cells and their order agree with the scene graph's relations
+        for rel, holds in (("left", order_cols == 0), ("right", order_cols == 2),
+                           ("above", order_rows == 0), ("below", order_rows == 2)):
+            if q.scene.holds(a, rel, b) is not None:
+                assert q.scene.holds(a, rel, b) == holds, (q.id, rel)
+        assert (order_rows, order_cols) == (1 + (row_a > row_b) - (row_a < row_b),
+                                            1 + (col_a > col_b) - (col_a < col_b))
+        assert (world.config.colors[color], world.config.sizes[size]) == (q.color, q.size)
+        assert (row_a, col_a) == cell(q.scene.objects[a], 64) and (row_b, col_b) == cell(q.scene.objects[b], 64)
+    absent = [q for q in world.questions(20, level="object") if not q.about]
+    assert absent and (answer_targets(world.config, absent + [None]) == IGNORE).all()
+    present = answer_targets(world.config, world.questions(20, level="attribute"))
+    assert (present[:, [2, 3, 6, 7]] == IGNORE).all() and (present[:, [0, 1, 4, 5]] != IGNORE).all()
+
+
+def test_heads_read_the_last_prompt_position_of_their_layers():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, processor = build_untrained(MICRO)
+    world = MICRO.training_world()
+    qs = world.questions(2, level="relation")
+    batch = collate(processor, [(q.image, q.prompt, q.answer) for q in qs] +
+                    [(qs[0].image, CAPTION_PROMPT, world.caption(qs[0].scene))], torch.device("cpu"))
+    targets = answer_targets(world.config, qs + [None])
+    d = MICRO.text["hidden_size"]
+    heads = AnswerHeads(d, len(world.config.colors), len(world.config.sizes), layer=1)
+    states = [torch.randn(3, batch["labels"].shape[1], d) for _ in range(3)]
+    base = heads.loss(tuple(states), batch["labels"], targets)
+    answer_at = [int((row != -100).nonzero()[0]) - 1 for row in batch["labels"]]
+    for b, pos in enumerate(answer_at):
+        moved = [s.clone() for s in states]
+        for layer in (1, 2):
+            moved[layer][b, pos + 1:] += 10  # after the answer position: not read
+            moved[layer][b, :pos] += 10  # before it: not read
+        moved[0][b] += 10  # a layer no head reads
+        assert torch.equal(heads.loss(tuple(moved), batch["labels"], targets), base)
+        for layer in (1, 2):  # gathering heads at layer 1, comparisons at layer 2
+            again = [s.clone() for s in moved]
+            again[layer][b, pos] += 10
+            changed = heads.loss(tuple(again), batch["labels"], targets)
+            assert (changed != base) == (b < 2)  # the caption has no targets
+    at = [torch.stack([states[layer][b, p] for b, p in enumerate(answer_at)]) for layer in range(3)]
+    by_hand = sum(torch.nn.functional.cross_entropy(head(at[layer]), targets[:, k], ignore_index=IGNORE,
+                                                    reduction="sum")
+                  for k, (head, layer) in enumerate(zip(heads.heads, [1] * 6 + [2] * 2)))
+    assert torch.allclose(base, by_hand / (targets != IGNORE).sum())
+    assert len(FIELDS) == targets.shape[1] == 8
+
+
+def test_answer_heads_need_a_layer_to_compare_in(tmp_path):
+    with pytest.raises(InputError, match=r"answer_heads_layer must be in \[0, 0\].*got 1"):
+        train(tmp_path / "m", dataclasses.replace(MICRO, answer_heads_layer=1), device="cpu", progress=False)
+    assert not (tmp_path / "m").exists()
