@@ -101,8 +101,12 @@ def sweep(
     definition: Path = typer.Argument(..., help="a sweep definition, e.g. probes/shapes_objects.yaml"),
     out: str = typer.Option(None, help="output folder (default: the definition's out)"),
     device: str = typer.Option(None, help="overrides the definition's device"),
+    backend: str = typer.Option(None, help="overrides the definition's backend: local or ray"),
+    ray_address: str = typer.Option(None, help="a Ray cluster to join (default: a local Ray instance)"),
 ) -> None:
-    """Extract activations and fit probes per layer as a YAML definition says; resumes when rerun."""
+    """Extract activations and fit probes per layer as a YAML definition says; resumes when rerun.
+
+    With ``--backend ray`` both the extraction and the probe fits run on Ray workers."""
     import dataclasses
 
     from .probing.config import load_config
@@ -110,7 +114,8 @@ def sweep(
 
     _quiet_transformers()
     config = load_config(definition)
-    changes = {k: v for k, v in (("out", out), ("device", device)) if v is not None}
+    changes = {k: v for k, v in (("out", out), ("device", device), ("backend", backend),
+                                 ("ray_address", ray_address)) if v is not None}
     run = run_sweep(dataclasses.replace(config, **changes))
     best = (run.results[run.results["head"].isna()].sort_values("accuracy", ascending=False)
             .groupby("target").head(1)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity", "chance"]])
