@@ -91,7 +91,7 @@ def test_prior_driven_errors_have_small_image_shares():
     and more from the prior and the prompt (which names the shape) than the right answers do."""
     model = lp.zoo.load("shapes-llava", device="cpu")
     questions = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(
-        150, level="attribute", split="counterfactual", kind="color")
+        400, level="attribute", split="counterfactual", kind="color")
     batch = model.prepare(images=[q.image for q in questions], prompts=[q.prompt for q in questions])
     split = source_split(model, batch, [q.answer for q in questions], [q.typical_color for q in questions])
     table = split.shares()

@@ -144,7 +144,7 @@ def test_bad_definitions_fail_before_any_extraction(model, tmp_path):
 
 def test_folder_of_user_images(model, tmp_path):
     world = lp.worlds.ShapesWorld(seed=5, image_size=64)
-    rows = world.concepts(48, split="counterfactual")
+    rows = world.concepts(96, split="counterfactual")
     images = tmp_path / "images"
     images.mkdir()
     for row in rows:
