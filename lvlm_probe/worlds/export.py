@@ -12,10 +12,11 @@ the extra keys of a question line hold its id, scene and labels, so a load gives
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import InputError
@@ -98,10 +99,11 @@ def _read_lines(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _parse(path: Path, number: int, parse):
-    """``parse()``, with a malformed row reported by file and line."""
+@contextlib.contextmanager
+def _line(path: Path, number: int) -> Iterator[None]:
+    """Report a malformed row read inside the block by file and line."""
     try:
-        return parse()
+        yield
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         what = (f"no {err} (a missing field, or a scene_id with no scene)" if isinstance(err, KeyError)
                 else f"{type(err).__name__}: {err}")
@@ -125,17 +127,20 @@ def load_export(folder: str | os.PathLike) -> list[Question]:
     folder = Path(folder)
     scenes = {}
     for number, row in _read_lines(folder / SCENES_FILE):
-        scenes[_parse(folder / SCENES_FILE, number, lambda: row["scene_id"])] = _parse(
-            folder / SCENES_FILE, number, lambda: Scene.from_dict(row))
+        with _line(folder / SCENES_FILE, number):
+            scenes[row["scene_id"]] = Scene.from_dict(row)
     names = {f.name for f in dataclasses.fields(Question)} - set(_OWN_KEYS)
     out = []
     for number, row in _read_lines(folder / QUESTIONS_FILE):
-        out.append(_parse(folder / QUESTIONS_FILE, number, lambda: Question(
-            id=row["id"],
-            prompt=row["text"],
-            answer=row["label"],
-            scene=scenes[row["scene_id"]],
-            about=tuple(row["about"]),
-            **{k: v for k, v in row.items() if k in names},
-        )))
+        with _line(folder / QUESTIONS_FILE, number):
+            out.append(
+                Question(
+                    id=row["id"],
+                    prompt=row["text"],
+                    answer=row["label"],
+                    scene=scenes[row["scene_id"]],
+                    about=tuple(row["about"]),
+                    **{k: v for k, v in row.items() if k in names},
+                )
+            )
     return out
