@@ -1,15 +1,16 @@
 """Stage 2's auxiliary read-outs: what the answer position should have gathered from the image.
 
 Answering "Is the heart left of the star?" takes two steps: find each named object among the image
-tokens and bring its position to the answer position, then compare the two positions. A language
-model this small learns the comparison quickly but the gathering only after far more examples than a
-15-minute budget holds, so relation answers stay at chance. Linear heads on the residual stream at
-the answer position (the last prompt token) are therefore trained beside the answer loss: at one
-middle layer they read off the grid cell (row, column) of each object the question is about and the
-colour and size of the first (the gathering), one layer later the order of the two objects along
-each axis (the comparison). Turning that into a yes/no or a relation word is still learnt from the
-answers alone. The heads are dropped after training: the checkpoint is a plain
-``LlavaForConditionalGeneration``.
+tokens and bring its position to the answer position, then compare the two positions. Learnt from
+the answers alone, a language model this small leaves relation answers at chance within a
+15-minute budget. Linear heads on the residual stream at the answer position (the last prompt
+token) are therefore trained beside the answer loss: at one middle layer they read off the grid
+cell (row, column) of each object the question is about and the colour and size of the first (the
+gathering), one layer later the order of the two objects along each axis (the comparison). With the
+gathering heads alone, shapes-llava learnt "where" questions (0.84) but not relation yes/no ones
+(0.51); with the comparison heads too, both (0.99). Turning the order into a yes/no or a relation
+word is still learnt from the answers. The heads are dropped after training: the checkpoint is a
+plain ``LlavaForConditionalGeneration``.
 """
 from __future__ import annotations
 

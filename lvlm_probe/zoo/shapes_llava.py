@@ -30,7 +30,7 @@ CAPTION_PROMPT = "Describe the image."
 # Absent shapes are drawn uniformly (POPE's random mode) as a plain training set would hold them:
 # a model that rarely sees a present shape's usual partner asked about while absent can fall back
 # on the co-occurrence prior, which POPE's adversarial questions then expose. Relations, the
-# hardest level, get the largest share.
+# hardest level, get as large a share as attributes.
 TRAINING_TASKS: tuple[tuple[str, str, str | None], ...] = (
     *(("object", "exist", "random"),) * 3,
     ("attribute", "color", None),

@@ -4,9 +4,9 @@ Two stages on the real ``LlavaForConditionalGeneration``: stage 1 pre-trains the
 per-patch labels and aligns the projector (:mod:`lvlm_probe.zoo.vision_pretrain`); stage 2 trains the
 projector and language model, tower frozen, on the world's questions and captions, with the loss on
 the answer tokens plus that of auxiliary heads at the answer position
-(:mod:`lvlm_probe.zoo.answer_heads`). Each step draws the next examples of the world's endless training stream (so
-the data never repeats and never sits in memory) and runs them through the real processor. Every
-``checkpoint_every`` steps the weights and optimiser state are written atomically, so a run that is
+(:mod:`lvlm_probe.zoo.answer_heads`). Each step draws the next examples of the world's endless
+training stream (so the data never repeats and never sits in memory) and runs them through the
+real processor. Every ``checkpoint_every`` steps the weights and optimiser state are written atomically, so a run that is
 killed resumes where it stopped and ends with the same weights.
 """
 from __future__ import annotations
