@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,44 +148,6 @@ def test_in_memory_model_is_refused(ray_session, llava, questions, tmp_path):
     model = lp.LVLM(llava.hf, llava.processor)  # no LoadSpec: workers could not load it
     with pytest.raises(InputError, match="save_pretrained"):
         lp.extract(model, questions, HOOKS, out=tmp_path / "a", backend="ray", **SIZES)
-
-
-def test_yaml_backend_is_checked(tmp_path):
-    definition = tmp_path / "bad.yaml"
-    definition.write_text("model: tiny-llava\nbackend: slurm\ndata:\n  world: {n: 8}\n")
-    with pytest.raises(InputError, match=r"bad.yaml: unknown backend 'slurm'"):
-        load_config(definition)
-
-
-# One interpreter for both checks (its start-up is most of the cost): a local extraction and sweep
-# import no Ray; then, with `import ray` made to fail, backend="ray" says how to install it.
-LOCAL_RUN = """
-import sys
-import lvlm_probe as lp
-model = lp.zoo.tiny("llava", device="cpu")
-qs = lp.worlds.ShapesWorld(seed=0, image_size=64).questions(4, level="attribute", split="typical")
-store = lp.extract(model, qs, ["blocks.*.hook_resid_post"], out=sys.argv[1], progress=False)
-lp.probing.sweep({h: store[h] for h in store.hooks}, target=[0, 1, 0, 1], control=False, n_boot=0)
-assert "lvlm_probe.distributed.options" in sys.modules  # the backend check ran
-print("ray" in sys.modules, any(m.startswith("ray.") for m in sys.modules))
-sys.modules["ray"] = None  # as if Ray were not installed: `import ray` raises ImportError
-try:
-    lp.probing.sweep({"a": [[0.0], [1.0], [0.0], [1.0]]}, target=[0, 1, 0, 1], hooks="a",
-                      control=False, n_boot=0, backend="ray")
-except lp.distributed.MissingDependencyError as err:
-    assert isinstance(err, lp.LVLMProbeError) and isinstance(err, ImportError)
-    print(err)
-"""
-
-
-def test_local_path_never_imports_ray(tmp_path):
-    result = subprocess.run([sys.executable, "-c", LOCAL_RUN, str(tmp_path / "acts")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    first, message = result.stdout.split("\n", 1)
-    assert first.split() == ["False", "False"]
-    assert "needs Ray, which is not installed" in message
-    assert "pip install 'lvlm-probe[distributed]'" in message
 
 
 def test_worker_errors_name_the_examples(ray_session, llava, questions, tmp_path):
