@@ -69,6 +69,7 @@ class Recipe:
             and the weight of their loss (0 = none); see :mod:`lvlm_probe.zoo.answer_heads`.
         vision_steps, vision_batch_size, vision_lr: stage 1, per-patch pre-training of the vision
             tower (see :mod:`lvlm_probe.zoo.vision_pretrain`).
+        vision_shape_weight: weight of the shape label in stage 1's loss (the others weigh 1).
         position_code: also align each projected patch's position with the relation words.
         vocab_size: BPE vocabulary size of the tokenizer trained on the world's corpus.
     """
@@ -92,6 +93,7 @@ class Recipe:
     vision_steps: int = 1500
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
+    vision_shape_weight: float = 1.0
     position_code: bool = False
     tasks: tuple[tuple[str, str, str | None], ...] = TRAINING_TASKS
     answer_heads_layer: int = 2

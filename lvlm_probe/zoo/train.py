@@ -171,7 +171,7 @@ def train(
         cfg = world.config
         grid = recipe.world["image_size"] // recipe.vision["patch_size"]
         heads = PatchHeads(model.config.vision_config.hidden_size, len(cfg.shapes), len(cfg.colors),
-                           len(cfg.sizes), grid)
+                           len(cfg.sizes), grid, recipe.vision_shape_weight)
         answer_heads = AnswerHeads(model.config.text_config.hidden_size, len(cfg.colors), len(cfg.sizes),
                                    recipe.answer_heads_layer) if recipe.answer_heads_weight else None
     model.to(device)

@@ -22,7 +22,8 @@ class PatchHeads(nn.Module):
     background) and of the patch's own row and column, so that what and where both stay linearly
     readable for the language model."""
 
-    def __init__(self, d_model: int, n_shapes: int, n_colors: int, n_sizes: int, grid: int):
+    def __init__(self, d_model: int, n_shapes: int, n_colors: int, n_sizes: int, grid: int,
+                 shape_weight: float = 1.0):
         super().__init__()
         self.shape = nn.Linear(d_model, n_shapes + 1)
         self.color = nn.Linear(d_model, n_colors + 1)
@@ -30,15 +31,18 @@ class PatchHeads(nn.Module):
         self.row = nn.Linear(d_model, grid)
         self.col = nn.Linear(d_model, grid)
         self.grid = grid
+        # shape is the hardest label for a small tower (a 9-pixel hexagon against a circle)
+        self.shape_weight = shape_weight
 
     def loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """states ``[batch, patches, d]``; targets ``[batch, 3, patches]`` -> mean cross-entropy."""
+        """states ``[batch, patches, d]``; targets ``[batch, 3, patches]`` -> weighted mean
+        cross-entropy (shape weighted ``shape_weight``, the others 1)."""
         cells = torch.arange(states.shape[1], device=states.device)
         where = torch.stack([cells // self.grid, cells % self.grid]).unsqueeze(0).expand(len(states), -1, -1)
-        heads = ((self.shape, targets[:, 0]), (self.color, targets[:, 1]), (self.size, targets[:, 2]),
-                 (self.row, where[:, 0]), (self.col, where[:, 1]))
-        return sum(nn.functional.cross_entropy(head(states).flatten(0, 1), target.flatten())
-                   for head, target in heads) / len(heads)
+        heads = ((self.shape, targets[:, 0], self.shape_weight), (self.color, targets[:, 1], 1.0),
+                 (self.size, targets[:, 2], 1.0), (self.row, where[:, 0], 1.0), (self.col, where[:, 1], 1.0))
+        return sum(weight * nn.functional.cross_entropy(head(states).flatten(0, 1), target.flatten())
+                   for head, target, weight in heads) / sum(weight for _, _, weight in heads)
 
 
 def patch_targets(config, scenes, grid: int) -> torch.Tensor:

@@ -147,3 +147,20 @@ def test_answer_heads_need_a_layer_to_compare_in(tmp_path):
     with pytest.raises(InputError, match=r"answer_heads_layer must be in \[0, 0\].*got 1"):
         train(tmp_path / "m", dataclasses.replace(MICRO, answer_heads_layer=1), device="cpu", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_stage_one_weighs_the_shape_label():
+    """The patch loss is the weighted mean of the five labels' cross-entropies."""
+    from lvlm_probe.zoo.vision_pretrain import PatchHeads
+
+    torch.manual_seed(0)
+    states = torch.randn(3, 4, 16)
+    targets = torch.stack([torch.randint(0, 9, (3, 4)), torch.randint(0, 7, (3, 4)), torch.randint(0, 3, (3, 4))], 1)
+    plain, weighted = PatchHeads(16, 8, 6, 2, 2), PatchHeads(16, 8, 6, 2, 2, shape_weight=3.0)
+    weighted.load_state_dict(plain.state_dict())
+    cells = torch.arange(4)
+    labels = (targets[:, 0], targets[:, 1], targets[:, 2], (cells // 2).expand(3, 4), (cells % 2).expand(3, 4))
+    heads = (plain.shape, plain.color, plain.size, plain.row, plain.col)
+    ce = [torch.nn.functional.cross_entropy(h(states).flatten(0, 1), y.flatten()) for h, y in zip(heads, labels)]
+    assert torch.allclose(plain.loss(states, targets), sum(ce) / 5)
+    assert torch.allclose(weighted.loss(states, targets), (3 * ce[0] + sum(ce[1:])) / 7)
