@@ -24,6 +24,12 @@ def _tiny_cache(tmp_path_factory):
     yield
 
 
+def store_files(root) -> dict[str, bytes]:
+    """Every file of a store but its lock, by relative path (to compare two stores byte for byte)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -9,6 +9,7 @@ import sys
 
 import pandas as pd
 import pytest
+from conftest import store_files
 
 import lvlm_probe as lp
 from lvlm_probe.probing.config import load_config
@@ -25,10 +26,6 @@ extract: {{lm_hooks: [blocks.*.hook_resid_post], tower_hooks: [], batch_size: 4}
 probes: {{targets: [shape], n_boot: 20}}
 """
 
-
-def files_of(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
 
 
 def test_cli_backend_ray_starts_local_ray_and_equals_local(tmp_path):
@@ -49,7 +46,7 @@ def test_cli_backend_ray_starts_local_ray_and_equals_local(tmp_path):
     run_sweep(config, progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "results.parquet"),
                                   pd.read_parquet(tmp_path / "local" / "results.parquet"))
-    assert files_of(tmp_path / "ray" / "acts" / "lm") == files_of(tmp_path / "local" / "acts" / "lm")
+    assert store_files(tmp_path / "ray" / "acts" / "lm") == store_files(tmp_path / "local" / "acts" / "lm")
 
 
 def test_cli_ray_address_needs_the_ray_backend(tmp_path):

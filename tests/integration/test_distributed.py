@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import store_files
 
 import lvlm_probe as lp
 from lvlm_probe.errors import InputError
@@ -42,11 +43,6 @@ def questions():
     return lp.worlds.ShapesWorld(seed=0, image_size=64).questions(10, level="attribute", split="typical")
 
 
-def files_of(root: Path) -> dict[str, bytes]:
-    """Every file of a store but its lock, by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
-
 
 def crash_once(marker: Path, driver: int):
     """An image selector that kills the Ray worker running it while ``marker`` exists (removing it,
@@ -73,8 +69,8 @@ def test_ray_store_equals_local(ray_session, llava, questions, tmp_path, reduce,
     args = dict(hooks=HOOKS, positions=positions, reduce=reduce, max_shard_bytes=max_bytes, **SIZES)
     local = lp.extract(llava, questions, out=tmp_path / "local", **args)
     remote = lp.extract(llava, questions, out=tmp_path / "ray", **RAY, **args)
-    expected = files_of(tmp_path / "local")
-    assert files_of(tmp_path / "ray") == expected
+    expected = store_files(tmp_path / "local")
+    assert store_files(tmp_path / "ray") == expected
     assert len(local.records) == len(remote.records) > 1
     assert remote.ids == [q.id for q in questions] and remote.complete
 
@@ -89,7 +85,7 @@ def test_killed_worker_is_retried_and_a_partial_store_resumed(ray_session, llava
     assert not marker.exists()  # a worker did die
     reference = lp.extract(llava, questions, out=tmp_path / "local", **args)
     assert store.ids == reference.ids and len(set(store.ids)) == len(questions)
-    assert files_of(tmp_path / "ray") == files_of(tmp_path / "local")  # no leftovers, no duplicates
+    assert store_files(tmp_path / "ray") == store_files(tmp_path / "local")  # no leftovers, no duplicates
 
 
 def test_ray_sweep_equals_local(ray_session, llava, questions, tmp_path):
@@ -126,7 +122,7 @@ def test_run_sweep_yaml_backend(ray_session, llava, tmp_path):
                       model=llava, progress=False)
     assert len(run.results) == llava.n_layers
     pd.testing.assert_frame_equal(run.results, local.results)
-    assert files_of(tmp_path / "run" / "acts" / "lm") == files_of(tmp_path / "local" / "acts" / "lm")
+    assert store_files(tmp_path / "run" / "acts" / "lm") == store_files(tmp_path / "local" / "acts" / "lm")
     # the backend is not part of a run's identity: the Ray run's folder resumes locally
     again = run_sweep(dataclasses.replace(config, backend="local"), model=llava, progress=False)
     pd.testing.assert_frame_equal(again.results, run.results)
