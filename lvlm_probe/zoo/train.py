@@ -6,8 +6,8 @@ projector and language model, tower frozen, on the world's questions and caption
 the answer tokens plus that of auxiliary heads at the answer position
 (:mod:`lvlm_probe.zoo.answer_heads`). Each step draws the next examples of the world's endless
 training stream (so the data never repeats and never sits in memory) and runs them through the
-real processor. Every ``checkpoint_every`` steps the weights and optimiser state are written atomically, so a run that is
-killed resumes where it stopped and ends with the same weights.
+real processor. Every ``checkpoint_every`` steps the weights and optimiser state are written
+atomically, so a run that is killed resumes where it stopped and ends with the same weights.
 """
 from __future__ import annotations
 
@@ -267,20 +267,15 @@ def example_mean_loss(model, batch: dict[str, torch.Tensor], answer_heads: Answe
     labels = batch["labels"]
     out = model(**{k: v for k, v in batch.items() if k != "labels"},
                 output_hidden_states=answer_heads is not None)
-    loss = _answer_loss(out.logits, labels)
+    logits, next_tokens = out.logits[:, :-1], labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), next_tokens.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(next_tokens)
+    counted = (next_tokens != -100).sum(1).clamp_min(1)
+    loss = (per_token.sum(1) / counted).mean()
     if answer_heads is not None:
         loss = loss + weight * answer_heads.loss(out.hidden_states, labels, targets)
     return loss
-
-
-def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits[:, :-1]
-    targets = labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-    ).view_as(targets)
-    counted = (targets != -100).sum(1).clamp_min(1)
-    return (per_token.sum(1) / counted).mean()
 
 
 def _step(optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
