@@ -70,6 +70,8 @@ class Recipe:
         vision_steps, vision_batch_size, vision_lr: stage 1, per-patch pre-training of the vision
             tower (see :mod:`lvlm_probe.zoo.vision_pretrain`).
         vision_shape_weight: weight of the shape label in stage 1's loss (the others weigh 1).
+        vision_world: overrides of ``world`` for stage 1's scenes (e.g. another colour prior, so
+            the vision tower does not learn the one stage 2 teaches the language model).
         position_code: also align each projected patch's position with the relation words.
         vocab_size: BPE vocabulary size of the tokenizer trained on the world's corpus.
     """
@@ -94,6 +96,7 @@ class Recipe:
     vision_batch_size: int = 64
     vision_lr: float = 2e-3
     vision_shape_weight: float = 1.0
+    vision_world: dict[str, Any] = field(default_factory=dict)
     position_code: bool = False
     tasks: tuple[tuple[str, str, str | None], ...] = TRAINING_TASKS
     answer_heads_layer: int = 2
@@ -112,6 +115,10 @@ class Recipe:
 
     def training_world(self) -> ShapesWorld:
         return ShapesWorld(seed=self.seed, **self.world)
+
+    def vision_training_world(self) -> ShapesWorld:
+        """Stage 1's world: ``world`` with ``vision_world``'s overrides."""
+        return ShapesWorld(seed=self.seed, **{**self.world, **self.vision_world})
 
 
 def build_untrained(recipe: Recipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

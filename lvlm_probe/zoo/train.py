@@ -190,6 +190,7 @@ def train(
     words = word_table(cfg, processor.tokenizer, model.get_input_embeddings())
     basis = position_basis(processor.tokenizer, model.get_input_embeddings()) if recipe.position_code else None
     if done < recipe.vision_steps:
+        vision_world = recipe.vision_training_world()
         params = list(tower.parameters()) + list(heads.parameters()) + list(projector.parameters())
         optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
         modules = {"model": model, "heads": heads}
@@ -197,7 +198,7 @@ def train(
             losses = _load_state(state_dir, modules, optimizer)
         tower.train()
         for step in range(done, recipe.vision_steps):
-            scenes = [q.scene for q in world.training_questions(
+            scenes = [q.scene for q in vision_world.training_questions(
                 recipe.vision_batch_size, start=VISION_STREAM + step * recipe.vision_batch_size)]
             images = [scene.render() for scene in scenes]
             pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)

@@ -164,3 +164,17 @@ def test_stage_one_weighs_the_shape_label():
     ce = [torch.nn.functional.cross_entropy(h(states).flatten(0, 1), y.flatten()) for h, y in zip(heads, labels)]
     assert torch.allclose(plain.loss(states, targets), sum(ce) / 5)
     assert torch.allclose(weighted.loss(states, targets), (3 * ce[0] + sum(ce[1:])) / 7)
+
+
+def test_stage_one_world_takes_its_overrides():
+    """``vision_world`` changes only stage 1's scenes; without it both stages read one world."""
+    plain = MICRO.vision_training_world().training_questions(8, start=0)
+    same = MICRO.training_world().training_questions(8, start=0)
+    assert [q.scene for q in plain] == [q.scene for q in same]
+    uniform = dataclasses.replace(MICRO, vision_world={"p_typical_color": 0.0})
+    world = uniform.vision_training_world()
+    assert world.config.p_typical_color == 0.0 and uniform.training_world().config.p_typical_color == 0.85
+    typical = world.config.typical
+    scenes = [q.scene for q in world.training_questions(40, start=0)]
+    assert all(o.color != typical[o.shape] for s in scenes for o in s.objects)
+    assert Recipe.from_dict(uniform.to_dict()) == uniform
