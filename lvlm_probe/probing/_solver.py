@@ -18,7 +18,7 @@ for those products; the parameters, the loss and the L-BFGS vectors are float64,
 search can still see progress when the float32 loss could no longer resolve it.
 
 Correlated features make some objectives ill-conditioned: on layers near chance plain L-BFGS
-needs ten times the iterations of the others. When memory allows, a probe still unconverged after
+needs ten times the iterations of the others. A probe still unconverged after
 ``PLAIN_ITERATIONS`` iterations goes on with two-loop recursions that start from a fixed
 approximation of its inverse Hessian built from ``X'X`` (:func:`curvature_preconditioner`)
 instead of a multiple of the identity.
@@ -141,9 +141,10 @@ def curvature_preconditioner(
     ``S`` is kept at rank ``rank`` (a randomized range finder with one power iteration, Halko et
     al. 2011), its remaining spectrum replaced by its mean, so ``M`` costs ``O(n d rank)`` to
     build and ``O(d rank)`` to apply, instead of the ``O(n d^2)`` and ``O(d^3)`` of the full
-    matrix. The test matrix is the same for every probe and all sizes are multiples of 8
-    doubles (batched LAPACK results depend on where a matrix sits in memory), so each probe's
-    ``M`` is the same in any batch or chunk.
+    matrix. The random test matrix is the same for every probe, and the rank is a multiple of 8
+    so that the batched QR and eigendecompositions see matrices whose sizes are multiples of
+    64 bytes (batched LAPACK results otherwise depend on where a matrix sits in the batch): each
+    probe's ``M`` is the same in any batch or chunk.
     """
     P, n, d = X.shape
     K = 1 if n_classes == 2 else n_classes
