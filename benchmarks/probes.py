@@ -90,8 +90,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="probes fitted at a time (default all); on a CPU, chunks whose features "
-                             "fit in the last-level cache can be faster")
+                        help="probes fitted at a time (default all; smaller chunks bound memory)")
     args = parser.parse_args()
     print(f"{args.layers} layers x {args.examples} examples, 6 classes, C=1, standardised features; "
           f"lvlm_probe on {args.device} with {torch.get_num_threads()} threads\n")
