@@ -216,10 +216,11 @@ def test_standardize_equals_scaler_pipeline_and_ignores_layer_scale(scaled_stack
     factors = np.array([100.0, 0.01, 3.0, 1.0])[:, None, None]
     rescaled = fit_many(X * factors, y, standardize=True, **exact)
     np.testing.assert_allclose(rescaled.coef_.numpy(), probes.coef_.numpy(), atol=1e-6)
-    # ... and plain L-BFGS, slow on the large-scale layer raw, fits it in far fewer iterations.
-    plain = fit_many(X[3:], y[3:], standardize=True, precondition=False, **exact)
+    # ... and plain L-BFGS, slow on the large-scale layer raw, fits it standardised in far fewer
+    # iterations.
+    standardised = fit_many(X[3:], y[3:], standardize=True, precondition=False, **exact)
     raw = fit_many(X[3:], y[3:], precondition=False, **exact)
-    assert plain.n_iter_[0] < raw.n_iter_[0] / 3
+    assert standardised.n_iter_[0] < raw.n_iter_[0] / 3
 
 
 def correlated_stack(P: int, n: int, d: int, K: int, seed: int = 0):
