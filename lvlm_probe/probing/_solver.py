@@ -127,8 +127,9 @@ def _objective(X: Tensor, y: Tensor, n_classes: int, C: float, fit_intercept: bo
 
 def curvature_preconditioner(
     X: Float[Tensor, "P n d"], n_classes: int, C: float, fit_intercept: bool, rank: int = 128
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """``(v [r, m], rows [r]) -> M v``, with ``M`` the inverse of a fixed approximation of each
+) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``(v [r, m], rows [r]) -> M v`` (``None`` when there are fewer than 8 features or
+    examples, too few for the approximation below: plain L-BFGS), with ``M`` the inverse of a fixed approximation of each
     probe's Hessian, the same for every class block: ``H = c S + I / (n C)`` with ``S = X'X / n``
     (``X`` with a column of ones when there is an intercept) and ``c = (1 - 1/K) / K``, which are
     the diagonal blocks of the Hessian at the starting point ``W = 0`` (all of it for two classes).
@@ -154,7 +155,7 @@ def curvature_preconditioner(
     size = Xa.shape[-1]
     rank = min(rank, size, n) // 8 * 8
     if rank == 0:
-        return lambda v, rows: v
+        return None
 
     def gram_times(Z: Tensor) -> Tensor:  # X'X Z
         return (Xa.transpose(1, 2) @ (Xa @ Z.to(Xa.dtype))).to(torch.float64)
@@ -169,7 +170,6 @@ def curvature_preconditioner(
     ridge = 1.0 / (n * C)
     inside = 1.0 / (curvature * lam.clamp(min=0) + ridge)   # M on the leading directions
     outside = 1.0 / (curvature * tail + ridge)              # and on the rest
-    del Xa, Q, U
 
     def apply(v: Tensor, rows: Tensor) -> Tensor:
         blocks = rearrange(v[:, : K * d], "p (k d) -> p d k", k=K)
