@@ -128,9 +128,9 @@ def _objective(X: Tensor, y: Tensor, n_classes: int, C: float, fit_intercept: bo
 def curvature_preconditioner(
     X: Float[Tensor, "P n d"], n_classes: int, C: float, fit_intercept: bool, rank: int = 128
 ) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """``(v [r, m], rows [r]) -> M v`` (``None`` when there are fewer than 8 features or
-    examples, too few for the approximation below: plain L-BFGS), with ``M`` the inverse of a fixed approximation of each
-    probe's Hessian, the same for every class block: ``H = c S + I / (n C)`` with ``S = X'X / n``
+    """``(v [r, m], rows [r]) -> M v``, with ``M`` the inverse of a fixed approximation of each
+    probe's Hessian (``None`` below 8 features or examples, too few for the approximation: plain
+    L-BFGS then), the same for every class block: ``H = c S + I / (n C)`` with ``S = X'X / n``
     (``X`` with a column of ones when there is an intercept) and ``c = (1 - 1/K) / K``, which are
     the diagonal blocks of the Hessian at the starting point ``W = 0`` (all of it for two classes).
 
