@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from .controls import DESIGNS
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ExtractSpec:
 class ProbeSpec:
     targets: tuple[str, ...] = ("color",)
     control_by: tuple[str, ...] = ("shape", "color", "size")
+    control_design: str = "auto"
     groups: str = "scene"
     C: float = 1.0
     test_size: float = 0.25
@@ -141,6 +143,9 @@ def load_config(path: str | Path) -> SweepConfig:
         check_backend(config.backend, config.ray_address)
     except InputError as err:
         raise InputError(f"{path}: {err}") from err
+    if probes.control_design not in DESIGNS:
+        raise InputError(f"{path}: unknown probes.control_design {probes.control_design!r}; "
+                         f"expected one of {DESIGNS}")
     unknown = sorted(set(config.alignment) - {"cka", "mutual_knn", "cosine"})
     if unknown:
         raise InputError(f"{path}: unknown alignment metric(s) {unknown}; expected cka, mutual_knn, cosine")

@@ -147,6 +147,7 @@ def sweep(
     heads: bool = False,
     control: bool = True,
     control_by: Any = OBJECT_TYPE,
+    control_design: str = "auto",
     groups: str | Sequence | None = "scene",
     test_size: float = 0.25,
     C: float = 1.0,
@@ -164,7 +165,8 @@ def sweep(
     All probes of a hook are fitted together by :func:`~lvlm_probe.probing.fit_many`. The split is
     by group (a scene is never in both train and test). The control task (Hewitt & Liang 2019)
     gives each type (``control_by``, by default the object type ``shape, color, size``, which
-    recurs across scenes) a random label; selectivity is accuracy minus control accuracy.
+    recurs across scenes) a random label, balanced within each of the type's attributes so that
+    no single attribute predicts it; selectivity is accuracy minus control accuracy.
 
     Args:
         source: an :class:`~lvlm_probe.ActivationStore` (reduced: ``[N, d]`` or ``[N, head, d]``
@@ -175,6 +177,8 @@ def sweep(
         control: also fit the control task and report selectivity.
         control_by: the control task's type: meta column names, or ``[N]`` values (see
             :mod:`lvlm_probe.probing.controls` for how to choose it).
+        control_design: how types get their labels: ``"auto"``, ``"factorial"`` or
+            ``"independent"`` (see :func:`~lvlm_probe.probing.control_labels`).
         groups: the column (or array) that keeps related examples on one side of the split;
             None splits by example. A store without the column falls back to ``id``.
         test_size: fraction of groups held out.
@@ -224,7 +228,7 @@ def sweep(
         types = _control_types(control_by, meta, len(codes))
         types = types.iloc[keep] if isinstance(types, pd.DataFrame) else types[keep]
         controls = np.full(len(codes), -1)
-        controls[keep] = np.asarray(control_labels(codes[keep], by=types, seed=seed))
+        controls[keep] = np.asarray(control_labels(codes[keep], by=types, seed=seed, design=control_design))
         y_control = torch.as_tensor(controls)
         overlap = type_overlap(_types_full(types, keep, len(codes)), train, test)
         if overlap < 0.5:

@@ -111,6 +111,8 @@ def test_definition_errors(tmp_path):
     bad({**DEFINITION, "extract": {"hooks": []}}, r"unknown key\(s\) \['hooks'\] in .*extract")
     bad({**DEFINITION, "data": {"folder": {"path": "x"}}}, "only data.world provides")
     bad({**DEFINITION, "alignment": ["cca"]}, r"unknown alignment metric\(s\) \['cca'\]")
+    bad({**DEFINITION, "probes": {**DEFINITION["probes"], "control_design": "latin"}},
+        r"unknown probes.control_design 'latin'; expected one of \('auto', 'factorial', 'independent'\)")
     with pytest.raises(InputError, match="no sweep definition"):
         load_config(tmp_path / "missing.yaml")
     for shipped in Path(__file__).parents[2].joinpath("probes").glob("*.yaml"):

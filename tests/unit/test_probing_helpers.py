@@ -82,6 +82,72 @@ def test_control_labels_follow_the_real_label_distribution():
     np.testing.assert_allclose(freq, np.bincount(labels) / len(labels), atol=0.03)
 
 
+def _main_effect(control, by: pd.DataFrame) -> float:
+    """The largest total-variation distance between the control labels' distribution within one
+    value of one column and their distribution overall."""
+    overall = pd.Series(control).value_counts(normalize=True)
+    worst = 0.0
+    for column in by.columns:
+        within = pd.crosstab(by[column].to_numpy(), control, normalize="index")
+        worst = max(worst, float((within - overall[within.columns]).abs().sum(axis=1).max() / 2))
+    return worst
+
+
+def test_factorial_control_labels_are_balanced_within_every_attribute(objects):
+    by = objects[["shape", "color", "size"]]
+    factorial = control_labels(objects["color"], by=by, seed=0)  # auto: three columns
+    independent = control_labels(objects["color"], by=by, seed=0, design="independent")
+    # 60 types of about 50 objects cannot match five shares exactly within each of 13 values
+    assert _main_effect(factorial, by) < 0.15 < 0.3 < _main_effect(independent, by)
+    # ... in the real labels' proportions, one label per type
+    shares = objects["color"].value_counts(normalize=True)
+    np.testing.assert_allclose(pd.Series(factorial).value_counts(normalize=True)[shares.index], shares,
+                               atol=0.01)
+    per_type = pd.DataFrame({"type": list(by.itertuples(index=False)), "ctl": factorial})
+    assert (per_type.groupby("type")["ctl"].nunique() == 1).all()
+
+
+def test_factorial_control_is_learnt_by_memorising_types_only():
+    """Attributes coded separately (a disentangled representation) beat chance on independently
+    drawn labels by adding per-attribute evidence; on factorial labels only a code per type
+    helps. 8 shapes x 6 colours x 2 sizes, 300 objects to train and 100 to test, as in
+    ShapesWorld's probe sets."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    scores = {"independent": [], "factorial": []}
+    for seed in range(10):
+        shape, color, size = rng.choice(8, 400, p=np.arange(1, 9) / 36), rng.integers(0, 6, 400), rng.integers(0, 2, 400)
+        by = pd.DataFrame({"shape": shape, "color": color, "size": size})
+        separate = np.concatenate([np.eye(8)[shape], np.eye(6)[color], np.eye(2)[size]], 1)
+        per_type = np.eye(96)[12 * shape + 2 * color + size]
+        for design, out in scores.items():
+            ctl = control_labels(color, by=by, seed=seed, design=design)
+            fit = [LogisticRegression(max_iter=2000).fit(x[:300], ctl[:300]).score(x[300:], ctl[300:])
+                   for x in (separate, per_type)]
+            out.append([*fit, np.bincount(ctl[300:]).max() / 100])
+    (sep_ind, type_ind, majority_ind), (sep_fac, type_fac, _) = (np.mean(v, 0) for v in scores.values())
+    assert sep_ind > majority_ind + 0.1  # no memorising, yet well above chance
+    assert sep_fac < 1 / 6 + 0.04        # chance
+    assert type_ind > 0.85 and type_fac > 0.85
+
+
+def test_factorial_control_does_not_depend_on_the_example_order(objects):
+    by = objects[["shape", "color", "size"]]
+    ctl = control_labels(objects["color"], by=by, seed=3, design="factorial")
+    perm = np.random.default_rng(4).permutation(len(objects))
+    np.testing.assert_array_equal(control_labels(objects["color"].to_numpy()[perm], by=by.iloc[perm], seed=3,
+                                                 design="factorial"), ctl[perm])
+    assert not np.array_equal(control_labels(objects["color"], by=by, seed=4, design="factorial"), ctl)
+
+
+def test_control_design_errors(objects):
+    with pytest.raises(InputError, match="unknown control design 'latin'"):
+        control_labels(objects["color"], by=objects[["shape", "size"]], design="latin")
+    with pytest.raises(InputError, match="types of one column"):
+        control_labels(objects["color"], by=objects["shape"], design="factorial")
+
+
 def test_control_label_warnings_for_degenerate_types(objects):
     with pytest.warns(UserWarning, match="relabelling of the real task"):
         control_labels(objects["color"], by=objects["color"])
