@@ -28,14 +28,16 @@ granularity at which it recurs: for an object-level probe in ShapesWorld, the ob
 ``(shape, color, size)`` (``by=meta[["shape", "color", "size"]]``): it recurs across scenes,
 contains the concept, and with labels balanced within each attribute (``design``, below) a probe
 can only solve the control by decoding all three attributes and memorising an arbitrary table of
-their combinations, which is what the word-type control asks of a probe. There is no default: the right key depends on the target and the split, and a
-wrong one silently gives a meaningless selectivity. :func:`control_labels` warns for the two
+their combinations, which is what the word-type control asks of a probe. There is no default:
+the right key depends on the target and the split, and a wrong one silently gives a meaningless
+selectivity. :func:`control_labels` warns for the two
 degenerate choices it can see without the split (every example its own type; types that are
 the labels), and :func:`type_overlap` measures condition 1 for a split.
 
 Types that combine attributes (``design``). A word type is atomic; an object type is not. Drawn
-independently per type, as Hewitt & Liang draw per word, the labels of the 12 types that share a
-colour are 12 draws, and some label is usually more common among them than overall. A probe then
+independently per type, as Hewitt & Liang draw per word, the labels of the 16 types that share a
+colour (8 shapes x 2 sizes) are 16 draws, and some label is usually more common among them than
+overall. A probe then
 beats chance on the control by decoding colour, shape and size *separately* and adding their
 evidence, with no memorising at all. On a simulated representation that encodes the three
 attributes as separate one-hot codes (8 shapes x 6 colours x 2 sizes, 300 training objects), such
@@ -176,12 +178,12 @@ def _factorial(keys: list[tuple], shares: np.ndarray, seed: int) -> dict[tuple, 
     """A class index per type such that, within every value of every column, the examples'
     classes come in ``shares`` as nearly as the counts allow.
 
-    The cost is the squared deviation ``sum over columns, values, classes of (n[value, class] -
-    n[value] * share[class])^2``. Types are placed one by one in a seeded order, each in the class
-    that raises the cost least; then each type in turn is moved to its best class until none
-    moves. Adding a type of ``w`` examples to class ``c`` raises the cost by ``2 w (sum of its
-    values' deviations at c) + const``, so the best class is the one least represented, relative
-    to its share, among the type's own values. Ties go to a seeded draw per (type, class).
+    The cost is a chi-square statistic per column, summed: ``sum over columns, values, classes of
+    (n[value, class] - e)^2 / e`` with ``e = n[value] * share[class]``, so that a rare value or a
+    rare class counts as much as a common one. Types are placed one by one in a seeded order,
+    each in the class that raises the cost least; then each type in turn is moved to its best
+    class until none moves (every move lowers the cost, so the passes end). Ties go to a seeded
+    draw per (type, class).
     """
     types, weights = _type_counts(keys)
     order = sorted(range(len(types)), key=lambda i: _uniform(types[i], seed))
@@ -198,15 +200,13 @@ def _factorial(keys: list[tuple], shares: np.ndarray, seed: int) -> dict[tuple, 
         for f in range(columns):
             deviation[f][rows[i, f], c] += sign * weights[i]
 
-    def best(i: int) -> int:
+    def best(i: int) -> int:  # the class where adding type i raises the cost least
         w = weights[i]
-        load = np.round(sum(((deviation[f][rows[i, f]] + w) ** 2 - deviation[f][rows[i, f]] ** 2)
+        rise = np.round(sum(((deviation[f][rows[i, f]] + w) ** 2 - deviation[f][rows[i, f]] ** 2)
                             / expected[f][rows[i, f]] for f in range(columns)), 9)
-        if label[i] >= 0:  # a tie with the current class keeps it, so the passes end
-            candidates = np.flatnonzero(load == load.min())
-            if label[i] in candidates:
-                return int(label[i])
-        return int(np.lexsort((ties[i], load))[0])
+        if label[i] >= 0 and rise[label[i]] == rise.min():  # a tie keeps the current class
+            return int(label[i])
+        return int(np.lexsort((ties[i], rise))[0])
 
     for i in order:
         label[i] = best(i)
