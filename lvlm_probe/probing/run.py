@@ -267,8 +267,8 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
     for target in tqdm(spec.targets, desc="probes", disable=not progress):
         def run(target=target):
             kw = dict(control=types is not None, control_by=types, control_design=spec.control_design,
-                      groups=groups, C=spec.C,
-                      test_size=spec.test_size, seed=spec.seed, n_boot=spec.n_boot, **_execution(config))
+                      groups=groups, C=spec.C, test_size=spec.test_size, seed=spec.seed,
+                      n_boot=spec.n_boot, **_execution(config))
             labels = meta[target].to_numpy()
             tables = [sweep(per_layer, labels, hooks=list(per_layer), **kw)]
             if per_head:
