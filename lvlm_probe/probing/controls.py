@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -185,7 +186,8 @@ def _factorial(keys: list[tuple], shares: np.ndarray, seed: int) -> dict[tuple, 
     class until none moves (every move lowers the cost, so the passes end). Ties go to a seeded
     draw per (type, class).
     """
-    types, weights = _type_counts(keys)
+    examples = Counter(keys)  # types in order of first appearance, with their example counts
+    types, weights = list(examples), np.array(list(examples.values()), dtype=np.float64)
     order = sorted(range(len(types)), key=lambda i: _uniform(types[i], seed))
     columns, k = len(types[0]), len(shares)
     value_ids = [{v: j for j, v in enumerate(dict.fromkeys(t[f] for t in types))} for f in range(columns)]
@@ -222,14 +224,6 @@ def _factorial(keys: list[tuple], shares: np.ndarray, seed: int) -> dict[tuple, 
         if not moved:
             break
     return {t: int(c) for t, c in zip(types, label)}
-
-
-def _type_counts(keys: list[tuple]) -> tuple[list[tuple], np.ndarray]:
-    """The distinct types in order of first appearance, and how many examples each has."""
-    counts: dict[tuple, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    return list(counts), np.array(list(counts.values()), dtype=np.float64)
 
 
 def type_overlap(by: Any, train_idx: Any, test_idx: Any) -> float:
