@@ -71,6 +71,10 @@ def test_sweep_errors_name_what_was_wrong():
         probing.sweep(layers, labels)  # the default control type names store columns
     with pytest.warns(UserWarning, match="near chance by construction"):
         probing.sweep(layers, labels, control_by=scenes, groups=scenes, n_boot=0)
+    with pytest.raises(InputError, match="unknown control design 'latin'"):
+        probing.sweep(layers, labels, control_by=types, control_design="latin")
+    with pytest.raises(InputError, match="types of one column"):
+        probing.sweep(layers, labels, control_by=types, control_design="factorial")
 
 
 @pytest.fixture(scope="module")
