@@ -16,6 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from lvlm_probe.errors import InputError
 from lvlm_probe.probing import BatchedProbes, LinearProbe, fit_many
+from lvlm_probe.probing._solver import _take, curvature_preconditioner
 
 
 def dataset(n_classes: int, d: int, n: int = 400, seed: int = 0):
@@ -265,6 +266,36 @@ def test_preconditioned_probes_are_the_same_in_any_chunk():
     for chunk_size in (1, 2, 3):
         chunked = fit_many(X, y, precondition=True, chunk_size=chunk_size)
         assert torch.equal(chunked.coef_, whole.coef_) and torch.equal(chunked.n_iter_, whole.n_iter_)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_preconditioner_is_the_exact_inverse_hessian_when_features_have_low_rank(n_classes):
+    # Features of rank 12 < the preconditioner's rank: its Nystrom approximation of X'X is then
+    # exact, so M must equal (c X'X / n + I / (n C))^-1 (the Hessian at W = 0 for each class block).
+    P, n, d, C = 3, 300, 40, 0.5
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(P, n, 12, generator=g, dtype=torch.float64) @ torch.randn(
+        P, 12, d, generator=g, dtype=torch.float64)
+    M = curvature_preconditioner(X, n_classes, C, fit_intercept=False)
+    K = 1 if n_classes == 2 else n_classes
+    v = torch.randn(P, K * d, generator=g, dtype=torch.float64)
+    c = (1 - 1 / n_classes) / n_classes
+    H = c * X.transpose(1, 2) @ X / n + torch.eye(d, dtype=torch.float64) / (n * C)
+    blocks = v.view(P, K, d).transpose(1, 2)  # [P, d, K], one column per class block
+    exact = torch.cholesky_solve(blocks, torch.linalg.cholesky(H)).transpose(1, 2).reshape(P, -1)
+    torch.testing.assert_close(M(v, torch.arange(P)), exact, rtol=1e-8, atol=0)
+    # ... and the same for any subset of the probes, contiguous or not
+    for rows in (torch.tensor([1, 2]), torch.tensor([0, 2])):
+        torch.testing.assert_close(M(v[rows], rows), exact[rows], rtol=1e-8, atol=0)
+
+
+def test_take_is_a_view_only_for_contiguous_rows():
+    T = torch.arange(24.0).view(6, 4)
+    for rows in ([2, 3, 4], [0, 2, 5], [5], []):
+        rows = torch.tensor(rows, dtype=torch.long)
+        assert torch.equal(_take(T, rows), T[rows])
+    assert _take(T, torch.tensor([2, 3, 4])).data_ptr() == T[2].data_ptr()  # no copy
+    assert _take(T, torch.tensor([0, 2, 5])).data_ptr() != T.data_ptr()
 
 
 def test_binary_batched_shapes_and_probabilities(layers):
