@@ -78,8 +78,8 @@ class Recipe:
 
     seed: int = 0
     world: dict[str, Any] = field(default_factory=lambda: dict(
-        image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.9))
-    steps: int = 4000
+        image_size=64, max_objects=4, p_typical_color=0.85, p_cooccur=0.8))
+    steps: int = 4400
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200

@@ -253,9 +253,6 @@ def test_direct_paths_find_the_heads_that_carry_colour(model, direct_paths):
     assert top["layer"].min() >= 1  # colour reaches the answer after the image was read
 
 
-# Measured on the retrained shapes-llava: the top three direct paths carry 0.38 of the colour
-# answer; the rest reaches the logits through MLPs and later layers.
-@pytest.mark.xfail(strict=True, reason="shapes-llava: the top three direct paths carry 0.38 of the answer")
 def test_three_direct_paths_carry_much_of_the_answer(direct_paths):
     assert direct_paths.sort_values("metric", ascending=False).head(3)["metric"].sum() > 0.4
 

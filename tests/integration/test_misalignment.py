@@ -125,10 +125,6 @@ def test_errors_naming_the_typical_colour_are_prior_overrides(colour_errors):
     assert prior[named].mean() > prior[~named].mean() + 0.15
 
 
-# Measured on the retrained shapes-llava: 56% at world seed 1007 (67% and 68% at seeds 1000 and 1001).
-# The other prior overrides are answers the prompt pushes away from the atypical gold colour
-# without naming the typical one (e.g. a red cross called yellow, prompt credit +8).
-@pytest.mark.xfail(strict=True, reason="56% of shapes-llava's prior overrides name the typical colour")
 def test_prior_override_errors_name_the_typical_colour(colour_errors):
     """The errors the split rule calls prior overrides mostly name the shape's typical colour."""
     _, prior, named = colour_errors

@@ -59,11 +59,6 @@ def test_accuracy_targets_on_typical_scenes(results):
     assert typical["relation"] >= 0.90
 
 
-# The object target is not met: the co-occurrence prior the model was given (and shows below) costs
-# it its answers to absent partners (`lvlm-probe zoo eval shapes-llava --n 150`: object 0.93 at world
-# seed 1000, 0.91 at 1007, 0.95 over 600 questions of seed 2024; yes on absent adversarial partners
-# 0.15-0.28 against 0.04-0.08 on random absent shapes).
-@pytest.mark.xfail(strict=True, reason="shapes-llava object accuracy 0.91-0.95 (see the issue notes)")
 def test_object_accuracy_target_on_typical_scenes(results):
     assert _typical(results)["object"] >= 0.95
 
