@@ -174,8 +174,8 @@ def test_control_accuracy_near_chance(concept_stores):
     assert (results["control_accuracy"] <= results["chance"] + 0.1).all()
 
 
-@pytest.mark.xfail(strict=True, reason="shapes-llava: text -> image transfer stays at chance in every "
-                                       "LM layer (only the projector is aligned with word embeddings)")
+@pytest.mark.xfail(strict=True, reason="shapes-llava: colour text -> image transfer stays within 0.1 of "
+                                       "chance in every LM layer (best 0.225 at layer 3, chance 0.18)")
 def test_transfer_above_chance_in_the_language_model(concept_stores):
     images, texts, _ = concept_stores
     results = probing.transfer(texts, images, "color", hooks="blocks.*.hook_resid_post", n_boot=0, both=False)
