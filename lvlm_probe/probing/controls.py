@@ -30,16 +30,15 @@ contains the concept, and with labels balanced within each attribute (``design``
 can only solve the control by decoding all three attributes and memorising an arbitrary table of
 their combinations, which is what the word-type control asks of a probe. There is no default:
 the right key depends on the target and the split, and a wrong one silently gives a meaningless
-selectivity. :func:`control_labels` warns for the two
-degenerate choices it can see without the split (every example its own type; types that are
-the labels), and :func:`type_overlap` measures condition 1 for a split.
+selectivity. :func:`control_labels` warns for the two degenerate choices it can see without the
+split (every example its own type; types that are the labels), and :func:`type_overlap`
+measures condition 1 for a split.
 
 Types that combine attributes (``design``). A word type is atomic; an object type is not. Drawn
 independently per type, as Hewitt & Liang draw per word, the labels of the 16 types that share a
 colour (8 shapes x 2 sizes) are 16 draws, and some label is usually more common among them than
-overall. A probe then
-beats chance on the control by decoding colour, shape and size *separately* and adding their
-evidence, with no memorising at all. On a simulated representation that encodes the three
+overall. A probe then beats chance on the control by decoding colour, shape and size
+*separately* and adding their evidence, with no memorising at all. On a simulated representation that encodes the three
 attributes as separate one-hot codes (8 shapes x 6 colours x 2 sizes, 300 training objects), such
 a probe reaches 0.45 control accuracy against a majority rate of 0.25, so a perfectly
 disentangled representation looked unselective. ``design="factorial"`` (the default for types of
