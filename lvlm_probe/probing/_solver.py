@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,27 +94,53 @@ def _take(T: Tensor, rows: Tensor) -> Tensor:
     return T[lo:hi] if hi - lo == len(rows) else T[rows]
 
 
+def _runs(rows: Tensor) -> list[tuple[int, int]]:
+    """The maximal ranges ``[lo, hi)`` of consecutive values in sorted ``rows``, in order."""
+    if len(rows) == 0:
+        return []
+    breaks = (torch.diff(rows) != 1).nonzero().squeeze(1).tolist()
+    starts, ends = [0, *[b + 1 for b in breaks]], [*[b + 1 for b in breaks], len(rows)]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
 def _objective(X: Tensor, y: Tensor, n_classes: int, C: float, fit_intercept: bool):
-    """``(x [r, m], rows [r]) -> (f [r], grad [r, m])``: the objectives of probes ``rows`` at their
-    flattened parameters ``x = (W, b)``."""
+    """``(x [r, m], rows [r]) -> (f [r], grad [r, m])``: the objectives of probes ``rows`` (sorted)
+    at their flattened parameters ``x = (W, b)``."""
     P, n, d = X.shape
     K = 1 if n_classes == 2 else n_classes
     labels = y.to(torch.float64) if K == 1 else rearrange(y, "p n -> p 1 n")
-    # The features of the probes still being optimised: a view when they are a contiguous range,
-    # else copied out once per change of the set (the solver then shrinks it geometrically, so
-    # all copies together cost at most one more X).
-    working: dict[str, Any] = {"rows": None, "X": X, "labels": labels}
+
+    def products(A: Tensor, runs: list[tuple[int, int]], transpose: bool) -> Tensor:
+        """``A[i] X[rows[i]]'`` (or ``A[i] X[rows[i]]``) in float64, one batched product per run of
+        consecutive probes: ``X[lo:hi]`` is a view, so evaluating any subset of the probes copies
+        no features.
+
+        Each probe's product must not depend on which others are evaluated with it. On the CPU a
+        batched product gives each matrix of the batch to one thread, but a batch of one is split
+        across threads, which sums in another order; so a lone probe is evaluated beside a
+        neighbour (with zero weights, its result dropped)."""
+        parts, start = [], 0
+        for lo, hi in runs:
+            Ar = A[start:start + hi - lo].to(X.dtype)
+            start += hi - lo
+            keep = slice(None)
+            if hi - lo == 1 and P > 1:
+                blank = torch.zeros_like(Ar)
+                if hi < P:
+                    hi, Ar, keep = hi + 1, torch.cat([Ar, blank]), slice(0, 1)
+                else:
+                    lo, Ar, keep = lo - 1, torch.cat([blank, Ar]), slice(1, 2)
+            Xr = X[lo:hi].transpose(1, 2) if transpose else X[lo:hi]
+            parts.append(torch.matmul(Ar, Xr)[keep])
+        return torch.cat(parts).to(torch.float64) if len(parts) > 1 else parts[0].to(torch.float64)
 
     def fun(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        if working["rows"] is None or not torch.equal(working["rows"], rows):
-            everything = len(rows) == P
-            working.update(rows=rows, X=X if everything else _take(X, rows),
-                           labels=labels if everything else _take(labels, rows))
-        X_, target = working["X"], working["labels"]
+        runs = _runs(rows)
+        target = labels if len(rows) == P else labels[rows]
         W = rearrange(x[:, : K * d], "p (k d) -> p k d", k=K)
         # Only the two products with the features run in the working dtype; the rest in float64.
         # The logits are laid out [p, k, n]: on the CPU, W X' is ~1.4x faster than X W'.
-        z = torch.matmul(W.to(X_.dtype), X_.transpose(1, 2)).to(torch.float64)
+        z = products(W, runs, transpose=True)
         if fit_intercept:
             z = z + x[:, K * d:, None]
         # The gradient is written out (softmax minus one-hot, times X): autograd's backward pass
@@ -129,7 +154,7 @@ def _objective(X: Tensor, y: Tensor, n_classes: int, C: float, fit_intercept: bo
             residual = torch.exp(z - log_norm)
             residual.scatter_add_(1, target, residual.new_full(target.shape, -1.0))
         f = (ce + W.pow(2).sum((1, 2)) / (2.0 * C)) / n
-        gW = torch.matmul(residual.to(X_.dtype), X_).to(torch.float64) + W / C
+        gW = products(residual, runs, transpose=False) + W / C
         g = [rearrange(gW, "p k d -> p (k d)")]
         if fit_intercept:
             g.append(residual.sum(2))
@@ -166,15 +191,20 @@ def curvature_preconditioner(
     P, n, d = X.shape
     K = 1 if n_classes == 2 else n_classes
     curvature = (1 - 1 / n_classes) / n_classes  # softmax's p (1 - p) at the start, W = 0
-    # the products with the features in their dtype, as in the objective; the rest in float64
-    Xa = torch.cat([X, X.new_ones(P, n, 1)], 2) if fit_intercept else X
-    size = Xa.shape[-1]
+    size = d + 1 if fit_intercept else d  # the features and, with an intercept, a column of ones
     rank = min(rank, size, n) // 8 * 8
     if rank == 0:
         return None
 
-    def gram_times(Z: Tensor) -> Tensor:  # X'X Z
-        return (Xa.transpose(1, 2) @ (Xa @ Z.to(Xa.dtype))).to(torch.float64)
+    def gram_times(Z: Tensor) -> Tensor:
+        """``Xa'Xa Z`` for ``Xa = [X, 1]``, without building ``Xa`` (a copy of the features); the
+        products with the features in their dtype, as in the objective, the rest in float64."""
+        Z = Z.to(X.dtype)
+        XaZ = X @ Z[..., :d, :]
+        if not fit_intercept:
+            return (X.transpose(1, 2) @ XaZ).to(torch.float64)
+        XaZ = XaZ + Z[..., d:, :]
+        return torch.cat([X.transpose(1, 2) @ XaZ, XaZ.sum(1, keepdim=True)], 1).to(torch.float64)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     omega = torch.randn(size, rank, generator=g, dtype=torch.float64).to(X.device)
@@ -199,7 +229,8 @@ def curvature_preconditioner(
     sigma = sigma2.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
     V = Y @ (Linv.transpose(1, 2) @ (U / sigma[:, None]))  # B's left singular vectors
     lam = (sigma2 - nu[:, None]).clamp(min=0) / n  # the eigenvalues of S on V's columns
-    trace = Xa.pow(2).sum((1, 2), dtype=torch.float64) / n
+    # the trace of Xa'Xa: the squared norm of the features (one pass, no squared copy), plus n ones
+    trace = (torch.linalg.vector_norm(X, dim=(1, 2)).double() ** 2 + (n if fit_intercept else 0)) / n
     tail = ((trace - lam.sum(1)) / max(size - rank, 1)).clamp(min=0)
     ridge = 1.0 / (n * C)
     inside = 1.0 / (curvature * lam.clamp(min=0) + ridge)   # M on the leading directions
@@ -277,7 +308,7 @@ def lbfgs(
         ``(x, n_iter [P], grad_norm [P])``.
     """
     P, m = x.shape
-    work = torch.arange(P, device=x.device)  # the probes fun evaluates; shrinks as probes converge
+    work = torch.arange(P, device=x.device)  # the probes whose directions are computed (see below)
     f, g = fun(x, work)
     S = x.new_zeros(P, history, m)
     Y = x.new_zeros(P, history, m)
@@ -307,8 +338,9 @@ def lbfgs(
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         slack = f_noise * (1.0 + f.abs())
         for _ in range(_MAX_HALVINGS):
-            f_try, g_try = f.clone(), g.clone()  # rows outside `work` are not searching
-            f_try[work], g_try[work] = fun(x[work] + t[work, None] * d[work], work)
+            trying = searching.nonzero().squeeze(1)  # converged and accepted probes are not evaluated
+            f_try, g_try = f.clone(), g.clone()
+            f_try[trying], g_try[trying] = fun(x[trying] + t[trying, None] * d[trying], trying)
             armijo = f_try <= f + _C1 * t * gtd
             approx_wolfe = (f_try <= f + slack) & ((g_try * d).sum(1) <= (2 * _DELTA - 1) * gtd)
             ok = searching & (armijo | approx_wolfe)
@@ -339,8 +371,10 @@ def lbfgs(
         x, f, g = x_new, f_new, g_new
         n_iter += accepted.long()
         active = (accepted | retry) & (g.abs().amax(1) > tol)
-        # Stop computing converged probes: at once when the rest are a shorter contiguous range
-        # (a view of the features), else when at most half are left (a copy).
+        # Stop computing converged probes' directions: at once when the rest are a shorter
+        # contiguous range (views of the histories), else when at most half are left (a copy of
+        # their histories: gathering them at every iteration would cost more than the
+        # directions it saves).
         left = active.nonzero().squeeze(1)
         if len(left):
             lo, hi = int(left[0]), int(left[-1]) + 1

@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from lvlm_probe.errors import InputError
 from lvlm_probe.probing import BatchedProbes, LinearProbe, fit_many
-from lvlm_probe.probing._solver import _take, curvature_preconditioner
+from lvlm_probe.probing._solver import _objective, _runs, _take, curvature_preconditioner
 
 
 def dataset(n_classes: int, d: int, n: int = 400, seed: int = 0):
@@ -333,3 +333,26 @@ def test_realistic_size_completes():
     probes = fit_many(X, y, C=1.0, standardize=True, chunk_size=4)
     assert bool(probes.converged_.all())
     assert bool((probes.accuracy(X, y) > 0.5).all())  # chance is 0.2
+
+
+def test_runs_of_consecutive_probes():
+    assert _runs(torch.tensor([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 6), (7, 9)]
+    assert _runs(torch.tensor([4])) == [(4, 5)] and _runs(torch.tensor([], dtype=torch.long)) == []
+
+
+@pytest.mark.parametrize("n_classes", [2, 6])
+def test_objective_of_any_subset_equals_the_whole_batch_bitwise(n_classes):
+    """A probe's loss and gradient do not depend on which other probes are evaluated with it: the
+    line search evaluates only the probes still searching, and a probe's iterates must be the
+    ones it would get in any batch. A lone probe is the case to watch (a batched product of one
+    matrix is split across threads)."""
+    X, y = correlated_stack(P=6, n=1500, d=256, K=n_classes, seed=2)
+    X = torch.as_tensor(X, dtype=torch.float32)
+    fun = _objective(X, y.expand(6, -1), n_classes, C=1.0, fit_intercept=True)
+    K = 1 if n_classes == 2 else n_classes
+    x = torch.randn(6, K * 256 + K, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 30
+    f, g = fun(x, torch.arange(6))
+    for rows in ([0], [5], [3], [0, 1, 2], [1, 4], [0, 2, 3, 5]):
+        rows = torch.tensor(rows)
+        f_r, g_r = fun(x[rows], rows)
+        assert torch.equal(f_r, f[rows]) and torch.equal(g_r, g[rows]), rows.tolist()
