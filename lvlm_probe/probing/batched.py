@@ -26,6 +26,9 @@ from .probe import as_tensor, check_tensor, resolve_device
 
 Features = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
 
+# Size of the float64 feature blocks predictions are computed on (see BatchedProbes._logits).
+_PREDICT_BLOCK_BYTES = 8 * 2**20
+
 
 class _Probes:
     """``P`` feature matrices ``[n, d]`` given as one ``[P, n, d]`` tensor/array or a sequence,
@@ -201,15 +204,20 @@ class BatchedProbes:
                 f"X must be [P, m, d] with P={len(self)} probes and d={self.coef_.shape[2]} "
                 f"features; got shape {probes.shape}"
             )
+        # float64, like LinearProbe.predict: a prediction must not depend on the batch it is in.
+        # The float64 copy is made a block of probes at a time, small enough to stay in cache:
+        # one [P, m, d] float64 copy is a large fresh allocation, slower to fill than to use.
+        block = max(1, _PREDICT_BLOCK_BYTES // (probes.shape[1] * d * 8))
         out = []
         for start, stop in _bounds(P, self.chunk_size):
-            # float64, like LinearProbe.predict: a prediction must not depend on the batch it is in.
-            Xc, owned = probes.chunk(start, stop, self.device, torch.float64)
-            if self.mean_ is not None:
-                mean, scale = self.mean_[start:stop, None], self.scale_[start:stop, None]
-                Xc = Xc.sub_(mean).div_(scale) if owned else (Xc - mean) / scale
-            z = torch.matmul(Xc, self.coef_[start:stop].transpose(1, 2))
-            out.append(z + rearrange(self.intercept_[start:stop], "p k -> p 1 k"))
+            for lo in range(start, stop, block):
+                hi = min(lo + block, stop)
+                Xc, owned = probes.chunk(lo, hi, self.device, torch.float64)
+                if self.mean_ is not None:
+                    mean, scale = self.mean_[lo:hi, None], self.scale_[lo:hi, None]
+                    Xc = Xc.sub_(mean).div_(scale) if owned else (Xc - mean) / scale
+                z = torch.matmul(Xc, self.coef_[lo:hi].transpose(1, 2))
+                out.append(z + rearrange(self.intercept_[lo:hi], "p k -> p 1 k"))
         return torch.cat(out)
 
 

@@ -16,6 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from lvlm_probe.errors import InputError
 from lvlm_probe.probing import BatchedProbes, LinearProbe, fit_many
+from lvlm_probe.probing import batched as batched_module
 from lvlm_probe.probing._solver import _objective, _runs, _take, curvature_preconditioner
 
 
@@ -192,6 +193,21 @@ def test_chunks_and_input_forms_give_identical_probes(layers, batched):
     assert torch.equal(from_list.coef_, batched.coef_)
     assert torch.equal(from_memmap.coef_, batched.coef_)
     assert torch.equal(chunked.predict(Xte), batched.predict(Xte))
+
+
+def test_predictions_do_not_depend_on_the_block_of_probes_they_are_computed_in(layers, batched, monkeypatch):
+    # Predictions convert features to float64 a block of probes at a time; one probe per block,
+    # a few, or all of them must give the same logits (standardised and not).
+    _, _, Xte, _ = layers
+    standardised = fit_many(layers[0], layers[1], C=0.5, standardize=True)
+    fitted = (batched, standardised)
+    whole = [probes.decision_function(Xte) for probes in fitted]
+    assert Xte.numel() * 8 <= batched_module._PREDICT_BLOCK_BYTES  # one block by default
+    for budget in (1, Xte.shape[1] * Xte.shape[2] * 8 * 5):  # one probe, five probes per block
+        monkeypatch.setattr(batched_module, "_PREDICT_BLOCK_BYTES", budget)
+        for probes, reference in zip(fitted, whole):
+            assert torch.equal(probes.decision_function(Xte), reference)
+            assert torch.equal(probes.decision_function([x.numpy() for x in Xte]), reference)
 
 
 def test_per_probe_labels(layers):
