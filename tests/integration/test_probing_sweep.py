@@ -161,6 +161,8 @@ def test_transfer_from_arrays_equals_transfer_from_tuples():
 # max-pooled) and 0.78 pooled over the object's own patches. The shipped one's own captions of
 # these scenes name the right shape 66% of the time (50% for small objects): its vision tower
 # does not tell the small shapes apart well (test_image_tokens_hold_more_shape_than_the_captions_name).
+# With 8000 scenes (6000 to train) shape reaches 0.91 at vision layer 3 and 0.88 in the LM, but the
+# control task then reaches 0.53 (chance 0.14): the probe learns the object types' random labels.
 @pytest.mark.xfail(strict=True, reason="shapes-llava: shape peaks at 0.82 (probes/shapes_objects.yaml, LM layer 2)")
 def test_shape_decodable_at_some_layer(concept_stores):
     images, _, _ = concept_stores
