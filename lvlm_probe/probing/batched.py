@@ -207,17 +207,16 @@ class BatchedProbes:
         # float64, like LinearProbe.predict: a prediction must not depend on the batch it is in.
         # The float64 copy is made a block of probes at a time, small enough to stay in cache:
         # one [P, m, d] float64 copy is a large fresh allocation, slower to fill than to use.
+        # Each block also stays within chunk_size, the caller's memory bound.
         block = max(1, _PREDICT_BLOCK_BYTES // (probes.shape[1] * d * 8))
         out = []
-        for start, stop in _bounds(P, self.chunk_size):
-            for lo in range(start, stop, block):
-                hi = min(lo + block, stop)
-                Xc, owned = probes.chunk(lo, hi, self.device, torch.float64)
-                if self.mean_ is not None:
-                    mean, scale = self.mean_[lo:hi, None], self.scale_[lo:hi, None]
-                    Xc = Xc.sub_(mean).div_(scale) if owned else (Xc - mean) / scale
-                z = torch.matmul(Xc, self.coef_[lo:hi].transpose(1, 2))
-                out.append(z + rearrange(self.intercept_[lo:hi], "p k -> p 1 k"))
+        for start, stop in _bounds(P, min(block, self.chunk_size or P)):
+            Xc, owned = probes.chunk(start, stop, self.device, torch.float64)
+            if self.mean_ is not None:
+                mean, scale = self.mean_[start:stop, None], self.scale_[start:stop, None]
+                Xc = Xc.sub_(mean).div_(scale) if owned else (Xc - mean) / scale
+            z = torch.matmul(Xc, self.coef_[start:stop].transpose(1, 2))
+            out.append(z + rearrange(self.intercept_[start:stop], "p k -> p 1 k"))
         return torch.cat(out)
 
 
