@@ -73,6 +73,9 @@ class Recipe:
         vision_world: overrides of ``world`` for stage 1's scenes (e.g. another colour prior, so
             the vision tower does not learn the one stage 2 teaches the language model).
         position_code: also align each projected patch's position with the relation words.
+        projector_alignment_weight: weight of stage 1's projector alignment loss in stage 2 as well
+            (0 = stage 1 only); it keeps the image tokens on the words' embeddings, which stage 2's
+            answers alone move them off.
         vocab_size: BPE vocabulary size of the tokenizer trained on the world's corpus.
     """
 
@@ -98,6 +101,7 @@ class Recipe:
     vision_shape_weight: float = 1.0
     vision_world: dict[str, Any] = field(default_factory=dict)
     position_code: bool = False
+    projector_alignment_weight: float = 0.0
     tasks: tuple[tuple[str, str, str | None], ...] = TRAINING_TASKS
     answer_heads_layer: int = 2
     answer_heads_weight: float = 0.5

@@ -11,6 +11,7 @@ atomically, so a run that is killed resumes where it stopped and ends with the s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,14 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from .answer_heads import AnswerHeads, answer_targets
 from .shapes_llava import CAPTION_PROMPT, COMMAND, Recipe, build_untrained
-from .vision_pretrain import PatchHeads, patch_targets, position_basis, vision_loss, word_table
+from .vision_pretrain import (
+    PatchHeads,
+    alignment_loss,
+    patch_targets,
+    position_basis,
+    vision_loss,
+    word_table,
+)
 
 STATE = "train_state"  # subfolder of the output holding the resumable state
 VISION_STREAM = 10**8  # stage 1 reads the training stream from here on, apart from stage 2's examples
@@ -57,7 +65,7 @@ def collate(processor, examples: list[tuple[Any, str, str]], device: torch.devic
     return {k: v.to(device) for k, v in {**full, "labels": labels}.items()}
 
 
-def training_batch(world, recipe: Recipe, step: int) -> tuple[list[tuple[Any, str, str]], list]:
+def training_batch(world, recipe: Recipe, step: int) -> tuple[list[tuple[Any, str, str]], list, list]:
     """Stage 2's examples ``[step * batch_size, (step + 1) * batch_size)`` of the training stream.
 
     Every ``1 / caption_rate``-th step asks for captions instead of answers: they name every
@@ -65,15 +73,17 @@ def training_batch(world, recipe: Recipe, step: int) -> tuple[list[tuple[Any, st
     so that one-word answers are not padded to a caption's length.
 
     Returns:
-        The (image, prompt, answer) triples, and per example the question it answers (``None`` for
-        a caption), for the answer-position targets.
+        The (image, prompt, answer) triples; per example the question it answers (``None`` for a
+        caption), for the answer-position targets; and per example its scene.
     """
     questions = world.training_questions(recipe.batch_size, start=step * recipe.batch_size,
                                          mix=recipe.tasks)
     every = round(1 / recipe.caption_rate) if recipe.caption_rate > 0 else 0
+    scenes = [q.scene for q in questions]
     if every and step % every == every - 1:
-        return [(q.image, CAPTION_PROMPT, world.caption(q.scene)) for q in questions], [None] * len(questions)
-    return [(q.image, q.prompt, q.answer) for q in questions], questions
+        captions = [(q.image, CAPTION_PROMPT, world.caption(q.scene)) for q in questions]
+        return captions, [None] * len(questions), scenes
+    return [(q.image, q.prompt, q.answer) for q in questions], questions, scenes
 
 
 def _template(processor, prompt: str) -> str:
@@ -230,12 +240,18 @@ def train(
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
     for step in range(done - recipe.vision_steps, recipe.steps):
-        examples, asked = training_batch(world, recipe, step)
+        examples, asked, scenes = training_batch(world, recipe, step)
         batch = collate(processor, examples, device)
         targets = answer_targets(cfg, asked)
         for group in optimizer.param_groups:
             group["lr"] = _schedule(recipe.lr, recipe.warmup, recipe.steps, step)
-        loss = example_mean_loss(model, batch, answer_heads, targets, recipe.answer_heads_weight)
+        aligned = recipe.projector_alignment_weight
+        # the alignment term reads the patches this forward projects
+        with _outputs(projector) if aligned else contextlib.nullcontext() as projected:
+            loss = example_mean_loss(model, batch, answer_heads, targets, recipe.answer_heads_weight)
+        if aligned:
+            loss = loss + aligned * _projector_alignment(
+                model, processor, cfg, scenes, projected[0], grid, recipe.position_code)
         _step(optimizer, loss, params)
         losses.append(round(loss.item(), 5))
         _report(bar, losses, "answers", on_step, recipe.vision_steps + step)
@@ -277,6 +293,28 @@ def example_mean_loss(model, batch: dict[str, torch.Tensor], answer_heads: Answe
     if answer_heads is not None:
         loss = loss + weight * answer_heads.loss(out.hidden_states, labels, targets)
     return loss
+
+
+def _projector_alignment(model, processor, cfg, scenes, projected: torch.Tensor, grid: int,
+                         position_code: bool) -> torch.Tensor:
+    """Stage 1's projector alignment loss on a stage-2 batch's projected patches, against the word
+    embeddings as they are now (stage 2 trains them too)."""
+    embed = model.get_input_embeddings()
+    words = word_table(cfg, processor.tokenizer, embed)
+    basis = position_basis(processor.tokenizer, embed) if position_code else None
+    targets = patch_targets(cfg, scenes, grid).to(projected.device)
+    return alignment_loss(projected, targets, words, grid, basis)
+
+
+@contextlib.contextmanager
+def _outputs(module: torch.nn.Module):
+    """Collect ``module``'s outputs while the block runs (the hook is removed on exit)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, _args, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _step(optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> None:

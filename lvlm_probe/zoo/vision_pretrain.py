@@ -85,18 +85,26 @@ def vision_loss(vision_tower, heads: PatchHeads, pixel_values: torch.Tensor, tar
                 projector: nn.Module | None = None, words: torch.Tensor | None = None,
                 basis: torch.Tensor | None = None) -> torch.Tensor:
     """Patch-label loss of the patch states (the CLS state is dropped, as LLaVA's "default" strategy
-    does), plus, with a projector, the relative squared error between each projected patch and the
-    sum of its object's word embeddings; with a position ``basis``, plus the patch's column and row
-    (scaled to [-1, 1]) along the right-left and below-above word directions, so where a patch is
-    reads like the relation words."""
+    does), plus, with a projector, :func:`alignment_loss`."""
     states = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
     loss = heads.loss(states, targets)
     if projector is not None:
-        goal = sum(words[a].to(states.device)[targets[:, a]] for a in range(3))  # [batch, patches, d]
-        if basis is not None:
-            cells = torch.arange(states.shape[1], device=states.device)
-            half = (heads.grid - 1) / 2
-            col, row = (cells % heads.grid - half) / half, (cells // heads.grid - half) / half
-            goal = goal + col[:, None] * basis[0].to(states.device) + row[:, None] * basis[1].to(states.device)
-        loss = loss + ((projector(states) - goal) ** 2).mean() / (goal ** 2).mean().clamp_min(1e-12)
+        loss = loss + alignment_loss(projector(states), targets, words, heads.grid, basis)
     return loss
+
+
+def alignment_loss(projected: torch.Tensor, targets: torch.Tensor, words: torch.Tensor, grid: int,
+                   basis: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative squared error between each projected patch state ``[batch, patches, d]`` and the
+    sum of its object's word embeddings (``words`` from :func:`word_table`, ``targets`` from
+    :func:`patch_targets`); with a position ``basis``, the goal also holds the patch's column and
+    row (scaled to [-1, 1]) along the right-left and below-above word directions, so where a patch
+    is reads like the relation words."""
+    device = projected.device
+    goal = sum(words[a].to(device)[targets[:, a]] for a in range(3))  # [batch, patches, d]
+    if basis is not None:
+        cells = torch.arange(projected.shape[1], device=device)
+        half = (grid - 1) / 2
+        col, row = (cells % grid - half) / half, (cells // grid - half) / half
+        goal = goal + col[:, None] * basis[0].to(device) + row[:, None] * basis[1].to(device)
+    return ((projected - goal) ** 2).mean() / (goal ** 2).mean().clamp_min(1e-12)

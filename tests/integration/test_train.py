@@ -17,6 +17,7 @@ from lvlm_probe.zoo.train import STATE, collate, example_mean_loss, train, train
 
 MICRO = Recipe(
     steps=5, batch_size=2, warmup=1, vocab_size=300, vision_steps=3, vision_batch_size=2, position_code=True,
+    projector_alignment_weight=0.5,
     answer_heads_layer=0,
     world=dict(image_size=32, max_objects=2, p_typical_color=0.85, p_cooccur=0.8),
     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -77,9 +78,11 @@ def test_every_example_counts_the_same_in_the_loss():
         model, processor = build_untrained(MICRO)
     recipe = dataclasses.replace(MICRO, batch_size=2, caption_rate=0.5)
     world = recipe.training_world()
-    (answers, asked), (captions, none) = training_batch(world, recipe, 0), training_batch(world, recipe, 1)
+    (answers, asked, _), (captions, none, scenes) = (training_batch(world, recipe, 0),
+                                                      training_batch(world, recipe, 1))
     assert {len(a.split()) for _, _, a in answers} == {1} and all(len(a.split()) > 4 for _, _, a in captions)
     assert asked == world.training_questions(2, mix=recipe.tasks) and none == [None, None]
+    assert scenes == [q.scene for q in world.training_questions(2, start=2, mix=recipe.tasks)]
     examples = answers + captions
     with torch.no_grad():
         batched = example_mean_loss(model, collate(processor, examples, torch.device("cpu")))
@@ -178,3 +181,40 @@ def test_stage_one_world_takes_its_overrides():
     scenes = [q.scene for q in world.training_questions(40, start=0)]
     assert all(o.color != typical[o.shape] for s in scenes for o in s.objects)
     assert Recipe.from_dict(uniform.to_dict()) == uniform
+
+
+def test_stage_two_alignment_reads_the_forwards_own_projected_patches():
+    """The alignment loss of stage 2 equals stage 1's projector term on the same images: the
+    patches the forward projected are the tower's patch states (CLS dropped) through the projector."""
+    from lvlm_probe.zoo.train import _outputs, _projector_alignment
+    from lvlm_probe.zoo.vision_pretrain import (
+        PatchHeads,
+        patch_targets,
+        position_basis,
+        vision_loss,
+        word_table,
+    )
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, processor = build_untrained(MICRO)
+    model.eval()
+    world, cfg = MICRO.training_world(), MICRO.training_world().config
+    examples, asked, scenes = training_batch(world, dataclasses.replace(MICRO, batch_size=3), 0)
+    batch = collate(processor, examples, torch.device("cpu"))
+    grid = MICRO.world["image_size"] // MICRO.vision["patch_size"]
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        with _outputs(projector) as projected:
+            example_mean_loss(model, batch)
+        assert len(projector._forward_hooks) == 0 and len(projected) == 1
+        aligned = _projector_alignment(model, processor, cfg, scenes, projected[0], grid, position_code=True)
+        embed = model.get_input_embeddings()
+        heads = PatchHeads(MICRO.vision["hidden_size"], len(cfg.shapes), len(cfg.colors), len(cfg.sizes), grid)
+        targets = patch_targets(cfg, scenes, grid)
+        tower = model.model.vision_tower
+        words, basis = word_table(cfg, processor.tokenizer, embed), position_basis(processor.tokenizer, embed)
+        both = vision_loss(tower, heads, batch["pixel_values"], targets, projector, words, basis)
+        labels_only = heads.loss(tower(pixel_values=batch["pixel_values"]).last_hidden_state[:, 1:], targets)
+    assert aligned > 0
+    assert torch.allclose(aligned, both - labels_only, rtol=1e-5, atol=1e-6)
