@@ -200,7 +200,7 @@ def test_stage_two_alignment_reads_the_forwards_own_projected_patches():
         model, processor = build_untrained(MICRO)
     model.eval()
     world, cfg = MICRO.training_world(), MICRO.training_world().config
-    examples, asked, scenes = training_batch(world, dataclasses.replace(MICRO, batch_size=3), 0)
+    examples, _, scenes = training_batch(world, dataclasses.replace(MICRO, batch_size=3), 0)
     batch = collate(processor, examples, torch.device("cpu"))
     grid = MICRO.world["image_size"] // MICRO.vision["patch_size"]
     projector = model.model.multi_modal_projector
