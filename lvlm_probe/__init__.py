@@ -27,12 +27,13 @@ from .errors import (
                      InputError,
                      LayoutError,
                      LVLMProbeError,
+                     ModelLoadError,
                      StoreError,
                      UnsupportedModelError,
 )
 from .inputs import Batch
 from .layout import ImageGrid, ImageLayout, TokenLayout
-from .model import LVLM, ModelLoadError, load
+from .model import LVLM, load
 from .store import ActivationStore, extract
 
 __version__ = "0.1.0"

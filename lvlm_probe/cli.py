@@ -109,8 +109,8 @@ def sweep(
     With ``--backend ray`` both the extraction and the probe fits run on Ray workers."""
     import dataclasses
 
-    from .probing.config import load_config
-    from .probing.run import run_sweep
+    from .workflows.sweep import run_sweep
+    from .workflows.sweep_config import load_config
 
     _quiet_transformers()
     config = load_config(definition)
@@ -144,8 +144,8 @@ def attribute(
 ) -> None:
     """Split an answer among prior, prompt and image, and map it over the image."""
     from .attribution import image_map, source_split
-    from .attribution.run import world_attribution
     from .viz import save_figure
+    from .workflows.world_attribution import world_attribution
 
     _quiet_transformers()
     lvlm = _load(model, device, dtype)
@@ -227,16 +227,16 @@ def zoo_eval(
     device: str = typer.Option(None),
 ) -> None:
     """Accuracy per level on typical and counterfactual ShapesWorld questions."""
-    from .zoo import evaluate
+    from .workflows import evaluation
 
     _quiet_transformers()
     from .bench import accuracy_by
 
     lvlm = _load(model, device, None)
-    results = evaluate.answers(lvlm, n=n, seed=seed)
+    results = evaluation.answers(lvlm, n=n, seed=seed)
     table = accuracy_by(results, "split", "level")
     console.print(_table(table, title=f"{model}: accuracy on fresh questions (world seed {seed})"))
-    for key, value in evaluate.prior_figures(results).items():
+    for key, value in evaluation.prior_figures(results).items():
         console.print(f"{key}: {value:.3f}")
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import families, zoo
 from .bench import accuracy_by
-from .zoo import evaluate
+from .workflows import evaluation
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ def sample_image(size: int = 64) -> Image.Image:
 def reference_report(n: int = 60, device=None, progress: bool = True) -> ReferenceReport:
     """Ask shapes-llava ``n`` fresh questions per level and split (world seed unseen in training)."""
     model = zoo.load("shapes-llava", device=device)
-    results = evaluate.answers(model, n=n, progress=progress)
+    results = evaluation.answers(model, n=n, progress=progress)
     examples = (results.groupby(["split", "level"]).head(1)
                 [["split", "level", "prompt", "gold", "output", "correct"]])
     return ReferenceReport(summary=model.summary(), examples=examples,
                            accuracy=accuracy_by(results, "split", "level"),
-                           priors=evaluate.prior_figures(results))
+                           priors=evaluation.prior_figures(results))
 
 
 def family_report(family: str, prompt: str, device=None) -> FamilyReport:

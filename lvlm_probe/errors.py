@@ -36,3 +36,19 @@ class HookNameError(LVLMProbeError, KeyError):
 
 class StoreError(LVLMProbeError, RuntimeError):
     """An activation store that is missing, incomplete or corrupted."""
+
+
+class ModelLoadError(LVLMProbeError, OSError):
+    """A checkpoint that could not be read."""
+
+
+class FileWriteError(LVLMProbeError, OSError):
+    """A file that could not be written; its previous content (or absence) is kept."""
+
+
+class MissingDependencyError(LVLMProbeError, ImportError):
+    """An optional dependency that a requested feature needs is not installed."""
+
+
+class PackageInstallError(LVLMProbeError, RuntimeError):
+    """Code run by lvlm_probe tried to install a package; the installer was not started."""

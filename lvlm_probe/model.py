@@ -16,41 +16,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import families, hooks
-from .errors import InputError, LayoutError, LVLMProbeError, UnsupportedModelError
+from .devices import resolve_device, resolve_dtype
+from .errors import InputError, LayoutError, LVLMProbeError, ModelLoadError, UnsupportedModelError
 from .families.base import Family
 from .inputs import Batch, normalize
 from .layout import GROUPS, TokenLayout, locate_prompt
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-class ModelLoadError(LVLMProbeError, OSError):
-    """A checkpoint that could not be read."""
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``"bfloat16"``, ``torch.float16``, ... -> a torch dtype (None means float32)."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise InputError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {sorted(_DTYPES)}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None picks CUDA when it is available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'") from err
 
 
 class LVLM:

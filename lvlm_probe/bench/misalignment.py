@@ -24,12 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..worlds.evaluation import CAPTION_PROMPT
 from .answers import first_word
 from .chair import chair
 from .pope import metrics_table
 from .stages import Stages
-
-CAPTION_PROMPT = "Describe the image."
 
 
 def scene_key(scene) -> str:
@@ -188,7 +187,7 @@ def run_settings(model, world_or_folder: Any, **counts: Any) -> dict[str, Any]:
 def _questions(world_or_folder: Any, n: int) -> tuple[list, Any]:
     """(questions, the world they came from or None)."""
     from ..worlds import ShapesWorld
-    from ..zoo.evaluate import question_set
+    from ..worlds.evaluation import question_set
 
     if isinstance(world_or_folder, ShapesWorld):
         return question_set(world_or_folder, n), world_or_folder

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..store.files import write_json, write_parquet
+from ..fileio import write_json, write_parquet
 
 DONE = "done.json"
 

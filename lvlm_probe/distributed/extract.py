@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_dtype
 from ..errors import InputError, StoreError
 from ..hooks import positions as P
-from ..model import resolve_dtype
 from ..store import files as F
 from ..store import manifest as M
 from ..store import rows as R

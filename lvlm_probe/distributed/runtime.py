@@ -6,17 +6,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import LVLMProbeError
+from ..errors import LVLMProbeError, MissingDependencyError
 
 INSTALL = "pip install 'lvlm-probe[distributed]'"
 # Environment that decides where workers find models and whether they may use the network;
 # tokens are left out on purpose (a runtime_env is visible to everyone on the cluster).
 FORWARDED = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
              "LVLM_PROBE_CACHE", "TOKENIZERS_PARALLELISM", "MKL_NUM_THREADS")
-
-
-class MissingDependencyError(LVLMProbeError, ImportError):
-    """An optional dependency that a requested feature needs is not installed."""
 
 
 def require_ray() -> Any:

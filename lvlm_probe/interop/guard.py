@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import LVLMProbeError
+from ..errors import PackageInstallError
 
 # Programs that install packages, and the subcommands that make them do it.
 _INSTALLERS = {"pip", "uv", "uvx", "conda", "mamba", "micromamba", "poetry", "pipx",
@@ -36,10 +36,6 @@ _lock = threading.Lock()
 _active = 0  # open no_installs blocks, in any thread
 _blocked: list[str] = []  # commands refused since the outermost block opened
 _hook_added = False
-
-
-class PackageInstallError(LVLMProbeError, RuntimeError):
-    """Code run by lvlm_probe tried to install a package; the installer was not started."""
 
 
 def installer_command(command: str | bytes | Sequence[Any]) -> str | None:

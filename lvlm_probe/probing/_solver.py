@@ -38,20 +38,11 @@ from ..errors import InputError
 
 # Half precisions are left out on purpose: their gradients (~1e-3 relative) cannot reach the
 # usual tolerances. Half-precision activations are upcast one chunk at a time instead.
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = (torch.float32, torch.float64)
 _C1 = 1e-4  # Armijo sufficient-decrease constant (Nocedal & Wright's usual choice)
 _DELTA = 0.1  # Hager & Zhang's approximate-Wolfe constant
 _MAX_HALVINGS = 25
 PLAIN_ITERATIONS = 20  # iterations before a probe not yet converged is preconditioned
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch dtype that a ``dtype`` hyperparameter (``"float32"`` or a dtype) names."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise InputError(f"dtype must be one of {sorted(DTYPES)} or the torch dtype; got {dtype!r}")
 
 
 def check_hyperparameters(C: float, max_iter: int, tol: float) -> None:

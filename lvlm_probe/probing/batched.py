@@ -20,9 +20,10 @@ from jaxtyping import Bool, Float, Int
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError
-from ._solver import check_hyperparameters, fit_logistic, resolve_dtype
-from .probe import as_tensor, check_tensor, resolve_device
+from ._solver import DTYPES, check_hyperparameters, fit_logistic
+from .probe import as_tensor, check_tensor, input_device
 
 Features = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
 
@@ -289,11 +290,11 @@ def fit_many(
     bad_chunk = isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     if chunk_size is not None and bad_chunk:
         raise InputError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, allowed=DTYPES)
     probes = _Probes(X)
     P, n, _ = probes.shape
     first = X[0] if isinstance(X, Sequence) else X
-    device = resolve_device(device, first)
+    device = resolve_device(device, default=input_device(first))
     y_idx, classes = _labels(y, P, n)
     y_idx, classes = y_idx.to(device), classes.to(device)
     parts: list[tuple] = []

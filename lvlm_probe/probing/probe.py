@@ -13,19 +13,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 from torch import Tensor
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError
-from ._solver import check_hyperparameters, fit_logistic, resolve_dtype
+from ._solver import DTYPES, check_hyperparameters, fit_logistic
 
 
-def resolve_device(device: str | torch.device | None, X: Any) -> torch.device:
-    """The device to compute on: ``device`` if given, else a tensor input's own, else the CPU."""
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise InputError(
-                f"device must name a torch device such as 'cuda:0'; got {device!r}"
-            ) from err
+def input_device(X: Any) -> torch.device:
+    """The device of a tensor input; the CPU for arrays."""
     return X.device if isinstance(X, Tensor) else torch.device("cpu")
 
 
@@ -135,9 +129,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             InputError: for invalid hyperparameters, non-finite features or a single class.
             ValueError: scikit-learn's validation errors (shapes, continuous targets, sparse input).
         """
-        dtype = resolve_dtype(self.dtype)
+        dtype = resolve_dtype(self.dtype, allowed=DTYPES)
         check_hyperparameters(self.C, self.max_iter, self.tol)
-        device = resolve_device(self.device, X)
+        device = resolve_device(self.device, default=input_device(X))
         if isinstance(X, Tensor):
             check_tensor(X, 2)
             validate_data(self, X, skip_check_array=True)
@@ -205,7 +199,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X: Any) -> Float[Tensor, "n K"]:
         check_is_fitted(self)
-        device = resolve_device(self.device, X)
+        device = resolve_device(self.device, default=input_device(X))
         if isinstance(X, Tensor):
             check_tensor(X, 2)
             validate_data(self, X, reset=False, skip_check_array=True)

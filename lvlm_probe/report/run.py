@@ -23,11 +23,10 @@ from ..bench.diagnosis import CAUSES
 from ..bench.misalignment import Misalignment, misalignment, records
 from ..bench.stages import Stages
 from ..errors import InputError
-from ..store.files import atomic_write
+from ..fileio import atomic_write
 from ..viz import bench as figures
-from . import html as H
-
-EVAL_SEED = 1000  # a world seed the reference model never saw in training
+from ..worlds.evaluation import EVAL_SEED
+from . import html as markup
 
 # The tables of the HTML document and of the JSON, under the same names.
 TABLES = ("levels", "pope", "chair", "causes", "cause_kinds", "decodability")
@@ -86,10 +85,10 @@ def _marked(text: str, mentions: pd.DataFrame) -> str:
     for piece in re.finditer(r"[A-Za-z]+|[^A-Za-z]+", text):
         word = piece.group()
         if word[0].isalpha():
-            out.append(f'<span class="mark">{H.esc(word)}</span>' if index in marked else H.esc(word))
+            out.append(f'<span class="mark">{markup.esc(word)}</span>' if index in marked else markup.esc(word))
             index += 1
         else:
-            out.append(H.esc(word))
+            out.append(markup.esc(word))
     return "".join(out)
 
 
@@ -101,21 +100,21 @@ def _caption_examples(captions: pd.DataFrame, per_split: int = 3) -> str:
         scored = chair(list(part["caption"]), [list(t) for t in part["truth"]])
         for k, row in enumerate(part.itertuples()):
             text = _marked(row.caption, scored.mentions[scored.mentions["caption"] == k])
-            rows.append(f'<tr><td class="text">{H.esc(split)}</td><td class="text">{text}</td>'
-                        f'<td class="text">{H.esc(", ".join(row.truth))}</td></tr>')
+            rows.append(f'<tr><td class="text">{markup.esc(split)}</td><td class="text">{text}</td>'
+                        f'<td class="text">{markup.esc(", ".join(row.truth))}</td></tr>')
     return ('<table id="captions"><thead><tr><th>split</th><th>caption (hallucinated shapes marked)</th>'
             f'<th>shapes present</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def _source(settings: dict[str, Any]) -> str:
     if settings["seed"] is None:
-        return f"from the export folder {H.esc(settings['folder'])}"
+        return f"from the export folder {markup.esc(settings['folder'])}"
     return (f"{settings['n']} per level and split, world seed {settings['seed']}, typical and "
             "counterfactual colours")
 
 
 def _figure(fig, caption: str, alt: str) -> str:
-    return H.figure(figures.png_bytes(fig), caption, alt)
+    return markup.figure(figures.png_bytes(fig), caption, alt)
 
 
 def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[str, Any]) -> list[str]:
@@ -125,8 +124,8 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
     cf_colour = d.kinds[(d.kinds["split"] == "counterfactual") & (d.kinds["kind"].isin(["color", "color_yesno"]))]
     by_cause = cf_colour.groupby("cause")["n"].sum().reindex(list(CAUSES)).fillna(0).astype(int)
     body = [
-        f"<h1>Misalignment report: {H.esc(name)}</h1>",
-        f"<p>{H.esc(settings['summary'])}</p>",
+        f"<h1>Misalignment report: {markup.esc(name)}</h1>",
+        f"<p>{markup.esc(settings['summary'])}</p>",
         f"<p>{total} ShapesWorld questions ({_source(settings)}), {wrong} answered wrongly. "
         "On counterfactual scenes every asked-about object has an atypical colour, so a model that "
         "answers from the shape's typical colour errs there.</p>",
@@ -134,7 +133,7 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "<p>Per split and semantic level: accuracy, number and rate of errors, and their severity: "
         "the mean probability the model gave its wrong answer, and the share of errors given with "
         "probability above one half.</p>",
-        H.table(result.levels, "levels"),
+        markup.table(result.levels, "levels"),
         _figure(figures.level_bars(result.levels),
                 "Accuracy (left) and the mean probability of the wrong answers (right) per level; "
                 "one bar per split.", "accuracy and severity per level"),
@@ -142,7 +141,7 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "<p>Object-existence questions scored with POPE's official answer parser; absent objects "
         "sampled at random, among the most frequent shapes (popular) or as the absent partner of a "
         "present co-occurring shape (adversarial). A yes-ratio above 0.5 is a bias towards yes.</p>",
-        H.table(result.pope, "pope"),
+        markup.table(result.pope, "pope"),
         _figure(figures.pope_bars(result.pope),
                 "POPE accuracy, F1 and yes-ratio per sampling mode; dotted line: 0.5.", "POPE metrics"),
         "<h2>CHAIR</h2>",
@@ -151,7 +150,7 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "the share of captions with at least one; recall is the share of present shapes mentioned; "
         "typical_share is the share of hallucinated mentions written right after their shape's "
         "typical colour (a yellow object called a star): the colour prior naming the shape.</p>",
-        H.table(result.chair, "chair"),
+        markup.table(result.chair, "chair"),
         _caption_examples(result.captions),
         "<h2>Diagnosis of the errors</h2>",
         "<p>Each wrong answer gets one cause. <b>Prior override</b>: the source split of the wrong "
@@ -161,14 +160,14 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "this example at some layer. <b>Perception failure</b>: no probe decodes it.</p>",
         f"<p>On counterfactual-colour questions ({int(by_cause.sum())} errors): "
         + ", ".join(f"{c} {n}" for c, n in by_cause.items()) + ".</p>",
-        H.table(d.causes, "causes"),
+        markup.table(d.causes, "causes"),
         _figure(figures.cause_bars(d.causes), "Errors per split and level, stacked by cause.", "error causes"),
         "<p>The same per question kind:</p>",
-        H.table(d.kinds, "cause_kinds"),
+        markup.table(d.kinds, "cause_kinds"),
         "<p>How often the asked concept is decodable by a counting probe, for right and for wrong "
         "answers: where wrong answers are decodable almost as often as right ones, the model had "
         "the information and did not use it.</p>",
-        H.table(d.decodability, "decodability"),
+        markup.table(d.decodability, "decodability"),
         "<h2>Where the concepts become decodable</h2>",
         "<p>Held-out accuracy of linear probes per layer, fitted on questions about other scenes: "
         "at the question's last position (solid), on the image tokens covering the asked object "
@@ -191,11 +190,11 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
                 "prior override, purple knows but doesn't say, grey perception failure); black "
                 "tick: the full log-odds.", "source split of single errors"),
         "<h2>Example heatmaps</h2>",
-        f"<p>Image maps ({H.esc(settings['map_method'])}) of the wrong answer's log-odds against the "
+        f"<p>Image maps ({markup.esc(settings['map_method'])}) of the wrong answer's log-odds against the "
         "gold one: red cells and words pushed towards the wrong answer, blue towards the gold one.</p>",
     ]
     for row in maps.to_dict("records"):
-        body.append(H.figure(row["png"], f"{row['question']} Gold: {row['gold']}; answered: {row['answer']} "
+        body.append(markup.figure(row["png"], f"{row['question']} Gold: {row['gold']}; answered: {row['answer']} "
                              f"({row['split']} scene; cause: {row['cause']}).", f"image map of {row['id']}"))
     return body
 
@@ -252,6 +251,6 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
                 "examples": records(shown.drop(columns="png"))}
     html_path, json_path = out / "report.html", out / "report.json"
     atomic_write(json_path, json.dumps(document, indent=1, sort_keys=True).encode(), "report.json")
-    page = H.document(f"Misalignment report: {name}", _body(name, result, shown, settings))
+    page = markup.document(f"Misalignment report: {name}", _body(name, result, shown, settings))
     atomic_write(html_path, page.encode("utf-8"), "report.html")
     return Report(html_path, json_path, result)

@@ -12,8 +12,9 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from .. import fileio
+from ..devices import resolve_dtype
 from ..errors import InputError, StoreError
-from ..model import resolve_dtype
 from . import files as F
 from . import manifest as M
 from . import rows as R
@@ -163,7 +164,7 @@ def _is_store(root: Path) -> bool:
     """Whether a folder holds a store, or only what an extraction killed before its first shard
     leaves (the sub-folders, the lock, a temporary header)."""
     own = {F.HEADER, F.LOCK, F.SHARDS, F.MANIFEST}
-    return (root / F.HEADER).exists() or all(p.name in own or F.is_temporary(p.name) for p in root.iterdir())
+    return (root / F.HEADER).exists() or all(p.name in own or fileio.is_temporary(p.name) for p in root.iterdir())
 
 
 def _prepare(root: Path, overwrite: bool) -> None:

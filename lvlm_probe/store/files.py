@@ -1,18 +1,13 @@
 """File-level primitives of an activation store: names, atomic writes, checksums and the writer lock.
 
-Every file of a store is written by :func:`atomic_write`: the bytes go to a hidden temporary file
-in the same directory, are fsynced, and the temporary file is renamed over the final name with
-``os.replace`` (atomic on POSIX and Windows), after which the directory is fsynced so the rename
-itself survives a power cut. A reader therefore sees either the old file or the complete new
-one, never a prefix. Temporary files start with ``.`` so tools that read the manifest directory as
-a Parquet dataset skip them.
+Every file of a store is written atomically through :mod:`lvlm_probe.fileio` (a reader sees either
+the old file or the complete new one, never a prefix); a failed write raises :class:`StoreError`
+here, saying how to resume when the disk is full.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -22,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import StoreError
+from .. import fileio
+from ..errors import FileWriteError, StoreError
 
 FORMAT = "lvlm_probe.activation_store"
 VERSION = 1
@@ -30,9 +26,7 @@ HEADER = "store.json"
 SHARDS = "shards"
 MANIFEST = "manifest"
 LOCK = ".lock"
-DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_CHUNK = 64 << 20  # bytes per os.write call (a single call may write less than asked)
-_TMP = re.compile(r"^\..+\.tmp-\d+$")
+_CHUNK = 64 << 20  # bytes read at a time when checksumming a file
 _SHARD = re.compile(r"^shard-(\d{5,})\.(safetensors|parquet)$")
 
 
@@ -45,11 +39,6 @@ def shard_index(name: str) -> tuple[int, str] | None:
     """``(index, extension)`` of a shard file name, or None for any other name."""
     m = _SHARD.match(name)
     return (int(m.group(1)), m.group(2)) if m else None
-
-
-def is_temporary(name: str) -> bool:
-    """Whether a file name is a temporary file left by an interrupted :func:`atomic_write`."""
-    return bool(_TMP.match(name))
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -66,104 +55,59 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte to a file descriptor; the one place bytes reach the disk."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view[:_CHUNK])
-        view = view[written:]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+@contextlib.contextmanager
+def _store_write() -> Iterator[None]:
+    """Re-raise a failed write as a :class:`StoreError` that says how to resume."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
+        yield
+    except FileWriteError as err:
+        hint = ("; every shard completed before it is intact: free some space and run extract() "
+                "again with the same arguments to resume") if err.errno in fileio.DISK_FULL else ""
+        raise StoreError(f"{err}{hint}") from err
 
 
 def atomic_write(path: Path, data: bytes | memoryview, what: str) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
-
-    Args:
-        path: the final file name.
-        data: its complete content.
-        what: what the file is, for error messages (e.g. ``"shard 3"``).
+    """:func:`lvlm_probe.fileio.atomic_write` for a store's files.
 
     Raises:
-        StoreError: when the write fails; the temporary file is removed and ``path`` keeps its
-            previous content (or stays absent). A full disk (``ENOSPC``, ``EDQUOT``) says so.
+        StoreError: when the write fails; ``path`` keeps its previous content (or stays absent). A
+            full disk says so and how to resume.
     """
-    commit(write_temporary(path, data, what), path, what)
+    with _store_write():
+        fileio.atomic_write(path, data, what)
 
 
 def write_temporary(path: Path, data: bytes | memoryview, what: str) -> Path:
-    """The first half of :func:`atomic_write`: write and fsync ``data`` under the temporary name
-    of ``path`` (which a store scan treats as a leftover until :func:`commit` renames it).
-
-    Returns:
-        The temporary file's path.
+    """:func:`lvlm_probe.fileio.write_temporary` for a store's files (a leftover that a store scan
+    skips until :func:`commit` renames it).
 
     Raises:
-        StoreError: as :func:`atomic_write`; the temporary file is removed.
+        StoreError: as :func:`atomic_write`.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise _write_error(err, path, len(data), what) from err
-    return tmp
+    with _store_write():
+        return fileio.write_temporary(path, data, what)
 
 
 def commit(tmp: Path, path: Path, what: str) -> None:
-    """The second half of :func:`atomic_write`: rename a written temporary file into place and
-    make the rename durable.
+    """:func:`lvlm_probe.fileio.commit` for a store's files.
 
     Raises:
-        StoreError: if the rename fails (the temporary file is removed).
+        StoreError: if the rename fails.
     """
-    try:
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise _write_error(err, path, None, what) from err
-    fsync_dir(path.parent)
-
-
-def _write_error(err: OSError, path: Path, size: int | None, what: str) -> StoreError:
-    if err.errno in DISK_FULL:
-        return StoreError(
-            f"the disk is full: writing {what} ({size} bytes to {path}) failed with "
-            f"{os.strerror(err.errno)}; every shard completed before it is intact: free some "
-            "space and run extract() again with the same arguments to resume"
-        )
-    return StoreError(f"writing {what} to {path} failed: {err}")
+    with _store_write():
+        fileio.commit(tmp, path, what)
 
 
 def write_parquet(path: Path, table: pd.DataFrame, what: str) -> None:
     """Write a DataFrame as Parquet atomically (see :func:`atomic_write`)."""
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write(path, buffer.getvalue(), what)
+    with _store_write():
+        fileio.write_parquet(path, table, what)
 
 
 def write_json(path: Path, value: dict[str, Any], what: str) -> None:
     """Write a JSON document atomically (see :func:`atomic_write`)."""
-    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), what)
+    with _store_write():
+        fileio.write_json(path, value, what)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from .. import fileio
 from ..errors import HookNameError, StoreError
 from ..hooks.names import pattern_regex, unknown_message
 from . import files as F
@@ -67,11 +68,11 @@ def scan(root: Path, verify: bool = True) -> Scan:
             continue
         for path in folder.iterdir():
             parsed = F.shard_index(path.name)
-            if F.is_temporary(path.name):
+            if fileio.is_temporary(path.name):
                 leftovers.append(path)
             elif parsed is not None and parsed[1] == ext:
                 found[parsed[0]] = path
-    leftovers += [p for p in root.iterdir() if F.is_temporary(p.name)] if root.is_dir() else []
+    leftovers += [p for p in root.iterdir() if fileio.is_temporary(p.name)] if root.is_dir() else []
     n = len(manifests)
     if set(manifests) != set(range(n)):
         missing = min(set(range(max(manifests) + 1)) - set(manifests))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..store.files import atomic_write
+from ..fileio import atomic_write
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:

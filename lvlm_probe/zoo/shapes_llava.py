@@ -20,11 +20,11 @@ from transformers import (
 )
 
 from ..worlds import ShapesWorld
+from ..worlds.evaluation import CAPTION_PROMPT
 from .tiny.tokenizer import build_tokenizer
 
 NAME = "shapes-llava"
 COMMAND = "lvlm-probe zoo train shapes-llava"
-CAPTION_PROMPT = "Describe the image."
 
 # The tasks of the training stream (see ShapesWorld.training_questions), repeated to weight them.
 # Absent shapes are drawn uniformly (POPE's random mode) as a plain training set would hold them:

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..worlds.evaluation import CAPTION_PROMPT
 from .answer_heads import AnswerHeads, answer_targets
-from .shapes_llava import CAPTION_PROMPT, COMMAND, Recipe, build_untrained
+from .shapes_llava import COMMAND, Recipe, build_untrained
 from .vision_pretrain import (
     PatchHeads,
     alignment_loss,
@@ -161,7 +162,7 @@ def train(
     Returns:
         The output folder.
     """
-    from ..model import resolve_device
+    from ..devices import resolve_device
 
     recipe = recipe or Recipe()
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.vision_steps < 0:

@@ -12,8 +12,8 @@ import pytest
 from conftest import store_files
 
 import lvlm_probe as lp
-from lvlm_probe.probing.config import load_config
-from lvlm_probe.probing.run import run_sweep
+from lvlm_probe.workflows.sweep import run_sweep
+from lvlm_probe.workflows.sweep_config import load_config
 
 pytest.importorskip("ray")
 

@@ -14,8 +14,8 @@ from conftest import store_files
 
 import lvlm_probe as lp
 from lvlm_probe.errors import InputError
-from lvlm_probe.probing.config import load_config
-from lvlm_probe.probing.run import run_sweep
+from lvlm_probe.workflows.sweep import run_sweep
+from lvlm_probe.workflows.sweep_config import load_config
 
 ray = pytest.importorskip("ray")
 

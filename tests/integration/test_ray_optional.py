@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lvlm_probe.errors import InputError
-from lvlm_probe.probing.config import load_config
+from lvlm_probe.workflows.sweep_config import load_config
 
 
 def test_yaml_backend_is_checked(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 import lvlm_probe as lp
 from lvlm_probe.bench import accuracy_by
-from lvlm_probe.zoo import evaluate
+from lvlm_probe.workflows import evaluation
 from lvlm_probe.zoo.shapes_llava import COMMAND, Recipe
 
 pytestmark = pytest.mark.skipif("shapes-llava" not in lp.zoo.checkpoints(),
@@ -22,7 +22,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def results(model):
-    return evaluate.answers(model, n=150, seed=evaluate.EVAL_SEED + 7, progress=False)
+    return evaluation.answers(model, n=150, seed=evaluation.EVAL_SEED + 7, progress=False)
 
 
 def test_checkpoint_is_small_and_records_its_recipe():
@@ -33,7 +33,7 @@ def test_checkpoint_is_small_and_records_its_recipe():
     recipe = json.loads((path / "recipe.json").read_text())
     assert recipe["command"].startswith(COMMAND)
     assert Recipe.from_dict(recipe).world["image_size"] == 64
-    assert evaluate.EVAL_SEED != recipe["seed"]
+    assert evaluation.EVAL_SEED != recipe["seed"]
 
 
 def test_it_is_a_standard_llava(model):
@@ -66,9 +66,9 @@ def test_object_accuracy_target_on_typical_scenes(results):
 def test_it_shows_its_colour_prior(results):
     attribute = accuracy_by(results[results.level == "attribute"], "split").set_index("split")["accuracy"]
     assert attribute["counterfactual"] <= attribute["typical"] - 0.05
-    assert evaluate.prior_figures(results)["cf_color_errors_naming_typical"] > 0.5
+    assert evaluation.prior_figures(results)["cf_color_errors_naming_typical"] > 0.5
 
 
 def test_it_shows_its_cooccurrence_prior(results):
-    figures = evaluate.prior_figures(results)
+    figures = evaluation.prior_figures(results)
     assert figures["pope_yes_ratio_adversarial"] > figures["pope_yes_ratio_random"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lvlm_probe as lp
+from lvlm_probe import fileio
 from lvlm_probe.errors import HookNameError, InputError, LayoutError, StoreError
 from lvlm_probe.store import files
 from lvlm_probe.store.fingerprints import differences
@@ -141,10 +142,11 @@ def test_dtype_cast_and_shapes_llava(questions, tmp_path):
 SERVER = """
 import os, sys, time, traceback
 import lvlm_probe as lp
+from lvlm_probe import fileio
 from lvlm_probe.store import files
 
 def run(out, pause_in):
-    atomic, write, current = files.atomic_write, files._write_all, [""]
+    atomic, write, current = files.atomic_write, fileio._write_all, [""]
 
     def tracking(path, data, what):
         current[0] = str(path)
@@ -159,7 +161,7 @@ def run(out, pause_in):
         time.sleep(0.01)  # a wider window for the kill at a random time
         write(fd, view[len(view) // 2:])
 
-    files.atomic_write, files._write_all = tracking, pausing
+    files.atomic_write, fileio._write_all = tracking, pausing
     model = lp.zoo.tiny("llava", device="cpu")
     qs = lp.worlds.ShapesWorld(seed=0, image_size=64).questions({n}, level="attribute", split="typical")
     lp.extract(model, qs, out=out, **{args})
@@ -258,9 +260,9 @@ def test_kill9_resume_equals_uninterrupted(llava, tmp_path):
         allowed = ("killed", "done") if name == "random" else ("killed",)
         assert ended.get(name) in allowed, f"{name} (delay {delay:.3f}s): {ended.get(name)}\n{detail}"
     # each targeted run left the debris of its moment
-    assert any(files.is_temporary(f) for f in _names(tmp_path / "header"))
+    assert any(fileio.is_temporary(f) for f in _names(tmp_path / "header"))
     assert not (tmp_path / "header" / "store.json").exists()
-    assert any(files.is_temporary(f) for f in _names(tmp_path / "tensors" / "shards"))
+    assert any(fileio.is_temporary(f) for f in _names(tmp_path / "tensors" / "shards"))
     assert _names(tmp_path / "tensors" / "manifest") == ["shard-00000.parquet", "shard-00001.parquet"]
     assert "shard-00002.safetensors" in _names(tmp_path / "manifest" / "shards")
     assert "shard-00002.parquet" not in _names(tmp_path / "manifest" / "manifest")
@@ -276,7 +278,7 @@ def test_kill9_resume_equals_uninterrupted(llava, tmp_path):
         for hook in reference.hooks:
             assert torch.equal(store[hook], reference[hook])
         leftovers = [f for d in (root, root / "shards", root / "manifest") for f in _names(d)
-                     if files.is_temporary(f)]
+                     if fileio.is_temporary(f)]
         assert not leftovers, (name, leftovers)
 
 
@@ -336,7 +338,7 @@ def test_full_disk_then_resume(llava, questions, tmp_path, monkeypatch, fail_at)
     args = dict(hooks=RESID, batch_size=2, shard_size=2, progress=False)
     reference = lp.extract(llava, questions[:6], out=tmp_path / "reference", **args)
     calls = []
-    write = files._write_all
+    write = fileio._write_all
     # writes: header, shard 0 tensors, shard 0 manifest, shard 1 tensors, shard 1 manifest, ...
     target = 3 if fail_at == "tensors" else 4
 
@@ -347,10 +349,10 @@ def test_full_disk_then_resume(llava, questions, tmp_path, monkeypatch, fail_at)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(fd, data)
 
-    monkeypatch.setattr(files, "_write_all", full)
+    monkeypatch.setattr(fileio, "_write_all", full)
     with pytest.raises(StoreError, match=r"disk is full.*shard 1 .*shards 0\.\.0 \(2 examples\) are complete"):
         lp.extract(llava, questions[:6], out=tmp_path / "s", **args)
-    monkeypatch.setattr(files, "_write_all", write)
+    monkeypatch.setattr(fileio, "_write_all", write)
     assert _names(tmp_path / "s" / "shards") == ["shard-00000.safetensors"]  # no partial, no orphan
     assert _names(tmp_path / "s" / "manifest") == ["shard-00000.parquet"]
     assert lp.ActivationStore.open(tmp_path / "s").ids == [q.id for q in questions[:2]]

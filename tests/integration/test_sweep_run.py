@@ -15,8 +15,8 @@ import yaml
 
 import lvlm_probe as lp
 from lvlm_probe.errors import InputError, StoreError
-from lvlm_probe.probing.config import load_config
-from lvlm_probe.probing.run import run_sweep
+from lvlm_probe.workflows.sweep import run_sweep
+from lvlm_probe.workflows.sweep_config import load_config
 
 DEFINITION = {
     "model": "shapes-llava",

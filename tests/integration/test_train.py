@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from lvlm_probe.errors import InputError
 from lvlm_probe.worlds import ShapesWorld
+from lvlm_probe.worlds.evaluation import CAPTION_PROMPT
 from lvlm_probe.zoo.answer_heads import FIELDS, IGNORE, AnswerHeads, answer_targets, cell
-from lvlm_probe.zoo.shapes_llava import CAPTION_PROMPT, Recipe, build_untrained
+from lvlm_probe.zoo.shapes_llava import Recipe, build_untrained
 from lvlm_probe.zoo.train import STATE, collate, example_mean_loss, train, training_batch
 
 MICRO = Recipe(

@@ -7,16 +7,16 @@ import numpy as np
 import pandas as pd
 
 from lvlm_probe.bench.chair import chair
-from lvlm_probe.report import html as H
+from lvlm_probe.report import html as markup
 from lvlm_probe.report.run import _marked, pick_examples
 
 
 def test_cells_and_tables_escape_and_format():
-    assert [H.cell(v) for v in (0.12345, np.float64(1), 3, np.int64(4), None, math.nan, True, ["a", "b"])] == \
+    assert [markup.cell(v) for v in (0.12345, np.float64(1), 3, np.int64(4), None, math.nan, True, ["a", "b"])] == \
         ["0.123", "1.000", "3", "4", "–", "–", "yes", "a, b"]
-    table = H.table(pd.DataFrame({"q": ["<b>&"], "x": [0.5]}), "t")
+    table = markup.table(pd.DataFrame({"q": ["<b>&"], "x": [0.5]}), "t")
     assert '<table id="t">' in table and "&lt;b&gt;&amp;" in table and "<td>0.500</td>" in table
-    page = H.document("a < b", [table, H.figure(b"\x89PNG", "what it shows", "alt")])
+    page = markup.document("a < b", [table, markup.figure(b"\x89PNG", "what it shows", "alt")])
     assert "<title>a &lt; b</title>" in page and 'src="data:image/png;base64,iVBORw==' in page
     assert "http" not in page and "<script" not in page
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from lvlm_probe import fileio
 from lvlm_probe.errors import InputError, StoreError
 from lvlm_probe.store import files, manifest
 
@@ -13,16 +14,16 @@ from lvlm_probe.store import files, manifest
 def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "shard-00000.parquet"
     files.atomic_write(path, b"old content", "shard 0")
-    write = files._write_all
+    write = fileio._write_all
 
     def full(fd, data):
         write(fd, memoryview(data)[:3])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(files, "_write_all", full)
+    monkeypatch.setattr(fileio, "_write_all", full)
     with pytest.raises(StoreError, match=r"disk is full: writing shard 7 \(9 bytes"):
         files.atomic_write(path, b"new bytes", "shard 7")
-    monkeypatch.setattr(files, "_write_all", lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(fileio, "_write_all", lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(StoreError, match="writing shard 7 .* failed: .*I/O error") as info:
         files.atomic_write(path, b"new bytes", "shard 7")
     assert "disk is full" not in str(info.value)
@@ -35,8 +36,8 @@ def test_names():
     assert files.shard_index("shard-00003.safetensors") == (3, "safetensors")
     assert files.shard_index("shard-123456.parquet") == (123456, "parquet")
     assert files.shard_index(".shard-00003.parquet.tmp-12") is None
-    assert files.is_temporary(".shard-00003.parquet.tmp-12") and files.is_temporary(".store.json.tmp-1")
-    assert not files.is_temporary("shard-00003.parquet") and not files.is_temporary(".lock")
+    assert fileio.is_temporary(".shard-00003.parquet.tmp-12") and fileio.is_temporary(".store.json.tmp-1")
+    assert not fileio.is_temporary("shard-00003.parquet") and not fileio.is_temporary(".lock")
 
 
 def test_manifest_round_trip_and_bad_labels(tmp_path):

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from .. import alignment, viz
 from ..errors import InputError, StoreError
+from ..fileio import write_json, write_parquet
 from ..hooks.names import expand
+from ..probing.sweep import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
 from ..store import extract
-from ..store.files import write_json, write_parquet
 from ..viz import save_figure
-from .config import FolderData, SweepConfig, load_config
-from .sweep import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
+from .sweep_config import FolderData, SweepConfig, load_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # image-vs-text alignment metrics a definition may ask for

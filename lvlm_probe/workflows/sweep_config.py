@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
-from .controls import DESIGNS
+from ..probing.controls import DESIGNS
 
 
 @dataclass(frozen=True)

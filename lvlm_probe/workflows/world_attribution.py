@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..store.files import write_parquet
+from ..attribution.image_map import image_map
+from ..attribution.source_split import source_split
+from ..fileio import write_parquet
 from ..viz import save_figure
-from .image_map import image_map
-from .source_split import source_split
 
 
 def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, maps: int = 4,

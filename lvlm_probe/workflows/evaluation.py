@@ -10,19 +10,7 @@ import pandas as pd
 
 from ..bench import accuracy_by, ask
 from ..worlds import ShapesWorld
-
-EVAL_SEED = 1000  # worlds for evaluation use seeds the training stream never used
-
-
-def question_set(world: ShapesWorld, n: int) -> list:
-    """``n`` questions per (split, level); object questions split evenly over POPE's modes."""
-    questions = []
-    for split in ("typical", "counterfactual"):
-        for mode in ("random", "popular", "adversarial"):
-            questions += world.questions(n // 3, level="object", split=split, pope=mode)
-        questions += world.questions(n, level="attribute", split=split)
-        questions += world.questions(n, level="relation", split=split)
-    return questions
+from ..worlds.evaluation import EVAL_SEED, question_set
 
 
 def answers(model, n: int = 300, seed: int = EVAL_SEED, image_size: int | None = None,
