@@ -3,7 +3,11 @@
 An adapter is data first: the module paths of the language model's layers, the vision tower's
 layers and the projector, written as dotted paths from the top-level Hugging Face model (as
 TransformerLens's ``supported_architectures`` declare them). The few behaviours that differ between
-families (how a prompt is templated, how placeholder tokens form image grids) are small methods.
+families (how a prompt is templated, how placeholder tokens form image grids) are small methods, and
+so is everything an analysis needs to know about a family (its *capabilities*: a final-logit soft
+cap, the final norm's scale, whether the residual writes add up linearly, which layers
+cross-attend, how images are removed from the language model's view). Code outside ``families/``
+asks the adapter these questions and never branches on a family's name.
 
 Subclasses register themselves: defining ``class Llava(Family)`` with a ``name`` is the only
 registration there is (see ``lvlm_probe.families``).
@@ -122,6 +126,43 @@ class Family:
     def attended_grid(self, config) -> dict[str, tuple[int, int]]:
         """For images outside the sequence: the grid of states the language model attends to."""
         return {}
+
+    # --- capabilities --------------------------------------------------------------------------
+    #: Why the attention and MLP writes do not add up linearly into the residual stream that the
+    #: final norm reads (so direct logit attribution and path patching cannot split the logit
+    #: among them), or None where they do.
+    nonlinear_writes: ClassVar[str | None] = None
+    #: The final norm multiplies by ``final_norm_weight_offset + weight`` (Gemma's RMSNorm: 1).
+    final_norm_weight_offset: ClassVar[float] = 0.0
+
+    def final_logit_softcap(self, config) -> float | None:
+        """The cap ``c`` of a final soft cap ``c * tanh(logits / c)`` that the model's forward
+        applies to the logits, or None."""
+        return None
+
+    def cross_attention_layers(self, config) -> list[int]:
+        """Indices in ``lm_layers`` of layers that cross-attend to the image instead of
+        self-attending (none by default)."""
+        return []
+
+    def self_attention_layers(self, config) -> list[int]:
+        """Indices in ``lm_layers`` of the layers that self-attend over the token sequence."""
+        cross = set(self.cross_attention_layers(config))
+        return [layer for layer in range(self.text_config(config).num_hidden_layers) if layer not in cross]
+
+    def hide_images(self, inputs: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+        """The model inputs with the images of the rows where ``keep`` is False removed from the
+        language model's view, where hiding the image positions from attention cannot do it.
+
+        Families whose images sit in the token sequence (``image_mode`` ``"tokens"`` or
+        ``"queries"``) are hidden by masking those positions at every self-attention layer; their
+        inputs come back unchanged. Cross-attention families override this.
+
+        Args:
+            inputs: the processor's output for a batch (not modified).
+            keep: ``[batch]`` bool, whether each row keeps its images.
+        """
+        return inputs
 
 
 def split_evenly(positions: Tensor, n: int) -> list[Tensor]:

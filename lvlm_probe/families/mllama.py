@@ -27,6 +27,7 @@ class Mllama(Family):
     hf_classes = ("MllamaForConditionalGeneration",)
     model_types = ("mllama",)
     image_mode = "cross_attention"
+    nonlinear_writes = "its cross-attention layers are gated"
     nested_images = True  # MllamaProcessor takes one list of images per prompt
     # multi_image stays True: the processor and model take any number of images per prompt (one
     # marker each; the cross-attention mask has an image axis); the checkpoints were trained with one.
@@ -48,6 +49,13 @@ class Mllama(Family):
     def cross_attention_layers(self, config) -> list[int]:
         """Indices in ``lm_layers`` of the cross-attention layers (the others self-attend)."""
         return [int(i) for i in self.text_config(config).cross_attention_layers]
+
+    def hide_images(self, inputs: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+        """Zero the cross-attention mask of the rows without images: the model then skips the
+        cross-attention layers' contribution for those rows (``full_text_row_masked_out_mask``)."""
+        mask = inputs["cross_attention_mask"]
+        shape = (-1,) + (1,) * (mask.dim() - 1)
+        return {**inputs, "cross_attention_mask": mask * keep.to(mask.device, mask.dtype).reshape(shape)}
 
     def n_vision_global_layers(self, config) -> int:
         """Number of layers at ``vision_global_layers``."""

@@ -19,11 +19,17 @@ class PaliGemma(Family):
     lm_norm = "model.language_model.norm"
     vision_layers = "model.vision_tower.encoder.layers"
     projector = ("model.multi_modal_projector",)
+    final_norm_weight_offset = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
     # PaliGemmaProcessor.validate_inputs raises without images; several images per prompt are
     # accepted (each "<image>" is expanded and the model fills them in order).
     requires_image = True
     multi_image = True
+
+    def final_logit_softcap(self, config) -> float | None:
+        """PaliGemma's forward soft-caps the logits with its text config's
+        ``final_logit_softcapping`` (None for Gemma 1 language models)."""
+        return getattr(self.text_config(config), "final_logit_softcapping", None)
 
     def format_prompt(self, processor, prompt: str, n_images: int) -> str:
         """``<image>`` once per image, then the bare prompt.
