@@ -162,3 +162,82 @@ def test_no_single_letter_module_aliases():
                             (alias.name, alias.asname) != ("torch.nn.functional", "F"):
                         found.append(f"{module}: import {alias.name} as {alias.asname}")
     assert not found, "\n".join(found)
+
+
+# --- family knowledge stays in the adapters ----------------------------------------------------
+# Outside these folders, code asks the family adapter (its paths and capabilities) and never
+# branches on which family a model is.
+# The reference model's own definition is a LLaVA by construction, as each tiny builder is its
+# family's.
+FAMILY_HOMES = ("lvlm_probe.families", "lvlm_probe.zoo.tiny", "lvlm_probe.zoo.shapes_llava")
+# Names that contain a family's name but are not a family: the project's own reference model.
+NOT_FAMILIES = ("shapes-llava", "shapes_llava")
+
+
+def _family_words() -> list[str]:
+    """Every registered family's name, its model types and its HF classes' stems, lowercased,
+    with the trailing version digits dropped too (``gemma3`` -> ``gemma``)."""
+    words = set()
+    for name in lp.families.names():
+        family = lp.families.get(name)
+        stems = [c.removesuffix("ForConditionalGeneration") for c in family.hf_classes]
+        for word in [name, *family.model_types, *stems]:
+            word = word.lower().replace("-", "_")
+            words.update({word, re.sub(r"[\d_.]+$", "", word)})
+    return sorted(w for w in words if len(w) > 2)
+
+
+FAMILY_WORDS = re.compile(r"(?<![a-z])(" + "|".join(_family_words()) + r")", re.IGNORECASE)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (they may name families as examples)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+def _family_mentions(source: str) -> list[str]:
+    """Family names in a module's code: identifiers, attribute names and string literals, except
+    docstrings and comments (which say why, and may name a family as an example)."""
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        text = None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        if text is None:
+            continue
+        for word in NOT_FAMILIES:
+            text = text.replace(word, "")
+        match = FAMILY_WORDS.search(text.replace("-", "_"))
+        if match:
+            found.append(f"line {getattr(node, 'lineno', '?')}: {match.group(0)!r} in {text[:60]!r}")
+    return found
+
+
+def test_no_module_outside_families_names_a_family():
+    found = [f"{module} {mention}" for module, path in MODULES.items()
+             if not module.startswith(FAMILY_HOMES) for mention in _family_mentions(path.read_text())]
+    assert not found, "family names outside families/ and zoo/tiny/:\n" + "\n".join(found)
+
+
+def test_the_family_name_check_finds_planted_names():
+    planted = '''
+"""Docstrings may say Gemma 3 or Mllama."""
+SOFTCAPPED = ("paligemma",)  # a comment may say Qwen2-VL
+if "Gemma" in type(norm).__name__ or model.family.name == "mllama":
+    pass
+ok = "shapes-llava"
+'''
+    found = _family_mentions(planted)
+    assert [m.split(":")[1].split(" in ")[0].strip() for m in found] == ["'paligemma'", "'Gemma'", "'mllama'"]
