@@ -1,7 +1,10 @@
 """Scale-out with Ray: extraction and probe sweeps on a Ray cluster.
 
 Ray is an optional extra (``pip install 'lvlm-probe[distributed]'``) and is imported only when a
-call asks for ``backend="ray"``; the local path never imports it.
+call asks for ``backend="ray"``; the local path never imports it. Importing this package (which
+``import lvlm_probe`` does) registers the executors named ``"ray"`` with the store
+(:data:`lvlm_probe.store.executor.executors`) and with probe sweeps
+(:data:`lvlm_probe.probing.sweep.sweep_executors`); it does not import Ray.
 
 * ``lp.extract(..., backend="ray")``: shards go to a pool of Ray actors, each holding the model
   (one per GPU with ``ray_resources={"num_gpus": 1}``); the driver commits shards in order, so
@@ -26,7 +29,15 @@ Example:
 """
 from __future__ import annotations
 
-from .options import BACKENDS, check_backend
+from ..probing.sweep import sweep_executors
+from ..store.executor import executors
+from .extract import RayExecutor
+from .options import check_ray_options
 from .runtime import INSTALL, MissingDependencyError, require_ray
+from .sweep import RaySweepExecutor
 
-__all__ = ["BACKENDS", "check_backend", "require_ray", "MissingDependencyError", "INSTALL"]
+executors.register(RayExecutor())
+sweep_executors.register(RaySweepExecutor())
+
+__all__ = ["RayExecutor", "RaySweepExecutor", "check_ray_options", "require_ray", "MissingDependencyError",
+           "INSTALL"]

@@ -1,50 +1,72 @@
 """Probe sweeps with Ray: groups of hooks (layers) are fitted in parallel tasks.
 
+:class:`RaySweepExecutor` is the :class:`~lvlm_probe.probing.sweep.SweepExecutor` named ``"ray"``.
 Each hook's probes depend only on its features and on the labels, split and seeds that
 :class:`~lvlm_probe.probing.sweep.HookJob` carries, so a task fits exactly what the local loop
 fits and the table is the same, row for row and in the same order.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import InputError
+from ..probing.sweep import SweepExecutor, SweepPlan
+from .options import check_ray_options
 from .runtime import n_workers, runtime_env, session, task_error
 
 
-def sweep_ray(source: Any, hooks: list[str], job: Any, *, address: str | None,
-              resources: dict[str, Any] | None) -> list[list[dict[str, Any]]]:
-    """Fit ``job`` on every hook with Ray tasks; returns each hook's rows, in ``hooks`` order.
+class RaySweepExecutor(SweepExecutor):
+    """``lp.probing.sweep(..., backend="ray", ray_address=..., ray_resources=...)``.
 
-    An :class:`~lvlm_probe.ActivationStore` is opened by each task from its folder (shared
-    storage), so only the hooks a task fits are read, and by that task; a dict of arrays sends
-    each task its hooks' arrays.
-
-    Raises:
-        InputError: a store that is not on disk.
-        The library errors a task raises, as they are.
+    Options:
+        ray_address: the Ray cluster; None uses the running session or starts a local one.
+        ray_resources: Ray resources per task, default ``{"num_cpus": 1}``.
     """
-    resources = dict(resources or {"num_cpus": 1})
-    root = getattr(source, "root", None)
-    if not isinstance(source, dict) and root is None:
-        raise InputError(f"backend='ray' needs an ActivationStore on disk or a dict of arrays, "
-                         f"got {type(source).__name__}")
-    with session(address) as ray:
-        task = ray.remote(fit_hooks).options(max_retries=3, retry_exceptions=False,
-                                             runtime_env=runtime_env(resources.get("num_cpus", 1)),
-                                             **resources)
-        n_groups = min(len(hooks), 2 * n_workers(ray, resources))
-        groups = [hooks[i::n_groups] for i in range(n_groups)]  # interleaved: layers differ in cost
-        refs = []
-        for group in groups:
-            features = str(root) if root is not None else {h: source[h] for h in group}
-            refs.append(task.remote(job, features, group))
-        try:
-            results = ray.get(refs)
-        except ray.exceptions.RayTaskError as err:
-            raise task_error(ray, err) from err
-    by_hook = {hook: rows for group, part in zip(groups, results) for hook, rows in zip(group, part)}
-    return [by_hook[h] for h in hooks]
+
+    name = "ray"
+    options = ("ray_address", "ray_resources")
+
+    def check(self, options: dict[str, Any]) -> None:
+        check_ray_options(options.get("ray_address"), options.get("ray_resources"))
+
+    def session(self, options: dict[str, Any]) -> AbstractContextManager[Any]:
+        return session(options.get("ray_address"))
+
+    def run(self, plan: SweepPlan) -> list[list[dict[str, Any]]]:
+        """Fit the plan's job on every hook with Ray tasks; returns each hook's rows, in
+        ``plan.hooks`` order.
+
+        An :class:`~lvlm_probe.ActivationStore` is opened by each task from its folder (shared
+        storage), so only the hooks a task fits are read, and by that task; a dict of arrays sends
+        each task its hooks' arrays.
+
+        Raises:
+            InputError: a store that is not on disk.
+            The library errors a task raises, as they are.
+        """
+        source, hooks, job = plan.source, plan.hooks, plan.job
+        resources = dict(plan.options.get("ray_resources") or {"num_cpus": 1})
+        root = getattr(source, "root", None)
+        if not isinstance(source, dict) and root is None:
+            raise InputError(f"backend='ray' needs an ActivationStore on disk or a dict of arrays, "
+                             f"got {type(source).__name__}")
+        with self.session(plan.options) as ray:
+            task = ray.remote(fit_hooks).options(max_retries=3, retry_exceptions=False,
+                                                 runtime_env=runtime_env(resources.get("num_cpus", 1)),
+                                                 **resources)
+            n_groups = min(len(hooks), 2 * n_workers(ray, resources))
+            groups = [hooks[i::n_groups] for i in range(n_groups)]  # interleaved: layers differ in cost
+            refs = []
+            for group in groups:
+                features = str(root) if root is not None else {h: source[h] for h in group}
+                refs.append(task.remote(job, features, group))
+            try:
+                results = ray.get(refs)
+            except ray.exceptions.RayTaskError as err:
+                raise task_error(ray, err) from err
+        by_hook = {hook: rows for group, part in zip(groups, results) for hook, rows in zip(group, part)}
+        return [by_hook[h] for h in hooks]
 
 
 def fit_hooks(job: Any, features: str | dict[str, Any], hooks: list[str]) -> list[list[dict[str, Any]]]:

@@ -7,13 +7,18 @@ test of cross-modal alignment: probes trained on one modality's activations (tex
 scenes) are tested on the other's (the image tokens of the same scenes), layer by layer.
 
 Both return tidy DataFrames, one row per probe, which :func:`lvlm_probe.viz.layer_curves` plots.
+
+:func:`sweep` fits its hooks through a :class:`SweepExecutor` chosen with ``backend=``: by name
+from :data:`sweep_executors` (``"local"``, registered here; ``"ray"``, registered by
+:mod:`lvlm_probe.distributed`), or passed as an object.
 """
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks.names import pattern_regex
+from ..store.executor import Backend, Registry
 from .batched import fit_many
 from .controls import control_labels, type_overlap
 from .splits import group_split
@@ -156,7 +162,7 @@ def sweep(
     standardize: bool = True,
     device: str | torch.device | None = None,
     max_iter: int = 500,
-    backend: str = "local",
+    backend: str | SweepExecutor = "local",
     ray_address: str | None = None,
     ray_resources: dict[str, float] | None = None,
 ) -> pd.DataFrame:
@@ -191,6 +197,7 @@ def sweep(
         backend: ``"local"``, or ``"ray"`` to fit groups of hooks in parallel Ray tasks (same
             split, seeds and solver, so the same results; see :mod:`lvlm_probe.distributed`). A
             store is read by the workers from its folder; arrays are sent to them.
+            Any name registered in :data:`sweep_executors`, or a :class:`SweepExecutor` object.
         ray_address: the Ray cluster (``"auto"``, ``"ray://head:10001"``); None uses the running
             session or starts a local one for this call.
         ray_resources: Ray resources per task, default ``{"num_cpus": 1}``.
@@ -201,16 +208,15 @@ def sweep(
 
     Raises:
         InputError: for an unknown target, hook pattern or column, unusable labels, or an
-            unknown backend.
+            unknown backend (the message lists the registered ones).
         MissingDependencyError: ``backend="ray"`` without Ray installed.
 
     Example:
         >>> results = lp.probing.sweep(store, target="color", hooks="blocks.*.hook_resid_post")
         >>> results[["layer", "accuracy", "selectivity"]]
     """
-    from ..distributed.options import check_backend  # no Ray import: options are plain Python
-
-    check_backend(backend, ray_address, ray_resources)
+    executor = sweep_executors.resolve(backend)
+    options = sweep_executors.check(executor, {"ray_address": ray_address, "ray_resources": ray_resources})
     if isinstance(groups, str) and getattr(source, "meta", None) is not None and groups not in source.meta:
         groups = "id"
     get, available, labels, group_values, meta = _source(source, target, groups)
@@ -238,12 +244,7 @@ def sweep(
     chance = float(np.bincount(codes[test], minlength=len(classes)).max() / len(test))
     job = HookJob(y, y_control, train, test, test_groups, n_boot, seed, name, chance, heads,
                   dict(C=C, standardize=standardize, device=device, max_iter=max_iter))
-    if backend == "ray":
-        from ..distributed.sweep import sweep_ray
-
-        parts = sweep_ray(source, chosen, job, address=ray_address, resources=ray_resources)
-    else:
-        parts = [job.rows(get, hook) for hook in chosen]
+    parts = executor.run(SweepPlan(job, chosen, get, source, options))
     return _typed(pd.DataFrame([row for part in parts for row in part], columns=COLUMNS))
 
 
@@ -251,8 +252,8 @@ def sweep(
 class HookJob:
     """Everything a sweep fits per hook except the features: labels, split, seeds, settings.
 
-    One hook's probes depend only on this and its features, which is what lets
-    :mod:`lvlm_probe.distributed.sweep` fit hooks in separate processes with identical results.
+    One hook's probes depend only on this and its features, which is what lets a
+    :class:`SweepExecutor` fit hooks in separate processes with identical results.
     """
 
     y: Tensor
@@ -281,6 +282,49 @@ class HookJob:
                      selectivity=accuracy[p] - ctrl[p], chance=self.chance, n_train=len(self.train),
                      n_test=len(self.test))
                 for p, head in enumerate(head_ids)]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a :class:`SweepExecutor` fits: one :class:`HookJob` on each of ``hooks``.
+
+    Attributes:
+        job: labels, split, seeds and settings, the same for every hook.
+        hooks: the hooks to fit, in the table's order.
+        features: ``features(hook)`` is a hook's ``[N, ...]`` tensor in this process.
+        source: the sweep's source as passed (an :class:`~lvlm_probe.ActivationStore`, whose
+            ``root`` other processes can open, or a dict of arrays), for executors that read the
+            features elsewhere.
+        options: this executor's options, as given to the call.
+    """
+
+    job: HookJob
+    hooks: list[str]
+    features: Callable[[str], Tensor]
+    source: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class SweepExecutor(Backend, ABC):
+    """Fits a sweep's hooks; subclass it to add a backend (and register it in :data:`sweep_executors`)."""
+
+    @abstractmethod
+    def run(self, plan: SweepPlan) -> list[list[dict[str, Any]]]:
+        """Each hook's result rows (:meth:`HookJob.rows`), in ``plan.hooks`` order."""
+
+
+class LocalSweepExecutor(SweepExecutor):
+    """This process, one hook after another."""
+
+    name = "local"
+
+    def run(self, plan: SweepPlan) -> list[list[dict[str, Any]]]:
+        return [plan.job.rows(plan.features, hook) for hook in plan.hooks]
+
+
+sweep_executors: Registry[SweepExecutor] = Registry(SweepExecutor)
+"""The sweep executors by name; ``"local"`` is registered here, ``"ray"`` by :mod:`lvlm_probe.distributed`."""
+sweep_executors.register(LocalSweepExecutor())
 
 
 def _typed(table: pd.DataFrame) -> pd.DataFrame:

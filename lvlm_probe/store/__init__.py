@@ -27,9 +27,14 @@ never straddle shards (a shard's last batch is cut short), so a resumed run form
 batches of an uninterrupted one with the same sizes, and its files are byte-identical. A full disk removes the partial file and raises
 :class:`~lvlm_probe.StoreError`; complete shards stay. Anything an interruption cannot produce (a
 checksum mismatch, a missing tensor file under a manifest, a gap) is reported as damage, never
-silently repaired or read. With ``backend="ray"`` (see :mod:`lvlm_probe.distributed`) workers
-write each shard's two files under temporary names and the extracting process renames them in
-shard order, so the same rules hold and the files are those a local run writes.
+silently repaired or read.
+
+Executors. :func:`extract` hands the examples to an executor (:mod:`lvlm_probe.store.executor`,
+chosen with ``backend=``), which commits shards only through the store's writer
+(:mod:`lvlm_probe.store.writer`): the local one writes each shard as it fills; with
+``backend="ray"`` (see :mod:`lvlm_probe.distributed`) workers write each shard's two files under
+temporary names and the extracting process renames them in shard order, so the same rules hold
+and the files are those a local run writes.
 
 Values. Reduced stores (``reduce="mean"`` / ``"last"``) hold ``[N, d_model]`` or ``[N, head, d]``
 per hook. With ``reduce="none"`` language-model hooks are *padded*: ``[N, n_max, ...]`` with zeros
@@ -53,8 +58,11 @@ Example:
 """
 from __future__ import annotations
 
+from .executor import Executor, ExtractionPlan, LocalExecutor, executors
 from .extract import extract
 from .fingerprints import fingerprint
 from .store import ActivationStore, Shard
+from .writer import ShardWriter, StagedShard, stage_shard
 
-__all__ = ["extract", "ActivationStore", "Shard", "fingerprint"]
+__all__ = ["extract", "ActivationStore", "Shard", "fingerprint", "Executor", "ExtractionPlan", "LocalExecutor",
+           "executors", "ShardWriter", "StagedShard", "stage_shard"]

@@ -1,12 +1,14 @@
 """From dataset rows to shard tensors: reading examples, running a batch, buffering one shard.
 
-Nothing here touches the disk; :mod:`lvlm_probe.store.extract` decides when a buffer becomes a shard.
+Nothing here touches the disk: an executor (:mod:`lvlm_probe.store.executor`) decides when a
+buffer becomes a shard, and :mod:`lvlm_probe.store.writer` writes it.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,46 @@ def example(item: Any, index: int) -> Example:
     check_columns(dict(row), index)
     labels = {k: v for k, v in row.items() if k not in ("id", "image")}
     return Example(index, _id(row["id"], index), row.get("image"), row["prompt"], labels)
+
+
+class Examples:
+    """The dataset's examples after the stored ones, read one at a time.
+
+    Iterating checks that the first ids match the store's (a resumed run must see the same
+    dataset), that ids are unique, and yields :class:`Example` objects for the rest; afterwards
+    :attr:`n` is the dataset's length.
+    """
+
+    def __init__(self, dataset: Iterable[Any], stored_ids: list[Any], root: Path):
+        self.dataset, self.stored_ids, self.root = dataset, stored_ids, root
+        self.n = 0
+
+    def __iter__(self) -> Iterator[Example]:
+        seen: dict[Any, int] = {}
+        stored = self.stored_ids
+        index = -1
+        for index, item in enumerate(self.dataset):
+            if index < len(stored):
+                ident = example_id(item, index)
+                if ident != stored[index]:
+                    raise StoreError(
+                        f"the dataset does not match the store {self.root}: example {index} has id "
+                        f"{ident!r}, the store holds {stored[index]!r} there; rerun with the same "
+                        "dataset in the same order, or pass another out= or overwrite=True"
+                    )
+                seen[ident] = index
+                continue
+            current = example(item, index)
+            if current.id in seen:
+                raise InputError(f"dataset examples {seen[current.id]} and {index} share the id {current.id!r}; ids must be unique")
+            seen[current.id] = index
+            yield current
+        if index + 1 < len(stored):
+            raise StoreError(
+                f"the dataset has {index + 1} examples but the store {self.root} already holds "
+                f"{len(stored)}; rerun with the same dataset, or pass another out= or overwrite=True"
+            )
+        self.n = index + 1
 
 
 def _non_pad(layout: TokenLayout) -> Int[Tensor, " n"]:
@@ -200,6 +242,25 @@ def run(model: Any, plan: Plan, examples: list[Example], dtype: torch.dtype, don
             )
         values[name] = value.cpu().to(dtype)
     return values, positions, batch.layouts
+
+
+def add_batch(model: Any, plan: Plan, examples: list[Example], dtype: torch.dtype,
+              buffer: ShardBuffer, fingerprint: dict[str, str], done: str) -> None:
+    """Run one batch and add its values and manifest rows to a shard buffer.
+
+    Args:
+        model, plan, examples, dtype, done: as for :func:`run`.
+        buffer: the shard being filled.
+        fingerprint: the store's model fingerprint (``header["fingerprint"]``), recorded per row.
+    """
+    values, positions, layouts = run(model, plan, examples, dtype, done)
+    rows = []
+    for i, (item, layout) in enumerate(zip(examples, layouts)):
+        kept = None if positions is None else int((positions[i] >= 0).sum())
+        rows.append({"id": item.id, **item.labels, "n_images": item.n_images,
+                     "n_positions": kept, "layout": layout.summary(), "fingerprint": fingerprint["digest"],
+                     "processor_fingerprint": fingerprint["processor"]})
+    buffer.add(rows, values, positions)
 
 
 class ShardBuffer:

@@ -18,8 +18,7 @@ from torch import Tensor
 from .. import fileio
 from ..errors import HookNameError, StoreError
 from ..hooks.names import pattern_regex, unknown_message
-from . import files as F
-from . import manifest as M
+from . import files, manifest
 from .fingerprints import differences, fingerprint
 
 POSITIONS = "__positions__"  # tensor name of the kept positions in a shard (never a hook name)
@@ -36,7 +35,7 @@ class Scan:
             to delete.
     """
 
-    records: list[M.ShardRecord]
+    records: list[manifest.ShardRecord]
     leftovers: list[Path]
 
     @property
@@ -59,7 +58,7 @@ def scan(root: Path, verify: bool = True) -> Scan:
             tensor file under a manifest, a gap in the manifests, tensor files beyond the next
             shard. The message names the shard and its files.
     """
-    shard_dir, manifest_dir = root / F.SHARDS, root / F.MANIFEST
+    shard_dir, manifest_dir = root / files.SHARDS, root / files.MANIFEST
     tensors: dict[int, Path] = {}
     manifests: dict[int, Path] = {}
     leftovers: list[Path] = []
@@ -67,7 +66,7 @@ def scan(root: Path, verify: bool = True) -> Scan:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            parsed = F.shard_index(path.name)
+            parsed = files.shard_index(path.name)
             if fileio.is_temporary(path.name):
                 leftovers.append(path)
             elif parsed is not None and parsed[1] == ext:
@@ -78,14 +77,14 @@ def scan(root: Path, verify: bool = True) -> Scan:
         missing = min(set(range(max(manifests) + 1)) - set(manifests))
         raise StoreError(
             f"store {root} is damaged: the manifest of shard {missing} "
-            f"({manifest_dir / F.shard_name(missing, 'parquet')}) is missing but later shards exist; "
+            f"({manifest_dir / files.shard_name(missing, 'parquet')}) is missing but later shards exist; "
             "restore it, or delete that shard's files and every later shard's to re-extract from there"
         )
     records, start = [], 0
     for k in range(n):
-        record = M.read_record(manifests[k])
-        where = f"shard {k} ({shard_dir / F.shard_name(k, 'safetensors')})"
-        if (record.index, record.start, record.file) != (k, start, F.shard_name(k, "safetensors")):
+        record = manifest.read_record(manifests[k])
+        where = f"shard {k} ({shard_dir / files.shard_name(k, 'safetensors')})"
+        if (record.index, record.start, record.file) != (k, start, files.shard_name(k, "safetensors")):
             raise StoreError(
                 f"store {root} is damaged: the manifest of {where} records shard {record.index} "
                 f"starting at example {record.start} in {record.file!r}; expected shard {k} "
@@ -99,7 +98,7 @@ def scan(root: Path, verify: bool = True) -> Scan:
             raise StoreError(
                 f"{where} is corrupted: {size} bytes on disk, its manifest records {record.bytes}"
             )
-        if verify and (digest := F.file_checksum(path)) != record.sha256:
+        if verify and (digest := files.file_checksum(path)) != record.sha256:
             raise StoreError(
                 f"{where} is corrupted: its sha256 is {digest}, its manifest records {record.sha256}; "
                 "restore the file, or delete it, its manifest and every later shard to re-extract them"
@@ -168,7 +167,7 @@ class ActivationStore:
         (200, ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post'], ['id', 'shard', 'row'])
     """
 
-    def __init__(self, root: Path, header: dict[str, Any], records: list[M.ShardRecord]):
+    def __init__(self, root: Path, header: dict[str, Any], records: list[manifest.ShardRecord]):
         self.root, self.header, self.records = root, header, records
         self.hooks: list[str] = list(header["hooks"])
         self.padded: list[str] = list(header["padded"])
@@ -199,7 +198,7 @@ class ActivationStore:
             >>> X, y = store["blocks.3.hook_resid_post"], store.meta["color"]
         """
         root = Path(path)
-        header = F.read_json(root / F.HEADER)
+        header = files.read_json(root / files.HEADER)
         if model is not None:
             current, stored = fingerprint(model), header["fingerprint"]
             if current["digest"] != stored["digest"]:
@@ -249,8 +248,8 @@ class ActivationStore:
         n_max = max(widths, default=0)
         return {k: tuple(n_max if d == -1 else d for d in v) for k, v in shapes.items()}, widths
 
-    def _path(self, record: M.ShardRecord) -> Path:
-        return self.root / F.SHARDS / record.file
+    def _path(self, record: manifest.ShardRecord) -> Path:
+        return self.root / files.SHARDS / record.file
 
     def __len__(self) -> int:
         return sum(r.n for r in self.records)
@@ -352,7 +351,7 @@ class ActivationStore:
     def meta(self) -> pd.DataFrame:
         """One row per example, in order: ``id``, ``shard``, ``row``, the dataset's label columns,
         ``n_images``, ``n_positions``, ``layout``, ``fingerprint``, ``processor_fingerprint``."""
-        frames = [M.read_rows(self.root / F.MANIFEST / F.shard_name(r.index, "parquet"))
+        frames = [manifest.read_rows(self.root / files.MANIFEST / files.shard_name(r.index, "parquet"))
                   for r in self.records]
         for frame, record in zip(frames, self.records):
             if len(frame) != record.n:
@@ -383,7 +382,7 @@ class ActivationStore:
         for hook in hooks:
             self._check(hook)
         for record in self.records:
-            meta = M.read_rows(self.root / F.MANIFEST / F.shard_name(record.index, "parquet"))
+            meta = manifest.read_rows(self.root / files.MANIFEST / files.shard_name(record.index, "parquet"))
             meta.index = pd.RangeIndex(record.start, record.start + record.n)
             with open_shard(self._path(record), record.index) as f:
                 tensors = {h: f.get_tensor(h) for h in hooks}

@@ -14,6 +14,8 @@ import yaml
 
 from ..errors import InputError
 from ..probing.controls import DESIGNS
+from ..probing.sweep import SweepExecutor, sweep_executors
+from ..store.executor import Executor, executors
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class SweepConfig:
     alignment: tuple[str, ...] = ()  # metrics between image and text states: cka, mutual_knn, cosine
     device: str | None = None
     dtype: str | None = None
-    # how the run executes, not what it computes: "local" or "ray" (extraction and probes)
+    # how the run executes, not what it computes: "local" or "ray" (extraction and probes), any
+    # name registered for both extraction and sweeps
     backend: str = "local"
     ray_address: str | None = None
 
@@ -98,6 +101,21 @@ def _build(cls: type, raw: Any, where: str):
         return cls(**values)
     except TypeError as err:
         raise InputError(f"{where}: {err}") from err
+
+
+def check_backend(backend: Any, ray_address: str | None) -> tuple[Executor, SweepExecutor, dict[str, Any]]:
+    """The executors a definition's ``backend`` names for its extractions and its sweeps, with the
+    options checked, and the options given (``ray_address`` when set).
+
+    Raises:
+        InputError: a backend that is not registered for both, or an option it does not take.
+        MissingDependencyError: the backend's dependencies (Ray) are not installed.
+    """
+    options = {"ray_address": ray_address}
+    extraction = executors.resolve(backend)
+    executors.check(extraction, options)
+    sweeping = sweep_executors.resolve(backend)
+    return extraction, sweeping, sweep_executors.check(sweeping, options)
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -137,8 +155,6 @@ def load_config(path: str | Path) -> SweepConfig:
     config = _build(SweepConfig, {**raw, "data": None, "extract": None, "probes": None}, str(path))
     config = SweepConfig(**{**{f.name: getattr(config, f.name) for f in fields(SweepConfig)},
                             "data": data_obj, "extract": extract, "probes": probes})
-    from ..distributed.options import check_backend  # no Ray import
-
     try:
         check_backend(config.backend, config.ray_address)
     except InputError as err:

@@ -1,5 +1,6 @@
 """Activation stores on real tiny models: contents equal a direct capture, kill -9 and full-disk
-resumes equal an uninterrupted extraction, corruption and mismatches are reported."""
+resumes equal an uninterrupted extraction, corruption and mismatches are reported, and an executor
+written against the store's public interface writes the local store."""
 from __future__ import annotations
 
 import errno
@@ -12,14 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import store_files as store_files_all
 
 import lvlm_probe as lp
 from lvlm_probe import fileio
 from lvlm_probe.errors import HookNameError, InputError, LayoutError, StoreError
+from lvlm_probe.probing.sweep import SweepExecutor
 from lvlm_probe.store import files
+from lvlm_probe.store.executor import Executor, cut_shards
 from lvlm_probe.store.fingerprints import differences
+from lvlm_probe.store.rows import ShardBuffer, add_batch
+from lvlm_probe.store.writer import stage_shard
 
 RESID = "blocks.*.hook_resid_post"
 
@@ -143,10 +150,10 @@ SERVER = """
 import os, sys, time, traceback
 import lvlm_probe as lp
 from lvlm_probe import fileio
-from lvlm_probe.store import files
 
 def run(out, pause_in):
-    atomic, write, current = files.atomic_write, fileio._write_all, [""]
+    # every store file (the header through fileio.write_json too) is written by fileio.atomic_write
+    atomic, write, current = fileio.atomic_write, fileio._write_all, [""]
 
     def tracking(path, data, what):
         current[0] = str(path)
@@ -161,7 +168,7 @@ def run(out, pause_in):
         time.sleep(0.01)  # a wider window for the kill at a random time
         write(fd, view[len(view) // 2:])
 
-    files.atomic_write, fileio._write_all = tracking, pausing
+    fileio.atomic_write, fileio._write_all = tracking, pausing
     model = lp.zoo.tiny("llava", device="cpu")
     qs = lp.worlds.ShapesWorld(seed=0, image_size=64).questions({n}, level="attribute", split="typical")
     lp.extract(model, qs, out=out, **{args})
@@ -417,3 +424,94 @@ def test_shards_are_bounded(llava, questions, tmp_path):
     assert [r.n for r in store.records] == [2, 2, 2, 2, 2, 1]
     header = json.loads((tmp_path / "b" / "store.json").read_text())
     assert header["complete"] and header["n_examples"] == 11 and header["shapes"][RESID.replace("*", "0")] == [64]
+
+
+# --- executors ---------------------------------------------------------------------------------
+class Staging(Executor):
+    """A backend as a worker pool runs one, in this process: shards cut by cut_shards, each staged
+    under temporary names (stage_shard), all committed at the end, in order."""
+
+    name = "staging"
+
+    def run(self, plan, writer):
+        fp = writer.header["fingerprint"]
+        buffer = ShardBuffer(plan.capture)
+
+        def measure(batch):  # runs the batch: its bytes are those the buffer grows by
+            before = buffer.nbytes
+            add_batch(plan.model, plan.capture, batch, plan.dtype, buffer, fp, writer.done())
+            return buffer.nbytes - before
+
+        staged, k, start = [], writer.index, writer.start
+        for shard in cut_shards(plan, measure):
+            if len(buffer) < len(shard):  # the dataset's last, shorter batch is not measured
+                add_batch(plan.model, plan.capture, shard[len(buffer):], plan.dtype, buffer, fp, writer.done())
+            staged.append(stage_shard(writer.root, writer.header, buffer, k, start))
+            k, start, buffer = k + 1, start + len(shard), ShardBuffer(plan.capture)
+        for shard in staged:
+            writer.commit(shard)
+            plan.progress(shard.record.n)
+
+
+@pytest.mark.parametrize("reduce,positions,max_bytes", [
+    ("mean", "image", 1 << 30),
+    ("none", "all", 2_000),  # padded values; shards closed early by size
+])
+def test_custom_executor_object_writes_the_local_store(llava, questions, tmp_path, reduce, positions, max_bytes):
+    args = dict(hooks=["blocks.*.hook_resid_post", "blocks.0.attn.hook_z"], positions=positions, reduce=reduce,
+                batch_size=2, shard_size=3, max_shard_bytes=max_bytes, progress=False)
+    local = lp.extract(llava, questions, out=tmp_path / "local", **args)
+    custom = lp.extract(llava, questions, out=tmp_path / "custom", backend=Staging(), **args)
+    assert store_files_all(tmp_path / "custom") == store_files_all(tmp_path / "local")
+    assert len(local.records) == len(custom.records) > 1 and custom.complete
+    # resuming a store a local run began continues after its complete shards, byte for byte
+    lp.extract(llava, questions[:6], out=tmp_path / "resumed", **args)  # two complete shards
+    lp.extract(llava, questions, out=tmp_path / "resumed", backend=Staging(), **args)
+    assert store_files_all(tmp_path / "resumed") == store_files_all(tmp_path / "local")
+
+
+def test_executors_by_name_and_their_errors(llava, questions, tmp_path):
+    executors = lp.store.executors
+    assert executors.names()[:2] == ["local", "ray"]
+    executors.register(Staging())
+    try:
+        with pytest.raises(InputError, match=r"unknown backend 'dask'; expected one of \['local', 'ray', 'staging'\]"):
+            lp.extract(llava, questions, RESID, out=tmp_path / "a", backend="dask")
+        store = lp.extract(llava, questions[:4], RESID, out=tmp_path / "b", backend="staging", progress=False)
+        assert store.complete and len(store) == 4
+    finally:
+        executors.unregister("staging")
+    assert "staging" not in executors.names()
+    with pytest.raises(InputError, match=r"unknown backend 'spark'; expected one of \['local', 'ray'\]"):
+        lp.probing.sweep({"a": torch.zeros(4, 2)}, target=[0, 1, 0, 1], backend="spark")
+    with pytest.raises(InputError, match="ray_address='auto' needs backend='ray', got backend='staging'"):
+        lp.extract(llava, questions, RESID, out=tmp_path / "a", backend=Staging(), ray_address="auto")
+    with pytest.raises(InputError, match="is not a SweepExecutor"):
+        lp.probing.sweep({"a": torch.zeros(4, 2)}, target=[0, 1, 0, 1], backend=Staging())
+
+    class Lazy(Executor):  # commits the first shard only: the store is not marked complete
+        def run(self, plan, writer):
+            shard = next(cut_shards(plan, lambda batch: 0))
+            buffer = ShardBuffer(plan.capture)
+            add_batch(plan.model, plan.capture, shard, plan.dtype, buffer, writer.header["fingerprint"], "")
+            writer.write(buffer)
+            for _ in plan.examples:
+                pass
+
+    with pytest.raises(StoreError, match=r"backend 'Lazy' committed 2 of the dataset's 4 examples"):
+        lp.extract(llava, questions[:4], RESID, out=tmp_path / "c", backend=Lazy(), shard_size=2, progress=False)
+    assert not lp.ActivationStore.open(tmp_path / "c").complete
+    assert not (tmp_path / "a").exists()
+
+
+def test_custom_sweep_executor_object_gives_the_local_table():
+    class Reversed(SweepExecutor):  # fits the hooks last to first
+        def run(self, plan):
+            return [plan.job.rows(plan.features, hook) for hook in reversed(plan.hooks)][::-1]
+
+    generator = torch.Generator().manual_seed(0)
+    arrays = {f"blocks.{i}.hook_resid_post": torch.randn(40, 8, generator=generator) for i in range(3)}
+    labels = [i % 2 for i in range(40)]
+    kw = dict(control=False, n_boot=20, max_iter=50)
+    local = lp.probing.sweep(arrays, target=labels, **kw)
+    pd.testing.assert_frame_equal(lp.probing.sweep(arrays, target=labels, backend=Reversed(), **kw), local)
