@@ -11,6 +11,7 @@ from . import (
                      attribution,
                      bench,
                      circuits,
+                     distributed,  # registers the "ray" backends; imports no Ray
                      errors,
                      families,
                      interop,
@@ -32,16 +33,17 @@ from .errors import (
                      UnsupportedModelError,
 )
 from .inputs import Batch
+from .interop.loading import load
 from .layout import ImageGrid, ImageLayout, TokenLayout
-from .model import LVLM, load
+from .model import LVLM
 from .store import ActivationStore, extract
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # widgets (ipywidgets) and distributed (Ray) load on first use: neither costs an import otherwise.
-    if name in {"widgets", "distributed"}:
+    # widgets (ipywidgets) loads on first use: it costs no import otherwise.
+    if name == "widgets":
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -160,9 +160,9 @@ def attribute(
     from PIL import Image
 
     batch = lvlm.prepare(images=[Image.open(image).convert("RGB")], prompts=[prompt])
-    split = source_split(lvlm, batch, target, foil)
+    split = source_split(lvlm, batch, target, foil=foil)
     console.print(_table(split.shares().round(4), title="Source split"))
-    save_figure(image_map(lvlm, batch, target, foil, method=method).plot(0), out)
+    save_figure(image_map(lvlm, batch, target, foil=foil, method=method).plot(0), out)
     console.print(f"image map: {out}")
 
 
@@ -248,14 +248,10 @@ def _table(frame, title: str | None = None) -> Table:
 
 
 def _load(model: str, device: str | None, dtype: str | None):
-    import lvlm_probe as lp
+    from .zoo import from_name
 
     _quiet_transformers()
-    if model.startswith("tiny:"):
-        return lp.zoo.tiny(model.removeprefix("tiny:"), device=device, dtype=dtype)
-    if model in lp.zoo.checkpoints():
-        return lp.zoo.load(model, device=device, dtype=dtype)
-    return lp.load(model, device=device, dtype=dtype)
+    return from_name(model, device=device, dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from .answers import accuracy_by, ask, first_word
 from .chair import ChairResult, chair, load_synonyms, shapes_synonyms
 from .diagnosis import CAUSES, Diagnosis, diagnose
 from .misalignment import Misalignment, misalignment
-from .pope import (
+from .pope_benchmark import (
     PARSERS,
     LineProblem,
     PopeResult,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,25 @@ def load_synonyms(path: str | os.PathLike, plurals: bool = True) -> dict[str, st
                                  f"{where[name]} maps it to {table[name]!r}; expected each name once")
             table[name], where[name] = names[0], number
     return table
+
+
+def _check_synonyms(synonyms: Any) -> None:
+    """A synonym table given as a mapping must map words to categories, both strings.
+
+    Raises:
+        InputError: for anything else, with the offending entry (e.g. a table the other way round,
+            category -> list of words, which is how the reference file reads).
+    """
+    expected = ("expected a mapping word or phrase -> category, both strings (e.g. {'hearts': 'heart'}); "
+                "for a table of category -> synonyms, write it in the CHAIR reference format (one "
+                "category per line, its synonyms after it, comma-separated) and pass its path or read "
+                "it with lp.bench.load_synonyms")
+    if not callable(getattr(synonyms, "items", None)):  # what the table is read through
+        raise InputError(f"synonyms is a {type(synonyms).__name__}; {expected}")
+    for word, category in synonyms.items():
+        if not isinstance(word, str) or not isinstance(category, str):
+            raise InputError(f"synonyms maps {word!r} ({type(word).__name__}) to a {type(category).__name__} "
+                             f"({reprlib.repr(category)}); {expected}")
 
 
 def _truth_set(truth: Any, synonyms: Mapping[str, str]) -> set[str]:
@@ -158,7 +178,8 @@ def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str,
         A :class:`ChairResult`.
 
     Raises:
-        InputError: for lists of different lengths, an empty list, or a caption that is not a string.
+        InputError: for lists of different lengths, an empty list, a caption that is not a string,
+            or a synonym table that does not map strings to strings.
 
     Example:
         >>> r = lp.bench.chair(["A red heart and a blue star."], [["heart"]])
@@ -167,6 +188,8 @@ def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str,
     """
     if isinstance(synonyms, (str, os.PathLike)):
         synonyms = load_synonyms(synonyms)
+    elif synonyms is not None:
+        _check_synonyms(synonyms)
     # keys as captions are split: lowercase words separated by single spaces
     table = shapes_synonyms() if synonyms is None else {" ".join(k.lower().split()): v for k, v in synonyms.items()}
     if len(captions) != len(truths):

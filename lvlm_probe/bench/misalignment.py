@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,13 +26,11 @@ from ..errors import InputError
 from ..worlds.evaluation import CAPTION_PROMPT
 from .answers import first_word
 from .chair import chair
-from .pope import metrics_table
+from .diagnosis import default_probe_world
+from .diagnosis import diagnose as run_diagnosis
+from .pope_benchmark import metrics_table
 from .stages import Stages
-
-
-def scene_key(scene) -> str:
-    """A short stable id of a scene graph (equal scenes, equal keys), for splits by scene."""
-    return hashlib.sha1(json.dumps(scene.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+from .tables import records, scene_key
 
 
 def answer_questions(model, questions: Sequence[Any], *, batch_size: int = 32, max_new_tokens: int = 3,
@@ -65,7 +62,8 @@ def answer_questions(model, questions: Sequence[Any], *, batch_size: int = 32, m
         batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
         outputs = model.generate(batch, max_new_tokens=max_new_tokens)
         said = [first_word(o) for o in outputs]
-        ids = model.answer_token_ids(batch, [[s or q.answer, q.answer] for s, q in zip(said, chunk)])
+        # a generated word is scored by its first token: the one the model chose at the answer position
+        ids = model.answer_token_ids(batch, [[s or q.answer, q.answer] for s, q in zip(said, chunk)], first_token=True)
         with torch.no_grad():
             probs = model.forward(batch).logits[:, -1].float().softmax(-1)
         p = probs.gather(1, ids).cpu().numpy()
@@ -161,15 +159,6 @@ class Misalignment:
         return out
 
 
-def records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as dicts of plain Python values (NaN as None), for JSON."""
-    out = []
-    for row in table.to_dict("records"):
-        out.append({k: (None if isinstance(v, float) and np.isnan(v) else
-                        v.item() if isinstance(v, np.generic) else v) for k, v in row.items()})
-    return out
-
-
 def run_settings(model, world_or_folder: Any, **counts: Any) -> dict[str, Any]:
     """What a run's results depend on: the model's fingerprint, the world's configuration (or the
     export folder and a digest of its question file) and the counts."""
@@ -236,8 +225,6 @@ def misalignment(model, world_or_folder: Any, *, n: int = 60, captions: int = 30
             raise InputError(f"{name} must be a positive int, got {value!r}")
     if isinstance(captions, bool) or not isinstance(captions, int) or captions < 0:
         raise InputError(f"captions must be a non-negative int, got {captions!r}")
-    from .diagnosis import default_probe_world
-    from .diagnosis import diagnose as run_diagnosis  # diagnosis imports this module
 
     questions, world = _questions(world_or_folder, n)
     probe_world = probe_world or (default_probe_world(world, questions) if diagnose else None)

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from ..attribution.groups import repeat_inputs
 from ..errors import InputError
-from ..hooks import positions as P
 from ..hooks.names import HookPoint
 from ..hooks.patching import editing, writable_points
+from ..hooks.positions import check as check_selector
+from ..hooks.positions import resolve
 from .metrics import Metric, Scorer, check_pair, normalise, scorer
 
 DEFAULT_POSITIONS = ("image", "prompt", "template", "last")
@@ -78,10 +79,10 @@ def position_masks(batch, positions: Any) -> list[tuple[str, Tensor]]:
                 token = batch.layouts[0].tokens[int(valid[0][-back])].replace("Ġ", " ").strip()
                 out.append((f"{-back} {token}", mask))
             continue
-        P.check(entry, "none")
+        check_selector(entry, "none")
         mask = torch.zeros(n, length, dtype=torch.bool)
         for i, layout in enumerate(batch.layouts):
-            mask[i, P.resolve(entry, layout, i)] = True
+            mask[i, resolve(entry, layout, i)] = True
         label = entry if isinstance(entry, str) else getattr(entry, "__name__", "custom")
         out.append((label, mask))
     return out

@@ -40,8 +40,9 @@ from torch import Tensor
 
 from ..errors import InputError, LVLMProbeError
 from . import attention, values
-from . import positions as P
 from .names import HookPoint, expand, hook_points, pattern_regex
+from .positions import Selector, gather, needs_layout, reduce_kept, resolve_batch
+from .positions import check as check_selector
 
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("lvlm_probe_running_batch", default=None)
 
@@ -65,7 +66,7 @@ class ActivationCache:
     see :meth:`calls`.
     """
 
-    def __init__(self, positions: P.Selector = "all", reduce: str = "none"):
+    def __init__(self, positions: Selector = "all", reduce: str = "none"):
         self.selector, self.reduce = positions, reduce
         self._calls: dict[str, list[Tensor]] = {}
         self._positions: list[Tensor | None] = []  # per forward pass that resolved positions
@@ -143,13 +144,13 @@ class Capture:
     """
 
     def __init__(
-        self, model: Any, names: str | list[str], positions: P.Selector = "all", reduce: str = "none"
+        self, model: Any, names: str | list[str], positions: Selector = "all", reduce: str = "none"
     ):
-        P.check(positions, reduce)
+        check_selector(positions, reduce)
         points = hook_points(model)
         self.points = [points[n] for n in expand(names, list(points))]
         outside = [p.name for p in self.points if p.space != "lm"]
-        if outside and P.needs_layout(positions, reduce):
+        if outside and needs_layout(positions, reduce):
             raise InputError(
                 f"{outside[:3]} are not in the token sequence, so they are captured whole; got "
                 f"positions={positions!r}, reduce={reduce!r}; capture them in a separate "
@@ -236,7 +237,7 @@ class Capture:
         value = values.as_sequence(point, value.detach(), self._seq_shape)
         pos = self._batch_positions() if point.space == "lm" else None
         if pos is not None:
-            value = P.gather(value, pos, length=self._resolved[0].input_ids.shape[1])
+            value = gather(value, pos, length=self._resolved[0].input_ids.shape[1])
         elif point.kind != "attention" and point.transform not in ("result", "normalized"):
             # a whole tensor still shares memory with the model's; copy it so in-place updates
             # later in the forward pass cannot change what was captured (gather and the two
@@ -244,14 +245,14 @@ class Capture:
             value = value.clone()
         value = values.finish(self.model, point, value)
         if pos is not None:
-            value = P.reduce_kept(value, pos, self.reduce)
+            value = reduce_kept(value, pos, self.reduce)
         if point.kind == "attention" and value.ndim == 4:
             # back to [batch, head, query, key]; a reduction over queries leaves [batch, head, key]
             value = rearrange(value, "b q h k -> b h q k")
         self.cache._calls.setdefault(point.name, []).append(value)
 
     def _batch_positions(self) -> Tensor | None:
-        if not P.needs_layout(self.positions, self.reduce):
+        if not needs_layout(self.positions, self.reduce):
             return None
         batch = _RUNNING.get()
         if batch is None:
@@ -261,6 +262,6 @@ class Capture:
                 "model.generate(batch) inside the capture, or capture with positions='all', reduce='none'"
             )
         if self._resolved is None or self._resolved[0] is not batch:
-            self._resolved = (batch, P.resolve_batch(self.positions, batch.layouts))
+            self._resolved = (batch, resolve_batch(self.positions, batch.layouts))
             self.cache._positions.append(self._resolved[1])
         return self._resolved[1]

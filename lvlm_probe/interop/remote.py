@@ -35,9 +35,9 @@ import torch
 import transformers
 
 from .. import families
-from ..errors import InputError, LVLMProbeError
+from ..errors import InputError, LVLMProbeError, ModelLoadError
 from ..hooks import Capture, running
-from ..model import LVLM, ModelLoadError
+from ..model import LVLM
 
 TASK = "image-text-to-text"  # the nnsight/transformers task of every supported family
 

@@ -12,14 +12,15 @@ Output folder::
 
 With ``backend: ray`` (and optionally ``ray_address:``) in the definition, the extractions and the
 probes run as Ray tasks inside one Ray session (see :mod:`lvlm_probe.distributed`); the folder's
-contents are the same as a local run's, so a run may resume on the other backend.
+contents are the same as a local run's, so a run may resume on the other backend. Any backend
+registered both for extraction (:data:`lvlm_probe.store.executor.executors`) and for sweeps
+(:data:`lvlm_probe.probing.sweep.sweep_executors`) may be named.
 
 A run killed at any moment and started again resumes: the stores continue after their last
 complete shard, and targets whose part exists are not probed again.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ..hooks.names import expand
 from ..probing.sweep import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
 from ..store import extract
 from ..viz import save_figure
-from .sweep_config import FolderData, SweepConfig, load_config
+from .sweep_config import FolderData, SweepConfig, check_backend, load_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # image-vs-text alignment metrics a definition may ask for
@@ -83,15 +84,9 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
-    from ..distributed.options import check_backend  # no Ray import unless backend is "ray"
-
-    check_backend(config.backend, config.ray_address)  # before any data is built
-    with contextlib.ExitStack() as stack:
-        if config.backend == "ray":
-            from ..distributed.runtime import session
-
-            # one Ray session for every extraction and sweep of the run
-            stack.enter_context(session(config.ray_address))
+    executor, _, options = check_backend(config.backend, config.ray_address)  # before any data is built
+    # one session (with Ray: one Ray session) for every extraction and sweep of the run
+    with executor.session(options):
         return _run(config, model, progress)
 
 
@@ -172,12 +167,9 @@ def _claim(out: Path, config: SweepConfig) -> None:
 
 
 def _load(config: SweepConfig):
-    from .. import zoo
-    from ..model import load
+    from ..zoo import from_name
 
-    if config.model in zoo.checkpoints():
-        return zoo.load(config.model, device=config.device, dtype=config.dtype)
-    return load(config.model, device=config.device, dtype=config.dtype)
+    return from_name(config.model, device=config.device, dtype=config.dtype)
 
 
 def _datasets(config: SweepConfig) -> tuple[list[dict], list[dict] | None]:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
-from . import sampling as S
-from . import text
+from . import sampling, text
 
 # The prompt of image rows: the reference model's caption instruction, which names no concept.
 NEUTRAL_PROMPT = "Describe the image."
@@ -56,8 +55,8 @@ def concept_rows(
         raise InputError(f"unknown split {split!r}; expected train, typical or counterfactual")
     cfg, rows = world.config, []
     for k in range(int(n)):
-        rng = S.stream(cfg, CONCEPTS, S.split_id(split), objects, k)
-        scene = S.sample_scene(rng, cfg, split, min_objects=objects, max_objects=objects)
+        rng = sampling.stream(cfg, CONCEPTS, sampling.split_id(split), objects, k)
+        scene = sampling.sample_scene(rng, cfg, split, min_objects=objects, max_objects=objects)
         first = scene.objects[0]
         scene_id = f"s{cfg.seed}-{split}-concept{objects}-{k}"
         rows.append({

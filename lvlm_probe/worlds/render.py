@@ -11,7 +11,7 @@ from functools import cache, lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scene import Obj, Scene, check_image_size
+from .objects import Obj, check_image_size
 from .vocab import PALETTE
 
 SUPERSAMPLE = 4
@@ -89,29 +89,33 @@ def polygon(obj: Obj, scale: float) -> list[tuple[float, float]]:
     return [(cx + px * hw, cy + py * hh) for px, py in outline(obj.shape)]
 
 
-def render_scene(scene: Scene, size: int | None = None) -> Image.Image:
-    """Render ``scene`` at ``size`` x ``size`` pixels (default: its own ``image_size``).
+def render_objects(objects: tuple[Obj, ...], image_size: int, background: str = "white",
+                   size: int | None = None) -> Image.Image:
+    """Render objects on a plain background (what :meth:`Scene.render
+    <lvlm_probe.worlds.scene.Scene.render>` draws).
 
     Args:
-        scene: the scene graph.
-        size: output side in pixels.
+        objects: the objects, drawn in order (later ones on top).
+        image_size: the side in pixels that the objects' bounding boxes refer to.
+        background: the background colour name.
+        size: output side in pixels (default: ``image_size``); bounding boxes scale.
 
     Returns:
-        An RGB PIL image. The same scene and size always give identical pixels.
+        An RGB PIL image. The same objects and size always give identical pixels.
 
     Raises:
         InputError: for a size outside [32, 1024].
     """
-    size = scene.image_size if size is None else check_image_size(size, "size")
-    return _render(scene, size).copy()  # a copy, so callers cannot alter the cached image
+    size = image_size if size is None else check_image_size(size, "size")
+    return _render(objects, image_size, background, size).copy()  # a copy, so callers cannot alter the cached image
 
 
 @lru_cache(maxsize=64)
-def _render(scene: Scene, size: int) -> Image.Image:
+def _render(objects: tuple[Obj, ...], image_size: int, background: str, size: int) -> Image.Image:
     big = size * SUPERSAMPLE
-    canvas = Image.new("RGB", (big, big), PALETTE[scene.background])
+    canvas = Image.new("RGB", (big, big), PALETTE[background])
     draw = ImageDraw.Draw(canvas)
-    scale = big / scene.image_size
-    for obj in scene.objects:
+    scale = big / image_size
+    for obj in objects:
         draw.polygon(polygon(obj, scale), fill=PALETTE[obj.color])
     return canvas.resize((size, size), Image.Resampling.BOX)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import InputError
+from .objects import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Obj, check_image_size
+from .render import render_objects
 from .vocab import RELATIONS
 
 GRID = 3
@@ -19,66 +21,6 @@ GRID = 3
 JITTER = 0.035
 HALF_EXTENT = {"small": 0.07, "large": 0.12}
 RELATION_MARGIN = 0.15
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
-
-
-def check_image_size(size: Any, name: str = "image_size") -> int:
-    """Validate an image side length in pixels.
-
-    Raises:
-        InputError: unless ``size`` is an int in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE].
-    """
-    if (
-        isinstance(size, bool)
-        or not isinstance(size, int)
-        or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
-    ):
-        raise InputError(
-            f"{name} must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (smaller images cannot draw "
-            f"a small object recognisably), got {size!r}"
-        )
-    return size
-
-
-@dataclass(frozen=True)
-class Obj:
-    """One object of a scene.
-
-    Attributes:
-        shape: a shape name, e.g. ``"heart"``.
-        color: a colour name, e.g. ``"red"``.
-        size: ``"small"`` or ``"large"``.
-        bbox: ``(x0, y0, x1, y1)`` in pixels of the scene's ``image_size``; the shape fills it.
-    """
-
-    shape: str
-    color: str
-    size: str
-    bbox: tuple[float, float, float, float]
-
-    @property
-    def center(self) -> tuple[float, float]:
-        """``(x, y)`` centre of the bounding box, in pixels."""
-        x0, y0, x1, y1 = self.bbox
-        return (x0 + x1) / 2, (y0 + y1) / 2
-
-    def phrase(self) -> str:
-        """``"a small red heart"``."""
-        return f"a {self.size} {self.color} {self.shape}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "shape": self.shape,
-            "color": self.color,
-            "size": self.size,
-            "bbox": list(self.bbox),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Obj:
-        return cls(d["shape"], d["color"], d["size"], tuple(float(v) for v in d["bbox"]))
-
-
 @dataclass(frozen=True)
 class Scene:
     """A scene graph: objects on a plain background (sampled scenes list them in reading order).
@@ -166,9 +108,7 @@ class Scene:
         Raises:
             InputError: for a size out of range.
         """
-        from .render import render_scene  # render imports this module
-
-        return render_scene(self, size)
+        return render_objects(self.objects, self.image_size, self.background, size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +153,8 @@ __all__ = [
     "GRID",
     "HALF_EXTENT",
     "JITTER",
+    "MAX_IMAGE_SIZE",
+    "MIN_IMAGE_SIZE",
     "RELATION_MARGIN",
     "Obj",
     "Scene",

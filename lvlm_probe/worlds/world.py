@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from . import sampling as S
-from . import text
+from . import sampling, text
 from .concepts import NEUTRAL_PROMPT, concept_rows
 from .config import make_config
 from .export import export as export_questions
@@ -123,7 +122,7 @@ class ShapesWorld:
 
     def shape_frequencies(self) -> dict[str, float]:
         """Fraction of training scenes containing each shape (estimated once on 20,000 scenes)."""
-        return S.shape_frequencies(self.config)
+        return sampling.shape_frequencies(self.config)
 
     def popularity(self) -> list[str]:
         """Shapes from most to least frequent in training scenes (POPE's "popular" order)."""
@@ -143,8 +142,8 @@ class ShapesWorld:
         """
         n, split = _count(n), _member(split, SPLITS, "split")
         return [
-            S.sample_scene(
-                S.stream(self.config, S.SCENES, S.split_id(split), k), self.config, split
+            sampling.sample_scene(
+                sampling.stream(self.config, sampling.SCENES, sampling.split_id(split), k), self.config, split
             )
             for k in range(n)
         ]
@@ -232,10 +231,10 @@ class ShapesWorld:
         kinds = KINDS[level] if kind is None else (kind,)
         kind_id = 0 if kind is None else 1 + KINDS[level].index(kind)
         tag = f"s{self.config.seed}-{split}-{level}-{pope or kind or 'mix'}"
-        ids = (S.level_id(level), S.split_id(split), S.pope_id(pope), kind_id)
+        ids = (sampling.level_id(level), sampling.split_id(split), sampling.pope_id(pope), kind_id)
         out = []
         for k in range(n):
-            rng = S.stream(self.config, S.QUESTIONS, *ids, k)
+            rng = sampling.stream(self.config, sampling.QUESTIONS, *ids, k)
             positive = (k // len(kinds)) % 2 == 0
             out.append(
                 build_question(
@@ -294,7 +293,7 @@ class ShapesWorld:
             raise InputError("mix must hold at least one task this world can ask, got none")
         out = []
         for k in range(start, start + n):
-            rng = S.stream(self.config, S.TRAINING, k)
+            rng = sampling.stream(self.config, sampling.TRAINING, k)
             level, kind, pope = mix[int(rng.integers(len(mix)))]
             positive = bool(rng.random() < 0.5)
             out.append(
@@ -345,7 +344,7 @@ class ShapesWorld:
         build = BUILDERS[change]
         return [
             build(
-                S.stream(self.config, S.PAIRS, CHANGES.index(change), S.split_id(split), k),
+                sampling.stream(self.config, sampling.PAIRS, CHANGES.index(change), sampling.split_id(split), k),
                 self.config,
                 split,
                 f"s{self.config.seed}-{split}-pair-{change}-{k}",

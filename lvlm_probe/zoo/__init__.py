@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 from ..model import LVLM
 from ..model import load as load_model
 from .tiny import available as tiny_families
@@ -72,4 +72,53 @@ def tiny(
     return load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-__all__ = ["tiny", "tiny_families", "load", "checkpoints", "checkpoint_dir"]
+TINY_PREFIX = "tiny:"
+
+
+def from_name(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LVLM:
+    """The model a name on the command line or in a sweep definition stands for.
+
+    The rule, in order: ``tiny:<family>`` is :func:`tiny` of that family; a shipped checkpoint's
+    name (:func:`checkpoints`, e.g. ``"shapes-llava"``) is :func:`load` of it, even where a folder
+    of that name exists; anything else is a local folder in HF format or a hub id, read by
+    :func:`lvlm_probe.load`.
+
+    Args:
+        name: ``"tiny:llava"``, ``"shapes-llava"``, ``"llava-hf/llava-1.5-7b-hf"``, ``"path/to/dir"``.
+        device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
+
+    Returns:
+        An :class:`~lvlm_probe.LVLM` in eval mode.
+
+    Raises:
+        UnsupportedModelError: ``tiny:`` with a family that has no tiny model, or a checkpoint of
+            an unsupported class.
+        ModelLoadError: a name that is none of the above (the message lists the shipped
+            checkpoints and the ``tiny:`` families).
+
+    Example:
+        >>> model = lp.zoo.from_name("tiny:qwen2_vl", device="cpu")
+        >>> model = lp.zoo.from_name("shapes-llava")
+    """
+    if name.startswith(TINY_PREFIX):
+        return tiny(name.removeprefix(TINY_PREFIX), device=device, dtype=dtype)
+    if name in checkpoints():
+        return load(name, device=device, dtype=dtype)
+    try:
+        return load_model(name, device=device, dtype=dtype)
+    except ModelLoadError as err:
+        raise ModelLoadError(
+            f"cannot load a model named {name!r}: expected a shipped checkpoint "
+            f"({', '.join(checkpoints()) or 'none shipped'}), {TINY_PREFIX}<family> "
+            f"(one of {', '.join(TINY_PREFIX + f for f in tiny_families())}), a local folder in "
+            f"Hugging Face format or a hub id ({err})"
+        ) from err
+
+
+__all__ = ["tiny", "tiny_families", "load", "from_name", "checkpoints", "checkpoint_dir"]

@@ -10,7 +10,7 @@ import pytest
 import lvlm_probe as lp
 from lvlm_probe.bench import CAUSES, chair, pope_metrics
 from lvlm_probe.bench.diagnosis import default_probe_world, probe_questions
-from lvlm_probe.bench.misalignment import scene_key
+from lvlm_probe.bench.tables import scene_key
 from lvlm_probe.errors import InputError
 
 pytestmark = pytest.mark.skipif("shapes-llava" not in lp.zoo.checkpoints(),

@@ -105,3 +105,13 @@ def test_what_a_remote_model_refuses(remote_model, batch):
         remote_model.forward(batch[1], grad=True)
     with pytest.raises(lp.InputError, match="remote must be True, False, 'local' or an https:// host URL"):
         lp.load(HUB_ID, backend="nnsight", remote="ndif")
+
+
+def test_lp_load_adds_the_nnsight_backend_to_the_local_loader(path):
+    from lvlm_probe.interop.loading import load
+    from lvlm_probe.model import load as load_local
+
+    assert lp.load is load
+    local, through = load_local(path, device="cpu"), lp.load(path, device="cpu")
+    assert type(local) is type(through) is lp.LVLM and local.source == through.source
+    assert all(torch.equal(a, b) for a, b in zip(local.hf.state_dict().values(), through.hf.state_dict().values()))

@@ -70,6 +70,21 @@ def test_conflicting_synonyms_and_bad_input(tmp_path):
     assert math.isnan(r.chair_i) and r.chair_s == 0.0
 
 
+def test_a_synonym_table_the_wrong_way_round_is_refused_up_front():
+    # category -> list of words (how the reference file reads) instead of word -> category
+    with pytest.raises(InputError) as caught:
+        chair(["a circle"], [["circle"]], synonyms={"shape": ["circle", "square"]})
+    message = str(caught.value)
+    assert "synonyms maps 'shape' (str) to a list (['circle', 'square'])" in message
+    assert "expected a mapping word or phrase -> category, both strings" in message
+    assert "pass its path or read it with lp.bench.load_synonyms" in message
+    with pytest.raises(InputError, match=r"synonyms maps 3 \(int\) to a str \('three'\)"):
+        chair(["a circle"], [["circle"]], synonyms={3: "three"})
+    with pytest.raises(InputError, match="synonyms is a list; expected a mapping"):
+        chair(["a circle"], [["circle"]], synonyms=["circle"])
+    assert chair(["a disc"], [["circle"]], synonyms={"disc": "circle"}).chair_i == 0.0
+
+
 def test_builtin_table_covers_every_shape_and_plural():
     table = shapes_synonyms()
     for shape in ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon"):

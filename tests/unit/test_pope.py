@@ -1,14 +1,16 @@
 """POPE: the official answer parser, its metrics, and question files with malformed lines."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import types
 
 import pytest
 from PIL import Image
 
 from lvlm_probe.bench import pope_answer, pope_metrics, read_questions
-from lvlm_probe.bench.pope import first_word_answer, metrics_table
+from lvlm_probe.bench.pope_benchmark import first_word_answer, metrics_table
 from lvlm_probe.errors import InputError, LVLMProbeError
 
 
@@ -159,3 +161,14 @@ def test_a_parser_must_answer_yes_or_no():
     with pytest.raises(InputError, match=r"turned answers\[0\] 'Yes' into 'YES'; a parser must return"):
         pope_metrics(["yes"], ["Yes"], parser=str.upper)
     assert pope_metrics(["yes", "no"], ["Yes", "nah"], parser="first_word")["accuracy"] == 1.0
+
+
+def test_the_pope_module_is_not_shadowed_by_the_pope_function():
+    # The package attribute `pope` is the function; the module that defines it has its own name,
+    # so importing the module by its dotted name gives the module.
+    import lvlm_probe as lp
+
+    module = importlib.import_module("lvlm_probe.bench.pope_benchmark")
+    assert isinstance(module, types.ModuleType)
+    assert isinstance(lp.bench.pope, types.FunctionType) and lp.bench.pope is module.pope
+    assert isinstance(lp.bench.pope_benchmark, types.ModuleType)
