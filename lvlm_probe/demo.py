@@ -60,7 +60,7 @@ def family_report(family: str, prompt: str, device=None) -> FamilyReport:
     model = zoo.tiny(family, device=device)
     batch = model.prepare(images=[sample_image()], prompts=[prompt])
     layout = batch.layouts[0]
-    p_yes = model.answer_logprobs(batch, ["yes", "no"]).softmax(-1)[0, 0].item()
+    p_yes = model.answer_logprobs(batch, ["yes", "no"], first_token=True).softmax(-1)[0, 0].item()
     return FamilyReport(
         family=family, hf_class=type(model.hf).__name__, summary=model.summary(),
         counts={g: len(layout.positions(g)) for g in ("image", "prompt", "template")},

@@ -7,6 +7,7 @@ unchanged, and answers the questions a probe asks of it (next-token log-probabil
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -238,19 +239,45 @@ class LVLM:
         new = out[:, batch.input_ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def answer_token_ids(self, batch: Batch, answers: list[str | int] | list[list[str | int]]) -> Tensor:
-        """Token id that starts each answer after each example's text: ``[batch, n_answers]``.
+    def answer_token_ids(self, batch: Batch, answers: list[str | int] | list[list[str | int]], *,
+                         first_token: bool | None = None) -> Tensor:
+        """Token id of each answer after each example's text: ``[batch, n_answers]``.
 
-        An answer string is tokenized as it would continue the text the model sees (with a leading
-        space when that text does not end in whitespace), and its first token is kept; an int
-        is taken as a token id. ``answers`` is one list for the whole batch or one list per example.
+        Each answer is turned into its id by :meth:`answer_token` (an int is a token id; a string is
+        tokenized as it would continue the text the model sees). ``answers`` is one list for the
+        whole batch or one list per example.
+
+        Args:
+            batch: from :meth:`prepare`.
+            answers: the answers, one list for the batch or one per example.
+            first_token: True scores a string of several tokens by its first token; False raises
+                for one. Not given: its first token, with a ``DeprecationWarning`` (the default
+                becomes False in the next release).
+
+        Raises:
+            InputError: for no answers, answers for another number of examples, an answer that is
+                not a non-empty string or a token id in the vocabulary, or (``first_token=False``)
+                an answer of several tokens.
+
+        Example:
+            >>> model.answer_token_ids(batch, ["yes", "no"])            # one token each
+            >>> model.answer_token_ids(batch, said, first_token=True)  # generated words: first token
         """
         if not answers:
             raise InputError("answers is empty; expected e.g. ['yes', 'no']")
         per_example = answers if isinstance(answers[0], (list, tuple)) else [answers] * len(batch)
         if len(per_example) != len(batch):
             raise InputError(f"got answers for {len(per_example)} examples, the batch has {len(batch)}")
-        rows = [[self._first_token(batch, i, a) for a in row] for i, row in enumerate(per_example)]
+        rows = [[self.answer_token(batch, i, a, first_token=first_token is not False) for a in row]
+                for i, row in enumerate(per_example)]
+        if first_token is None:
+            several = sorted({a for i, row in enumerate(per_example) for a in row if isinstance(a, str)
+                              and len(self.continuation_tokens(batch, i, a)) > 1})
+            if several:
+                warnings.warn(f"answer_token_ids: {several} are several tokens each; their first token "
+                              "is scored. Pass first_token=True to keep this, or first_token=False to "
+                              "raise InputError instead (the default in the next release)",
+                              DeprecationWarning, stacklevel=2)
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def continuation_tokens(self, batch: Batch, i: int, answer: str) -> list[int]:
@@ -277,27 +304,61 @@ class LVLM:
         tail = batch.input_ids[i, valid[-n_tokens:]].tolist()
         return self.tokenizer.decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _first_token(self, batch: Batch, i: int, answer: str | int) -> int:
-        if isinstance(answer, int):
+    def answer_token(self, batch: Batch, i: int, answer: str | int, *, first_token: bool = False,
+                     what: str = "answer") -> int:
+        """The token id that scores ``answer`` after example ``i``'s text: the one rule by which
+        lvlm_probe turns an answer into a token (targets and foils of attribution methods, answers
+        of :meth:`answer_token_ids`).
+
+        An int is a token id. A string is tokenized as it continues the text the model sees
+        (:meth:`continuation_tokens`) and must add exactly one token, unless ``first_token`` asks
+        explicitly for the first of several.
+
+        Args:
+            batch, i: the batch and the example whose text the answer continues.
+            answer: a non-empty string or a token id.
+            first_token: score an answer of several tokens by its first token instead of raising.
+            what: the answer's role, for error messages (``"target"``, ``"foil"``, ...).
+
+        Raises:
+            InputError: for an answer that is neither, a token id outside the vocabulary, a string
+                that adds no token, or one that adds several without ``first_token=True``.
+        """
+        if isinstance(answer, int) and not isinstance(answer, bool):
             if not 0 <= answer < self.d_vocab:
-                raise InputError(f"answer token id {answer} is outside the vocabulary [0, {self.d_vocab})")
+                raise InputError(f"example {i}: {what} token id {answer} is outside the vocabulary "
+                                 f"[0, {self.d_vocab})")
             return answer
         if not isinstance(answer, str) or not answer.strip():
-            raise InputError(f"an answer must be a non-empty string or a token id, got {answer!r}")
+            raise InputError(f"example {i}: {what} must be a non-empty string or a token id, got {answer!r}")
         tokens = self.continuation_tokens(batch, i, answer)
         if not tokens:
-            raise InputError(f"answer {answer!r} adds no token to the prompt text")
+            raise InputError(f"example {i}: {what} {answer!r} adds no token to the prompt text")
+        if len(tokens) > 1 and not first_token:
+            pieces = self.tokenizer.convert_ids_to_tokens(tokens)
+            words = answer.split()
+            hint = f"score its first word, {words[0]!r}, " if len(words) > 1 else ""
+            raise InputError(f"example {i}: {what} {answer!r} is {len(tokens)} tokens {pieces} after the "
+                             f"prompt; one token is required ({hint}pass a token id, e.g. {tokens[0]} for "
+                             f"{pieces[0]!r}, or ask explicitly for its first token where offered: "
+                             "first_token=True)")
         return tokens[0]
 
     def answer_logprobs(
-        self, batch: Batch, answers: list[str | int] | list[list[str | int]]
+        self, batch: Batch, answers: list[str | int] | list[list[str | int]], *, first_token: bool | None = None
     ) -> Float[Tensor, "batch n_answers"]:
-        """Next-token log-probabilities of each answer's first token at the last position.
+        """Next-token log-probabilities of each answer's token at the last position.
+
+        Args:
+            batch: from :meth:`prepare`.
+            answers: as in :meth:`answer_token_ids`.
+            first_token: as in :meth:`answer_token_ids` (score an answer of several tokens by its
+                first token, or raise for one).
 
         Returns:
             ``[batch, n_answers]`` log-probabilities (float32).
         """
-        ids = self.answer_token_ids(batch, answers)
+        ids = self.answer_token_ids(batch, answers, first_token=first_token)
         logits = self.forward(batch).logits[:, -1].float()
         return torch.log_softmax(logits, dim=-1).gather(1, ids)
 
@@ -398,9 +459,6 @@ def input_device(placement: dict[str, Any]) -> torch.device:
     return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
 
 
-BACKENDS = ("transformers", "nnsight")
-
-
 def load(
     name_or_path: str | Path,
     *,
@@ -410,11 +468,12 @@ def load(
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
-    backend: str = "transformers",
-    remote: bool | str = False,
     **hf_kwargs: Any,
 ) -> LVLM:
-    """Load a supported vision-language model and its processor.
+    """Load a supported vision-language model and its processor, to run here with transformers.
+
+    :func:`lvlm_probe.load` takes the same arguments and also ``backend="nnsight"`` (models run
+    through nnsight, e.g. on NDIF); it calls this function for the default backend.
 
     Args:
         name_or_path: a Hugging Face hub id or a local directory in HF format (works offline
@@ -430,43 +489,24 @@ def load(
             attribution gather values across the devices.
         max_memory: with ``device_map``, the memory each device may use, e.g.
             ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
-        backend: ``"transformers"`` (default, the model runs here) or ``"nnsight"`` (see
-            ``remote``).
-        remote: with ``backend="nnsight"``: True runs every forward pass on NDIF (the model is
-            never downloaded; only its config and processor), ``"local"`` runs the same
-            serialized request in this process (a dry run), a URL string names another NDIF host.
-            Returns a :class:`~lvlm_probe.interop.RemoteLVLM`.
         **hf_kwargs: passed to ``from_pretrained`` (e.g. ``revision``, ``offload_folder``).
 
     Returns:
-        An :class:`LVLM` in eval mode (a :class:`~lvlm_probe.interop.RemoteLVLM` with
-        ``backend="nnsight"``).
+        An :class:`LVLM` in eval mode.
 
     Raises:
         UnsupportedModelError: the checkpoint's class has no adapter (names the supported ones).
         ModelLoadError: the checkpoint cannot be read.
-        InputError: an unknown backend, ``remote`` without ``backend="nnsight"``, or
-            ``max_memory`` without ``device_map``.
+        InputError: ``max_memory`` without ``device_map``.
 
     Example:
         >>> model = lp.load("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
         >>> big = lp.load("Qwen/Qwen2-VL-72B-Instruct", dtype="bfloat16", device_map="auto",
         ...               max_memory={i: "70GiB" for i in range(4)})
-        >>> remote = lp.load("llava-hf/llava-1.5-7b-hf", backend="nnsight", remote=True)
     """
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    if remote is not False and backend != "nnsight":
-        raise InputError(f"remote={remote!r} needs backend='nnsight', got backend={backend!r}")
     if max_memory is not None and device_map is None:
         raise InputError(f"max_memory={max_memory!r} needs a device_map (e.g. device_map='auto')")
     torch_dtype = resolve_dtype(dtype)
-    if backend == "nnsight":
-        from .interop.remote import load_nnsight
-
-        return load_nnsight(str(name_or_path), dtype=torch_dtype, remote=remote,
-                            trust_remote_code=trust_remote_code, device=device,
-                            attn_implementation=attn_implementation, **hf_kwargs)
     if device_map is not None:
         hf_kwargs["device_map"] = device_map
     if max_memory is not None:

@@ -23,9 +23,10 @@ Example:
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
-import ipywidgets as W
+import ipywidgets
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -52,16 +53,19 @@ class Explorer:
     def __init__(self, snap: Snapshot):
         self.snapshot = snap
         last = max(i for i, g in enumerate(snap.groups) if g != "pad")
-        self.layer = W.IntSlider(value=snap.n_layers - 1, min=0, max=snap.n_layers - 1, description="layer",
-                                 continuous_update=False)
-        self.head = W.Dropdown(options=[("all heads", ALL_HEADS)] + [(f"head {h}", h) for h in range(snap.n_heads)],
-                               value=ALL_HEADS, description="head")
-        self.position = W.Dropdown(options=[(f"{p}: {_clean(t)} ({g})", p) for p, (t, g)
-                                            in enumerate(zip(snap.tokens, snap.groups)) if g != "pad"],
-                                   value=last, description="query")
-        self.mode = W.ToggleButtons(options=MODES, value=MODES[0], description="image")
-        self.image = W.Image(format="png")
-        self.widget = W.VBox([W.HBox([self.layer, self.head]), W.HBox([self.position, self.mode]), self.image])
+        self.layer = ipywidgets.IntSlider(value=snap.n_layers - 1, min=0, max=snap.n_layers - 1,
+                                          description="layer", continuous_update=False)
+        self.head = ipywidgets.Dropdown(
+            options=[("all heads", ALL_HEADS)] + [(f"head {h}", h) for h in range(snap.n_heads)],
+            value=ALL_HEADS, description="head")
+        self.position = ipywidgets.Dropdown(
+            options=[(f"{p}: {_clean(t)} ({g})", p) for p, (t, g) in enumerate(zip(snap.tokens, snap.groups))
+                     if g != "pad"],
+            value=last, description="query")
+        self.mode = ipywidgets.ToggleButtons(options=MODES, value=MODES[0], description="image")
+        self.image = ipywidgets.Image(format="png")
+        self.widget = ipywidgets.VBox([ipywidgets.HBox([self.layer, self.head]),
+                                       ipywidgets.HBox([self.position, self.mode]), self.image])
         self.figure: Figure | None = None
         for control in (self.layer, self.head, self.position, self.mode):
             control.observe(self._changed, names="value")
@@ -117,10 +121,14 @@ class Explorer:
             vs = f" vs {snap.foil!r}" if snap.foil else ""
             what = (f"direct effect on {snap.target!r}{vs} via L{layer} {head}; "
                     f"image tokens {view['image_score']:+.3g}")
+            method = "attention, per-token direct logit attribution, source split"
         else:  # families whose writes are not linear in the heads
             what = f"attention from the query, L{layer} {head}"
+            method = f"attention (no direct logit attribution: {snap.no_writes}), source split"
         _draw_tokens(middle, view["tokens"], view["scores"], view["scale"], what)
         _draw_split(right, view["split"], snap.target)
+        answer = f"target {snap.target.strip()!r}" + (f" vs foil {snap.foil.strip()!r}" if snap.foil else "")
+        fig.suptitle(textwrap.fill(f"{method} | Q: {snap.prompt!r} | {answer}", width=140), fontsize=8)
         return fig
 
     def _draw_image(self, ax, view: dict[str, Any], title: str) -> None:

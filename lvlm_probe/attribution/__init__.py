@@ -1,5 +1,9 @@
 """Attribution: how much of an answer came from the prompt, the image and the model's prior.
 
+Every method that scores a target is called ``f(model, batch, target, *, foil=None, ...)`` and
+returns an :class:`AttributionResult` (``to_frame()``, ``plot()``, the scored targets and foils,
+the layouts); see :mod:`lvlm_probe.attribution.results`.
+
 Example:
     >>> split = lp.attribution.source_split(model, batch, target="yes", foil="no")
     >>> split.shares()      # prior, prompt, image, full per example
@@ -9,13 +13,20 @@ Example:
 from __future__ import annotations
 
 from .dla import DirectLogitAttribution, dla
-from .faithfulness import deletion_insertion, randomization_check
+from .faithfulness import (
+           DeletionInsertion,
+           RandomizationCheck,
+           deletion_insertion,
+           randomization_check,
+)
 from .groups import GROUPS
 from .image_map import METHODS, ImageMap, image_map
-from .knockout import knockout
+from .knockout import KnockoutCurve, knockout
 from .lens import LogitLens, logit_lens
+from .results import AttributionResult, AttributionTable
 from .source_split import COALITIONS, SourceSplit, source_split
 
-__all__ = ["COALITIONS", "GROUPS", "METHODS", "DirectLogitAttribution", "ImageMap", "LogitLens", "SourceSplit",
-           "deletion_insertion", "dla", "image_map", "knockout", "logit_lens", "randomization_check",
-           "source_split"]
+__all__ = ["COALITIONS", "GROUPS", "METHODS", "AttributionResult", "AttributionTable", "DeletionInsertion",
+           "DirectLogitAttribution", "ImageMap", "KnockoutCurve", "LogitLens", "RandomizationCheck",
+           "SourceSplit", "deletion_insertion", "dla", "image_map", "knockout", "logit_lens",
+           "randomization_check", "source_split"]

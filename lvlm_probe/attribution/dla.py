@@ -8,8 +8,9 @@ splits further by key position, since it is a sum over keys of ``pattern[last, k
 by the group of the key (image, prompt, template) the head read from. MLP writes are the model's
 own computation on the residual (parametric recall). The terms sum to the logit exactly.
 
-Supported: families whose attention and MLP writes enter the residual stream linearly (not Gemma 3's
-sandwich norms, nor Mllama's gated cross-attention layers).
+Supported: families whose attention and MLP writes enter the residual stream linearly (the adapter's
+``nonlinear_writes`` is None: not Gemma 3's sandwich norms, nor Mllama's gated cross-attention
+layers) and whose forward applies no final soft cap to the logits (``final_logit_softcap``).
 """
 from __future__ import annotations
 
@@ -23,34 +24,52 @@ from torch import Tensor
 
 from ..errors import InputError
 from .groups import group_mask
-from .lens import SOFTCAPPED
+from .results import AttributionResult, legacy_calls, moved_to_keywords
 from .targets import Answer, target_ids
 
 SOURCES = ("image", "prompt", "template")
-UNSUPPORTED = {"gemma3": "its sandwich norms make each write nonlinear in the heads",
-               "mllama": "its cross-attention layers are gated"}
+
+
+def check_linear_writes(model, method: str) -> None:
+    """Raise unless the model's attention and MLP writes add up linearly into the residual stream
+    that the final norm reads (what direct logit attribution and path patching rest on).
+
+    Raises:
+        InputError: naming the family and the adapter's ``nonlinear_writes`` reason.
+    """
+    reason = model.family.nonlinear_writes
+    if reason is not None:
+        raise InputError(f"{method} does not support {model.family.name}: {reason} ({method} needs "
+                         "attention and MLP writes that add linearly to the residual stream)")
 
 
 @dataclass(frozen=True)
-class DirectLogitAttribution:
+class DirectLogitAttribution(AttributionResult):
     """Terms of each example's target logit (difference), one row per term.
 
     Attributes:
         terms: DataFrame with ``example, component`` (``embed``, ``head``, ``attn_bias``, ``mlp``,
-            ``norm_bias``), ``layer``, ``head``, ``source`` (for heads: image, prompt, template)
-            and ``value``.
+            ``norm_bias``, ``head_bias``), ``layer``, ``head``, ``source`` (for heads: image,
+            prompt, template) and ``value``.
         logit: ``[batch]`` the model's own target logit (difference) at the last position.
+        targets, foils, target_ids, foil_ids, layouts, method: see
+            :class:`~lvlm_probe.attribution.results.AttributionResult`.
     """
 
     terms: pd.DataFrame
     logit: Tensor
+
+    def to_frame(self) -> pd.DataFrame:
+        """The terms, one row per (example, term), with each example's ``target`` and ``foil``."""
+        answers = self.answers()[["example", "target", "foil"]]
+        return self.terms.merge(answers, on="example", how="left")
 
     def by_source(self) -> pd.DataFrame:
         """Per example: the heads' credit by source group, MLPs, embedding and biases, and total."""
         terms = self.terms.assign(group=self.terms["source"].fillna(self.terms["component"]))
         table = terms.pivot_table(index="example", columns="group", values="value", aggfunc="sum",
                                   fill_value=0.0)
-        table["total"] = table.sum(1)
+        table["total"] = table.sum(axis=1)
         return table
 
     def plot(self, example: int = 0) -> Figure:
@@ -64,34 +83,39 @@ class DirectLogitAttribution:
         ax.axhline(0.0, color="0.3", lw=0.8)
         ax.set_ylabel("logit contribution")
         ax.set_title(f"direct logit attribution, example {example}", fontsize=9)
+        self.suptitle(fig, example, "direct logit attribution (heads by the source they read)")
         fig.tight_layout()
         return fig
 
 
-def dla(model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None
+@legacy_calls(moved_to_keywords(3, ["foil"]), "dla(model, batch, target, foil=...)")
+def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None
         ) -> DirectLogitAttribution:
     """Direct logit attribution of the target (minus the foil) at the last position.
 
     Args:
         model: an :class:`~lvlm_probe.LVLM`.
         batch: from ``model.prepare``.
-        target, foil: answers as in :func:`source_split` (one token each).
+        target: the answer scored, as in :func:`source_split` (one token, one or per example).
+        foil: an alternative answer: the terms split the logit difference ``target - foil``;
+            default None (the target's logit).
 
     Returns:
         A :class:`DirectLogitAttribution` whose terms sum to ``logit`` per example.
 
     Raises:
-        InputError: for a family whose writes are not linear (see ``UNSUPPORTED``), or bad targets.
+        InputError: for a family whose writes are not linear (its adapter's ``nonlinear_writes``)
+            or whose forward soft-caps the logits (``final_logit_softcap``), or bad targets.
 
     Example:
         >>> lp.attribution.dla(model, batch, target="yes", foil="no").by_source()
     """
-    if model.family.name in UNSUPPORTED:
-        raise InputError(f"dla does not support {model.family.name}: {UNSUPPORTED[model.family.name]}")
-    if model.family.name in SOFTCAPPED and getattr(model.text_config, "final_logit_softcapping", None):
-        raise InputError(f"dla does not support {model.family.name} with a final logit soft cap: the cap "
-                         "is not linear in the writes")
-    _, foils, ids = target_ids(model, batch, target, foil)
+    check_linear_writes(model, "dla")
+    cap = model.family.final_logit_softcap(model.config)
+    if cap:
+        raise InputError(f"dla does not support {model.family.name} with a final logit soft cap "
+                         f"(logits = {cap} * tanh(logits / {cap})): the soft cap is not linear in the writes")
+    targets, foils, ids = target_ids(model, batch, target, foil)
     head = model.module(model.family.lm_head)
     direction = head.weight[ids[:, 0]].float()  # [b, d]
     if foils:
@@ -112,8 +136,9 @@ def dla(model, batch, target: Answer | list[Answer], foil: Answer | list[Answer]
     centred = resid - resid.mean(-1, keepdim=True) if layer_norm else resid
     scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # frozen
     weight = norm.weight.float() if norm.weight is not None else 1.0
-    if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
-        weight = 1.0 + weight
+    offset = model.family.final_norm_weight_offset  # e.g. Gemma's RMSNorm scales by (1 + weight)
+    if offset:
+        weight = offset + weight
 
     def read(write: Tensor) -> Tensor:
         """The logit term of a write ``[..., b, d]``: through the frozen norm and the direction."""
@@ -149,7 +174,9 @@ def dla(model, batch, target: Answer | list[Answer], foil: Answer | list[Answer]
     bias = getattr(head, "bias", None)
     if bias is not None:
         add("head_bias", (bias[ids[:, 0]] - (bias[ids[:, 1]] if foils else 0.0)).float().cpu())
-    return DirectLogitAttribution(pd.DataFrame(rows), logit)
+    return DirectLogitAttribution(pd.DataFrame(rows), logit, method="dla", targets=targets, foils=foils,
+                                  target_ids=ids[:, 0], foil_ids=ids[:, 1] if foils else None,
+                                  layouts=list(batch.layouts))
 
 
 def _groups(batch) -> Tensor:

@@ -10,9 +10,10 @@ target against foil, else log-probability, at the last position). Methods:
 * ``"shapley"``: captum's ``ShapleyValueSampling`` over the same removals; the values of one example
   add up to ``score(all) - score(none)`` exactly (every sampled permutation telescopes);
 * ``"ig"``: captum's ``IntegratedGradients`` along a path that moves each feature's tokens in the
-  language model's input (after image features are merged) from a baseline, the mean over the
-  example's image cells (for a cell) or prompt words (for a word), to their value; ``.delta`` is
-  captum's completeness error.
+  language model's input embeddings (after image features are merged) from a baseline, the mean
+  over the example's image cells (for a cell) or prompt words (for a word), to their value;
+  ``.delta`` is captum's completeness error. This is not pixel-space IG from a black image: the
+  vision tower and projector are not on the path.
 * ``"kernelshap"``: captum's ``KernelShap`` over the same removals (a weighted linear fit to
   sampled coalitions; ``n_samples`` coalitions);
 * ``"attention"``: the attention from the last position to each feature's tokens, averaged over
@@ -29,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 from captum.attr import FeatureAblation, IntegratedGradients, KernelShap, ShapleyValueSampling
 from matplotlib import colormaps
@@ -38,10 +40,20 @@ from torch import Tensor
 from ..errors import InputError
 from ..hooks import attention
 from .groups import repeat_inputs
-from .source_split import self_attention_layers
+from .results import AttributionResult, legacy_calls, moved_to_keywords, seeded
 from .targets import Answer, target_ids
 
 METHODS = ("ablation", "shapley", "kernelshap", "ig", "attention", "rollout")
+# What each method's scores are, for figure titles.
+DESCRIPTIONS = {
+    "ablation": "feature ablation (each cell or word hidden from attention alone)",
+    "shapley": "Shapley value sampling (cells and words hidden from attention)",
+    "kernelshap": "KernelSHAP (cells and words hidden from attention)",
+    "ig": "integrated gradients on the LM's input embeddings from a group-mean baseline (each cell or "
+          "word moves from the mean of the example's cells or words; not pixel IG)",
+    "attention": "attention from the last position, mean over heads and layers (no target)",
+    "rollout": "attention rollout from the last position (no target)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class Features:
 
 
 @dataclass(frozen=True)
-class ImageMap:
+class ImageMap(AttributionResult):
     """Maps of a batch.
 
     Attributes:
@@ -64,16 +76,35 @@ class ImageMap:
             is smaller than the batch's largest).
         grids: per example, one ``[rows, cols]`` array per image.
         words: per example, ``(word, score)`` of each prompt word.
-        method: the method used; ``delta``: IG's completeness error per example (else None).
+        delta: IG's completeness error per example (else None).
         images: the examples' first images, for :meth:`plot`.
+        method: the method used (one of ``METHODS``); targets, foils, their ids and the layouts:
+            see :class:`~lvlm_probe.attribution.results.AttributionResult`.
     """
 
     scores: Tensor
     grids: list[list[np.ndarray]]
     words: list[list[tuple[str, float]]]
-    method: str
     delta: Tensor | None = None
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list, repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (example, feature): ``example``, ``target``, ``foil``, ``method``, ``kind``
+        (``"cell"`` or ``"word"``), ``image``, ``row``, ``col`` (cells), ``word`` (words) and
+        ``value``."""
+        answers = self.answers()
+        rows = []
+        for i, per_image in enumerate(self.grids):
+            for k, grid in enumerate(per_image):
+                for (r, c), value in np.ndenumerate(grid):
+                    rows.append(dict(example=i, kind="cell", image=k, row=r, col=c, word=None, value=float(value)))
+            for word, value in self.words[i]:
+                rows.append(dict(example=i, kind="word", image=None, row=None, col=None, word=word,
+                                 value=float(value)))
+        table = pd.DataFrame(rows, columns=["example", "kind", "image", "row", "col", "word", "value"])
+        table = table.merge(answers[["example", "target", "foil"]], on="example", how="left")
+        table.insert(3, "method", self.method)
+        return table[["example", "target", "foil", "method", "kind", "image", "row", "col", "word", "value"]]
 
     def plot(self, example: int = 0) -> Figure:
         """The first image with the map overlaid, and the prompt words coloured by their scores."""
@@ -105,6 +136,7 @@ class ImageMap:
             if x > 0.85:
                 x, y = 0.0, y - 0.12
         right.set_title("prompt words", fontsize=8)
+        self.suptitle(fig, example, f"image map: {DESCRIPTIONS.get(self.method, self.method)}", fontsize=7)
         fig.tight_layout()
         return fig
 
@@ -135,22 +167,36 @@ def features(layout) -> Features:
     return Features(positions, names, cells, grids, n_image)
 
 
+@legacy_calls(moved_to_keywords(3, ["foil"]), "image_map(model, batch, target, foil=..., method=...)")
 def image_map(
-    model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None, *,
+    model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None,
     method: str = "ig", n_steps: int = 256, n_samples: int = 25, seed: int = 0,
 ) -> ImageMap:
     """Score every image cell and prompt word of each example for the target (see module docstring).
 
+    The features are the cells of each image's grid and the prompt's words. The score is the
+    target's log-odds against the foil (else its log-probability) at the last position.
+
+    ``method="ig"`` (the default) is integrated gradients in the language model's input-embedding
+    space, not in pixel space: along the path, the embeddings of each feature's tokens move from a
+    group-mean baseline (the mean over the example's image cells, for a cell; over its prompt
+    words, for a word) to their actual value, and the gradient is taken with respect to those
+    gates. It is not pixel IG from a black image (the vision tower and projector are not on the
+    path), and its zero is "this cell looks like the average cell", not "no image".
+
     Args:
         model: an :class:`~lvlm_probe.LVLM` whose images enter the token sequence.
         batch: from ``model.prepare``.
-        target, foil: as in :func:`source_split`.
-        method: one of ``METHODS``.
+        target: the answer scored, one or one per example (as in :func:`source_split`).
+        foil: an alternative answer for log-odds, or None for the target's log-probability.
+        method: one of ``METHODS``: ``"ig"`` (above), ``"ablation"``, ``"shapley"``,
+            ``"kernelshap"`` (features hidden from attention), ``"attention"``, ``"rollout"``
+            (attention weights: the target is validated but does not change the map).
         n_steps: IG's integration steps (trapezoid rule). The score can change steeply along the
             path (attention saturating); 256 keep the completeness error under 1% on shapes-llava.
         n_samples: Shapley sampling's permutations; KernelShap's coalitions (at least twice the
             feature count).
-        seed: for the sampled methods.
+        seed: for the sampled methods (their draws never touch torch's global random state).
 
     Returns:
         An :class:`ImageMap`.
@@ -170,7 +216,7 @@ def image_map(
         raise InputError(f"image_map needs image tokens in the sequence; {model.family.name}'s images "
                          f"enter by {model.family.image_mode}")
     _check_separable(batch)
-    _, foils, ids = target_ids(model, batch, target, foil)
+    targets, foils, ids = target_ids(model, batch, target, foil)
     grids, words, deltas = [], [], []
     for i, layout in enumerate(batch.layouts):
         feats = features(layout)
@@ -190,7 +236,9 @@ def image_map(
     for i, g in enumerate(grids):
         scores[i, : g[0].shape[0], : g[0].shape[1]] = torch.as_tensor(g[0])
     firsts = [imgs[0] if imgs else None for imgs in batch.images]
-    return ImageMap(scores, grids, words, method, torch.tensor(deltas) if method == "ig" else None, firsts)
+    return ImageMap(scores, grids, words, torch.tensor(deltas) if method == "ig" else None, firsts,
+                    method=method, targets=targets, foils=foils, target_ids=ids[:, 0],
+                    foil_ids=ids[:, 1] if foils else None, layouts=list(batch.layouts))
 
 
 def _check_separable(batch) -> None:
@@ -216,7 +264,7 @@ class _Score:
         for f, pos in enumerate(feats.positions):
             self.member[f, pos] = 1.0
         self.modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-                        for layer in self_attention_layers(model)]
+                        for layer in model.family.self_attention_layers(model.config)]
 
     def inputs(self, m: int) -> dict:
         """The example's inputs, ``m`` times."""
@@ -261,7 +309,8 @@ class _Score:
 
     def patterns(self) -> Tensor:
         """``[layer, query, key]`` head-averaged attention of the example, self-attention layers."""
-        names = [f"blocks.{layer}.attn.hook_pattern" for layer in self_attention_layers(self.model)]
+        names = [f"blocks.{layer}.attn.hook_pattern"
+                 for layer in self.model.family.self_attention_layers(self.model.config)]
         with self.model.capture(names) as cache, torch.no_grad():
             self.model.hf(**self.inputs(1))
         return torch.stack([cache[n][0].float().mean(0) for n in names]).cpu()
@@ -298,13 +347,13 @@ def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samp
         values = FeatureAblation(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
                                                           perturbations_per_eval=n_features)
     elif method == "shapley":
-        torch.manual_seed(seed)
-        values = ShapleyValueSampling(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
-                                                               n_samples=n_samples,
-                                                               perturbations_per_eval=n_features)
+        with seeded(seed, score.model):  # captum samples from torch's global generator
+            values = ShapleyValueSampling(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
+                                                                   n_samples=n_samples,
+                                                                   perturbations_per_eval=n_features)
     else:
-        torch.manual_seed(seed)
-        values = KernelShap(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
-                                                     n_samples=max(n_samples, 2 * n_features),
-                                                     perturbations_per_eval=n_features)
+        with seeded(seed, score.model):
+            values = KernelShap(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
+                                                         n_samples=max(n_samples, 2 * n_features),
+                                                         perturbations_per_eval=n_features)
     return values[0].numpy(), None

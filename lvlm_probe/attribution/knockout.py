@@ -10,55 +10,122 @@ flows to the answer. Every window of a batch runs in one batched forward pass.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from ..errors import InputError
 from ..hooks import attention
-from .groups import group_mask, repeat_inputs
-from .source_split import self_attention_layers
+from .groups import GROUPS, group_mask, repeat_inputs
+from .results import AttributionTable, decoded, legacy_calls
 from .targets import Answer, target_ids
 
 
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ shows the table
+class KnockoutCurve(AttributionTable):
+    """The information-flow curve of :func:`knockout`.
+
+    Attributes:
+        table: one row per (window, example): ``layer`` (first of the window), ``window``,
+            ``example``, ``target``, ``p`` (unblocked), ``p_knocked``, ``relative_change``; with a
+            foil also ``foil``, ``logodds`` and ``logodds_knocked`` (``log p(target) - log p(foil)``).
+        source, dest: the blocked token groups (keys, queries); window: layers per window.
+    """
+
+    source: str = "image"
+    dest: str = "last"
+    window: int = 1
+
+    def plot(self) -> Figure:
+        """The relative change of the target's probability per window: each example (thin) and
+        their mean (thick)."""
+        fig = Figure(figsize=(5.6, 3.6))
+        ax = fig.subplots()
+        table = self.table
+        if len(table):
+            wide = table.pivot(index="layer", columns="example", values="relative_change")
+            ax.plot(wide.index, wide.to_numpy(), color="0.75", lw=0.6)
+            ax.plot(wide.index, wide.mean(axis=1).to_numpy(), color="tab:red", lw=2.0, label="mean")
+            ax.legend(fontsize=7)
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xlabel(f"first layer of the window ({self.window} layer{'s' if self.window > 1 else ''})")
+        ax.set_ylabel("relative change of p(target)")
+        self.suptitle(fig, None, f"attention knockout {self.source} -> {self.dest}")
+        fig.tight_layout()
+        return fig
+
+
+def _legacy(args: tuple, kwargs: dict):
+    """``knockout(model, batch, source, dest, layers, ...)``: the groups and layers were positional."""
+    old = args[2:]
+    if not old or (len(old) == 1 and not (isinstance(old[0], str) and old[0] in GROUPS)):
+        return None  # (model, batch) or (model, batch, target)
+    if len(old) > 3:
+        return None  # too many arguments either way: let the call raise TypeError
+    kwargs = dict(kwargs)
+    for name, value in zip(("source", "dest", "layers"), old):
+        if name in kwargs:
+            raise TypeError(f"knockout() got multiple values for argument {name!r}")
+        kwargs[name] = value
+    return args[:2], kwargs, "passing source, dest or layers positionally"
+
+
+@legacy_calls(_legacy, "knockout(model, batch, target, source=..., dest=..., layers=..., window=...) "
+                       "(a target spelled like a token group, e.g. 'image', goes by keyword: target=...)")
 def knockout(
-    model, batch, source: str = "image", dest: str = "last", layers: Iterable[int] | None = None, *,
-    window: int = 1, target: Answer | list[Answer] | None = None,
-) -> pd.DataFrame:
+    model, batch, target: Answer | list[Answer] | None = None, *, foil: Answer | list[Answer] | None = None,
+    source: str = "image", dest: str = "last", layers: Iterable[int] | None = None, window: int = 1,
+) -> KnockoutCurve:
     """Block attention from ``dest`` queries to ``source`` keys in windows of layers.
 
     Args:
-        model: an :class:`~lvlm_probe.LVLM` (self-attention layers; Mllama's cross-attention
-            layers are not knocked out).
+        model: an :class:`~lvlm_probe.LVLM` (its self-attention layers: cross-attention layers,
+            ``family.cross_attention_layers``, are not knocked out).
         batch: from ``model.prepare``.
+        target: the answer whose probability is tracked (string or token id, one or per example);
+            default: each example's most probable next token without knockout.
+        foil: an alternative answer: adds the target's log-odds against it, unblocked and
+            knocked out; default None.
         source, dest: token groups (``GROUPS``): whose keys are blocked, and for which queries.
         layers: the first layer of each window (default: every layer).
         window: consecutive layers per window (clipped at the last layer).
-        target: the answer whose probability is tracked (string or token id, one or per example);
-            default: each example's most probable next token without knockout.
 
     Returns:
-        DataFrame with one row per (window, example): ``layer`` (first of the window),
-        ``window``, ``example``, ``target``, ``p`` (unblocked), ``p_knocked``, ``relative_change``.
+        A :class:`KnockoutCurve`; ``to_frame()`` has one row per (window, example): ``layer``
+        (first of the window), ``window``, ``example``, ``target``, ``p`` (unblocked),
+        ``p_knocked``, ``relative_change`` (and with a foil ``foil``, ``logodds``,
+        ``logodds_knocked``).
 
     Raises:
-        InputError: for an unknown or empty group, a window < 1, or a layer outside the model.
+        InputError: for an unknown or empty group, a window < 1, no layers or a layer outside the
+            model, or bad targets.
 
     Example:
         >>> curve = lp.attribution.knockout(model, batch, source="image", dest="last", window=2)
-        >>> curve.groupby("layer")["relative_change"].mean()
+        >>> curve.to_frame().groupby("layer")["relative_change"].mean()
+        >>> curve.plot()
     """
+    received = layers
     layers = list(range(model.n_layers) if layers is None else layers)
     if window < 1:
         raise InputError(f"window must be at least 1, got {window}")
+    if not layers:
+        raise InputError(f"layers is empty (got {received!r}); expected the first layer of at least one "
+                         f"window, in [0, {model.n_layers}), or None for every layer")
     bad = [la for la in layers if not 0 <= la < model.n_layers]
     if bad:
         raise InputError(f"layers {bad} are outside the model's [0, {model.n_layers})")
+    if target is None and foil is not None:
+        raise InputError(f"a foil ({foil!r}) needs a target; pass target= too")
     pairs = group_mask(batch, dest)[:, :, None] & group_mask(batch, source)[:, None, :]  # [b, q, k]
+    if target is not None:  # validated before the model runs
+        targets, foils, answer_ids = target_ids(model, batch, target, foil)
     n = len(batch)
     runs = len(layers) + 1  # the unblocked run first
     blocked = {layer: torch.zeros(runs * n, *pairs.shape[1:], dtype=torch.bool)
-               for layer in self_attention_layers(model)}
+               for layer in model.family.self_attention_layers(model.config)}
     for w, start in enumerate(layers, start=1):
         for layer in range(start, min(start + window, model.n_layers)):
             if layer in blocked:
@@ -71,14 +138,22 @@ def knockout(
     probs = probs.reshape(runs, n, -1)
     if target is None:
         ids = probs[0].argmax(-1)
+        targets, foils, foil_ids = decoded(model.tokenizer, ids), None, None
     else:
-        ids = target_ids(model, batch, target, None)[2][:, 0]
+        ids = answer_ids[:, 0]
+        foil_ids = answer_ids[:, 1] if foils else None
     p = probs[:, torch.arange(n), ids]  # [runs, batch]
+    if foil_ids is not None:
+        logodds = p.log() - probs[:, torch.arange(n), foil_ids].log()
     rows = []
     for w, start in enumerate(layers, start=1):
         for i in range(n):
-            rows.append(dict(layer=start, window=window, example=i,
-                             target=model.tokenizer.decode([int(ids[i])]),
-                             p=float(p[0, i]), p_knocked=float(p[w, i]),
-                             relative_change=float((p[w, i] - p[0, i]) / p[0, i])))
-    return pd.DataFrame(rows)
+            row = dict(layer=start, window=window, example=i, target=model.tokenizer.decode([int(ids[i])]),
+                       p=float(p[0, i]), p_knocked=float(p[w, i]),
+                       relative_change=float((p[w, i] - p[0, i]) / p[0, i]))
+            if foil_ids is not None:
+                row.update(foil=foils[i], logodds=float(logodds[0, i]), logodds_knocked=float(logodds[w, i]))
+            rows.append(row)
+    return KnockoutCurve(table=pd.DataFrame(rows), method="knockout", targets=targets, foils=foils,
+                         target_ids=ids, foil_ids=foil_ids, layouts=list(batch.layouts),
+                         source=source, dest=dest, window=window)

@@ -11,34 +11,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..errors import InputError
+from .results import AttributionResult, legacy_calls, moved_to_keywords
 
 
 def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
-    """Logits from residual-stream states: final norm, unembedding, and the final soft cap of the
-    families that have one (Gemma's ``final_logit_softcapping``), in float32."""
+    """Logits from residual-stream states: final norm, unembedding, and the final soft cap that the
+    model's forward applies (the family's ``final_logit_softcap``, e.g. PaliGemma's), in float32."""
     norm = model.module(model.family.lm_norm)
     head = model.module(model.family.lm_head)
     with torch.no_grad():
         logits = head(norm(resid.to(model.dtype))).float()
-    cap = getattr(model.text_config, "final_logit_softcapping", None)
-    if cap is not None and model.family.name in SOFTCAPPED:
+    cap = model.family.final_logit_softcap(model.config)
+    if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
 
 
-# Families whose top-level forward applies the text config's final soft cap to the logits.
-SOFTCAPPED = ("paligemma",)
-
-
 @dataclass(frozen=True)
-class LogitLens:
-    """Top-k decoded tokens per layer and kept position.
+class LogitLens(AttributionResult):
+    """Top-k decoded tokens per layer and kept position (no target: ``targets`` is None).
 
     Attributes:
         top_ids: ``[layer, batch, pos, k]`` token ids, most probable first.
@@ -47,6 +45,7 @@ class LogitLens:
         layers: the layer index of each entry of the first axis.
         tokenizer: to turn ids into strings (:meth:`tokens`).
         grids: ``(rows, cols)`` of each example's first image, for :meth:`plot`.
+        layouts, method: see :class:`~lvlm_probe.attribution.results.AttributionResult`.
     """
 
     top_ids: Int[Tensor, "layer batch pos k"]
@@ -61,6 +60,21 @@ class LogitLens:
         keep = self.positions[example] >= 0
         ids = self.top_ids[layer, example, keep, 0].tolist()
         return [self.tokenizer.decode([i]) for i in ids]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, example, kept position, rank): ``layer``, ``example``, ``position``
+        (in the sequence), ``rank`` (0 = most probable), ``token_id``, ``token`` and ``prob``."""
+        n_layers, n, n_pos, k = self.top_ids.shape
+        index = pd.MultiIndex.from_product([range(n_layers), range(n), range(n_pos), range(k)],
+                                           names=["layer", "example", "slot", "rank"])
+        table = pd.DataFrame({"token_id": self.top_ids.reshape(-1).numpy(),
+                              "prob": self.top_probs.reshape(-1).float().numpy()}, index=index).reset_index()
+        table["position"] = self.positions[table["example"], table["slot"]].numpy()
+        table = table[table["position"] >= 0].drop(columns="slot").reset_index(drop=True)
+        table["layer"] = np.asarray(self.layers)[table["layer"]]
+        vocabulary = {i: self.tokenizer.decode([i]) for i in table["token_id"].unique().tolist()}
+        table["token"] = table["token_id"].map(vocabulary)
+        return table[["layer", "example", "position", "rank", "token_id", "token", "prob"]]
 
     def plot(self, example: int = 0, layer: int = -1) -> Figure:
         """The top-1 token of each image cell at one layer, shaded by its probability."""
@@ -77,12 +91,15 @@ class LogitLens:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"logit lens, layer {self.layers[layer]}: top token per cell", fontsize=8)
+        self.suptitle(fig, example, f"logit lens at layer {self.layers[layer]} (no target: each cell's most "
+                                    "probable next token)", fontsize=7)
         fig.colorbar(image, ax=ax, label="probability")
         fig.tight_layout()
         return fig
 
 
-def logit_lens(model, batch, positions: Any = "image", k: int = 5) -> LogitLens:
+@legacy_calls(moved_to_keywords(2, ["positions", "k"]), "logit_lens(model, batch, positions=..., k=...)")
+def logit_lens(model, batch, *, positions: Any = "image", k: int = 5) -> LogitLens:
     """Decode every layer's residual stream at some positions through the final norm and unembedding.
 
     Args:
@@ -117,4 +134,5 @@ def logit_lens(model, batch, positions: Any = "image", k: int = 5) -> LogitLens:
         top_ids.append(ids.cpu())
         top_probs.append(values.cpu())
     return LogitLens(torch.stack(top_ids), torch.stack(top_probs), kept.cpu(), list(range(model.n_layers)),
-                     model.tokenizer, [lay.image_grids[0] if lay.image_grids else None for lay in batch.layouts])
+                     model.tokenizer, [lay.image_grids[0] if lay.image_grids else None for lay in batch.layouts],
+                     method="logit_lens", layouts=list(batch.layouts))

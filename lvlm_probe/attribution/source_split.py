@@ -13,14 +13,17 @@ Bias-Driven Hallucination Sampling). Then
 * ``full = v(I, P)``, and ``prior + prompt + image = full`` exactly.
 
 All four coalitions of a batch run as one batched forward pass. Families whose image enters
-through cross-attention (Mllama) remove the image by zeroing its cross-attention mask, which
-makes the model skip the cross-attention layers' contribution for those rows. Instead of removing
-the image, ``ablation="mean"`` or ``"noise"`` replace its pixels with the batch's mean pixels or
-with Visual Contrastive Decoding's diffusion noise (Leng et al. 2024).
+through cross-attention (``image_mode == "cross_attention"``, e.g. Mllama) have no image positions
+to hide: the image is removed the way their adapter declares (``hide_images`` and
+``image_write_hooks``; Mllama: the rows' cross-attention mask and cross-attention outputs zeroed,
+which equals the model's own forward pass without the image). Instead of removing the image, ``ablation="mean"`` or ``"noise"``
+replace its pixels with the batch's mean pixels or with Visual Contrastive Decoding's diffusion
+noise (Leng et al. 2024).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -30,7 +33,9 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import attention
+from ..hooks.patching import editing
 from .groups import group_mask, repeat_inputs
+from .results import AttributionResult, legacy_calls, moved_to_keywords
 from .targets import Answer, target_ids
 
 COALITIONS = ("full", "image", "prompt", "empty")  # players present: both, image, prompt, none
@@ -47,14 +52,16 @@ def diffusion_noise(pixels: Tensor, step: int, generator: torch.Generator) -> Te
 
 
 @dataclass(frozen=True)
-class SourceSplit:
+class SourceSplit(AttributionResult):
     """The split of a batch's target scores; every tensor is ``[batch]`` (float32, on the CPU).
 
     Attributes:
         prior, prompt, image, full: see the module docstring; ``prior + prompt + image == full``.
         values: ``v(S)`` of every coalition in ``COALITIONS``.
-        targets, foils: the scored tokens per example, decoded (foils None for log-probabilities).
         ablation: how removed players were removed.
+        targets, foils: the scored tokens per example, decoded (foils None for log-probabilities);
+            with their ids and the layouts, see
+            :class:`~lvlm_probe.attribution.results.AttributionResult`.
     """
 
     prior: Float[Tensor, " batch"]
@@ -62,8 +69,6 @@ class SourceSplit:
     image: Float[Tensor, " batch"]
     full: Float[Tensor, " batch"]
     values: dict[str, Tensor]
-    targets: list[str]
-    foils: list[str] | None
     ablation: str
 
     def shares(self) -> pd.DataFrame:
@@ -73,10 +78,22 @@ class SourceSplit:
                               "foil": self.foils if self.foils else None,
                               "prior": self.prior.numpy(), "prompt": self.prompt.numpy(),
                               "image": self.image.numpy(), "full": self.full.numpy()})
-        total = table[["prior", "prompt", "image"]].abs().sum(1).where(lambda t: t > 0)
+        total = table[["prior", "prompt", "image"]].abs().sum(axis=1).where(lambda t: t > 0)
         for source in ("prior", "prompt", "image"):
             table[f"{source}_share"] = table[source].abs() / total
         return table
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (example, source): ``example``, ``target``, ``foil``, ``source`` (prior,
+        prompt, image, full), ``value`` and ``share`` (of the total absolute credit; NaN for full)."""
+        table = self.shares()
+        long = table.melt(id_vars=["example", "target", "foil"], value_vars=["prior", "prompt", "image", "full"],
+                          var_name="source", value_name="value")
+        shares = table.melt(id_vars=["example"], value_vars=["prior_share", "prompt_share", "image_share"],
+                            var_name="source", value_name="share")
+        shares["source"] = shares["source"].str.removesuffix("_share")
+        long = long.merge(shares, on=["example", "source"], how="left")
+        return long.sort_values(["example", "source"], key=_source_order, kind="stable", ignore_index=True)
 
     def plot(self, labels: list[str] | None = None, first: int | None = None) -> Figure:
         """Stacked bars per example (positive credit up, negative down) with the full score marked;
@@ -99,12 +116,21 @@ class SourceSplit:
         ax.set_xticks(list(x), labels or [str(i) for i in x], fontsize=7, rotation=90 if labels else 0)
         ax.set_ylabel("log-odds" if self.foils else "log-probability")
         ax.legend(fontsize=7)
+        if self.targets is not None:
+            self.suptitle(fig, range(len(table)), f"source split ({self.ablation} ablation, exact Shapley): "
+                                                  "prior + prompt + image = full")
         fig.tight_layout()
         return fig
 
 
+def _source_order(column: pd.Series) -> Any:
+    order = {"prior": 0, "prompt": 1, "image": 2, "full": 3}
+    return column.map(order) if column.name == "source" else column
+
+
+@legacy_calls(moved_to_keywords(3, ["foil"]), "source_split(model, batch, target, foil=..., ...)")
 def source_split(
-    model, batch, target: Answer | list[Answer], foil: Answer | list[Answer] | None = None, *,
+    model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None,
     ablation: str = "mask", noise_step: int = 500, seed: int = 0,
 ) -> SourceSplit:
     """Split each example's target score among prior, prompt and image (exact Shapley values).
@@ -136,11 +162,14 @@ def source_split(
         raise InputError(f"unknown ablation {ablation!r}; available: {ABLATIONS}")
     targets, foils, ids = target_ids(model, batch, target, foil)
     masked = ablation == "mask"
-    hidden, cross_mask = _coalitions(model, batch, hide_image=masked)
+    hidden = _coalitions(model, batch, hide_image=masked)
     inputs = repeat_inputs(batch.inputs, len(COALITIONS))
-    if cross_mask is not None:
-        inputs["cross_attention_mask"] = cross_mask
-    if not masked:  # the coalitions without the image ("prompt", "empty") see a replaced one
+    edits = {}
+    if masked:  # where hiding positions cannot remove the image (cross-attention), the adapter does
+        present = torch.tensor([c in ("full", "image") for c in COALITIONS]).repeat_interleave(len(batch))
+        inputs = model.family.hide_images(inputs, present)
+        edits = {name: _zeroing_rows(~present) for name in model.family.image_write_hooks(model.config)}
+    else:  # the coalitions without the image ("prompt", "empty") see a replaced one
         pixels = batch.inputs["pixel_values"]
         if ablation == "mean":
             replaced = _mean_image(pixels, batch.inputs.get("image_grid_thw"))
@@ -149,8 +178,8 @@ def source_split(
             replaced = diffusion_noise(pixels, noise_step, generator)
         inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced])
     modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-               for layer in self_attention_layers(model)]
-    with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)):
+               for layer in model.family.self_attention_layers(model.config)]
+    with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)), editing(model, edits):
         logits = model.hf(**inputs).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     n = len(batch)
@@ -162,7 +191,17 @@ def source_split(
     image = 0.5 * ((v_image - v_empty) + (v_full - v_prompt))
     prompt = 0.5 * ((v_prompt - v_empty) + (v_full - v_image))
     return SourceSplit(prior=v_empty, prompt=prompt, image=image, full=v_full, values=values,
-                       targets=targets, foils=foils, ablation=ablation)
+                       targets=targets, foils=foils, ablation=ablation, method="source_split",
+                       target_ids=ids[:n, 0], foil_ids=ids[:n, 1] if foils else None,
+                       layouts=list(batch.layouts))
+
+
+def _zeroing_rows(rows: Tensor):
+    """An edit that zeroes a value ``[batch, ...]`` at the given rows (bool ``[batch]``)."""
+    def edit(value: Tensor) -> Tensor:
+        keep = (~rows).to(value.device, value.dtype).reshape((-1,) + (1,) * (value.dim() - 1))
+        return value * keep
+    return edit
 
 
 def _mean_image(pixels: Tensor, grid_thw: Tensor | None) -> Tensor:
@@ -179,19 +218,14 @@ def _mean_image(pixels: Tensor, grid_thw: Tensor | None) -> Tensor:
     return per_image.float().mean(0, keepdim=True).to(pixels.dtype).expand_as(per_image).reshape(pixels.shape)
 
 
-def self_attention_layers(model) -> list[int]:
-    """The language model's layers that self-attend (all but Mllama's cross-attention layers)."""
-    cross = set(getattr(model.family, "cross_attention_layers", lambda config: [])(model.config))
-    return [layer for layer in range(model.n_layers) if layer not in cross]
-
-
-def _coalitions(model, batch, hide_image: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Hidden keys ``[4 * batch, seq]`` in ``COALITIONS`` order, and for cross-attention families
-    the cross-attention mask with the image removed where the coalition lacks it (only the prompt
-    is hidden when ``hide_image`` is False: the image is then replaced, not removed)."""
+def _coalitions(model, batch, hide_image: bool = True) -> Tensor:
+    """Hidden keys ``[4 * batch, seq]`` in ``COALITIONS`` order: the prompt's tokens where the
+    coalition lacks the prompt, the image's where it lacks the image (only the prompt's when
+    ``hide_image`` is False: the image is then replaced, not removed). Images that are not in the
+    token sequence (``image_mode == "cross_attention"``) have no keys to hide: the caller removes
+    them with ``family.hide_images``."""
     prompt = group_mask(batch, "prompt")  # both players must be there
-    cross = model.family.image_mode == "cross_attention"
-    if cross:  # the image is attended through cross-attention, not in the sequence
+    if model.family.image_mode == "cross_attention":
         missing = [i for i, layout in enumerate(batch.layouts) if not layout.images]
         if missing:
             raise InputError(f"example {missing[0]} has no image; source_split needs both players")
@@ -199,11 +233,5 @@ def _coalitions(model, batch, hide_image: bool = True) -> tuple[Tensor, Tensor |
     else:
         image = group_mask(batch, "image")
     none = torch.zeros_like(image)
-    image_keys = image if hide_image and not cross else none
-    hidden = torch.cat([none, prompt, image_keys, image_keys | prompt])
-    cross_mask = None
-    if cross and hide_image:
-        mask = batch.inputs["cross_attention_mask"]
-        keep = torch.tensor([1, 1, 0, 0], dtype=mask.dtype, device=mask.device)  # image present?
-        cross_mask = torch.cat([mask * k for k in keep])
-    return hidden, cross_mask
+    image_keys = image if hide_image else none
+    return torch.cat([none, prompt, image_keys, image_keys | prompt])

@@ -1,4 +1,10 @@
-"""Targets and foils of attribution methods: one answer token per example, validated."""
+"""Targets and foils of attribution methods: one answer token per example, validated.
+
+An answer becomes a token id by one rule, :meth:`lvlm_probe.model.LVLM.answer_token`: a token id
+is itself, a string must add exactly one token after the text the model sees. Attribution methods
+never take the first token of a longer answer silently: such a target or foil is an
+:class:`~lvlm_probe.errors.InputError`.
+"""
 from __future__ import annotations
 
 import torch
@@ -25,34 +31,24 @@ def target_ids(
 ) -> tuple[list[str], list[str] | None, Tensor]:
     """Validated targets and foils, and their token ids ``[batch, 2]`` (or ``[batch, 1]``).
 
+    Returns:
+        The scored target token of each example, decoded; the foils likewise (None without a foil);
+        and the ids ``[batch, 2]`` (target, foil) or ``[batch, 1]``.
+
     Raises:
         InputError: for a target or foil that is not exactly one token after the text the model
-            sees, or a foil whose token is the target's.
+            sees (see ``LVLM.answer_token``), or a foil whose token is the target's.
     """
     n = len(batch)
     targets = per_example(target, n, "target")
     foils = per_example(foil, n, "foil") if foil is not None else None
     rows = []
     for i in range(n):
-        row = []
-        for what, answer in (("target", targets[i]), ("foil", foils[i] if foils else None)):
-            if answer is None:
-                continue
-            if isinstance(answer, int):
-                if not 0 <= answer < model.d_vocab:
-                    raise InputError(f"example {i}: {what} token id {answer} is outside the vocabulary "
-                                     f"[0, {model.d_vocab})")
-                row.append(answer)
-                continue
-            tokens = model.continuation_tokens(batch, i, answer)
-            if len(tokens) != 1:
-                pieces = model.tokenizer.convert_ids_to_tokens(tokens)
-                raise InputError(f"example {i}: {what} {answer!r} is {len(tokens)} tokens {pieces} after "
-                                 "the prompt; one token is required (score its first word, e.g. "
-                                 f"{answer.split()[0]!r}, or pass a token id's string)")
-            row.append(tokens[0])
-        if foils and row[0] == row[1]:
-            raise InputError(f"example {i}: foil {foils[i]!r} is the same token as target {targets[i]!r}")
+        row = [model.answer_token(batch, i, targets[i], what="target")]
+        if foils:
+            row.append(model.answer_token(batch, i, foils[i], what="foil"))
+            if row[0] == row[1]:
+                raise InputError(f"example {i}: foil {foils[i]!r} is the same token as target {targets[i]!r}")
         rows.append(row)
     ids = torch.tensor(rows, dtype=torch.long)
     names = [[model.tokenizer.decode([t]) for t in r] for r in rows]  # what was scored, readable

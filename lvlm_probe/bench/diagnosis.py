@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from ..attribution import source_split
 from ..errors import InputError
 from ..probing import fit_many, group_split
-from .misalignment import records, scene_key
 from .stages import Stages
+from .tables import records, scene_key
 
 CAUSES = ("prior override", "knows but doesn't say", "perception failure")
 HOOKS = ("hook_embed", "blocks.*.hook_resid_post")
@@ -248,7 +248,7 @@ def split_errors(model, questions: Sequence[Any], answers: pd.DataFrame, *, batc
         if ok:
             if len(ok) < len(chunk):
                 batch = model.prepare(images=[qs[k].image for k in ok], prompts=[qs[k].prompt for k in ok])
-            split = source_split(model, batch, [chunk[k][1] for k in ok], [qs[k].answer for k in ok]).shares()
+            split = source_split(model, batch, [chunk[k][1] for k in ok], foil=[qs[k].answer for k in ok]).shares()
         for k, (qid, _) in enumerate(chunk):
             row = dict(id=qid, prior=np.nan, prompt_credit=np.nan, image=np.nan, full=np.nan,
                        prior_share=np.nan, prompt_share=np.nan, image_share=np.nan)

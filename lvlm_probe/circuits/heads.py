@@ -22,6 +22,7 @@ from einops import rearrange
 
 from ..attribution.dla import dla
 from ..attribution.groups import group_mask
+from ..attribution.results import legacy_calls, moved_to_keywords
 from ..attribution.targets import Answer
 from ..errors import InputError
 from ..inputs import Batch
@@ -29,20 +30,23 @@ from ..inputs import Batch
 COLUMNS = ["rank", "layer", "head", "score", "image_attention", "direct_effect", "image_effect", "n"]
 
 
+@legacy_calls(moved_to_keywords(3, ["foil"], renamed={"data": "batch"}),
+              "head_attribution(model, batch, target, foil=..., batch_size=...)")
 def head_attribution(
-    model, data: Batch | Sequence[Any], target: Answer | list[Answer] | None = None,
-    foil: Answer | list[Answer] | None = None, *, batch_size: int = 16,
+    model, batch: Batch | Sequence[Any], target: Answer | list[Answer] | None = None, *,
+    foil: Answer | list[Answer] | None = None, batch_size: int = 16,
 ) -> pd.DataFrame:
     """Rank heads by how much image information they move to the answer, over a dataset.
 
     Args:
         model: an :class:`~lvlm_probe.LVLM` (a family :func:`~lvlm_probe.attribution.dla` supports).
-        data: a batch from ``model.prepare``, or a sequence of examples with ``image``, ``prompt``
-            and ``answer`` (ShapesWorld questions, or mappings with those keys).
+        batch: a batch from ``model.prepare``, or a sequence of examples with ``image``, ``prompt``
+            and ``answer`` (ShapesWorld questions, or mappings with those keys), split into
+            batches of ``batch_size``.
         target: the answer scored per example; default each example's ``answer`` (for a batch:
             required).
         foil: an alternative answer for a logit difference, or None for the target's logit.
-        batch_size: examples per forward pass when ``data`` is a sequence.
+        batch_size: examples per forward pass when ``batch`` is a sequence of examples.
 
     Returns:
         A DataFrame with one row per head, best first: ``rank`` (1 = best), ``layer``, ``head``,
@@ -62,18 +66,18 @@ def head_attribution(
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     sums: dict[str, torch.Tensor] = {}
     n = 0
-    for batch, targets in _batches(model, data, target, batch_size):
-        terms = dla(model, batch, targets, foil).terms
+    for chunk, targets, foils in _batches(model, batch, target, foil, batch_size):
+        terms = dla(model, chunk, targets, foil=foils).terms
         heads = terms[terms["component"] == "head"]
         effect = heads.pivot_table(index=["layer", "head"], columns="source", values="value", aggfunc="sum")
         # pivot_table sorts its (layer, head) index, so rows are layer-major
         total = rearrange(torch.tensor(effect.sum(axis=1).to_numpy()), "(l h) -> l h", h=model.n_heads)
         image = rearrange(torch.tensor(effect.get("image", 0.0 * effect.iloc[:, 0]).to_numpy()),
                           "(l h) -> l h", h=model.n_heads)
-        attention = image_attention(model, batch)  # [layer, head], summed over examples
+        attention = image_attention(model, chunk)  # [layer, head], summed over examples
         for key, value in (("direct", total), ("image", image), ("attention", attention)):
             sums[key] = sums.get(key, 0) + value
-        n += len(batch)
+        n += len(chunk)
     layers, heads = torch.meshgrid(torch.arange(model.n_layers), torch.arange(model.n_heads), indexing="ij")
     table = pd.DataFrame({
         "layer": layers.flatten().numpy(), "head": heads.flatten().numpy(),
@@ -97,15 +101,16 @@ def image_attention(model, batch) -> torch.Tensor:
     return torch.einsum("lbhk,bk->lh", patterns, image)
 
 
-def _batches(model, data, target, batch_size: int) -> Iterator[tuple[Batch, Any]]:
+def _batches(model, data, target, foil, batch_size: int) -> Iterator[tuple[Batch, Any, Any]]:
+    """Batches with their targets and foils (lists of one per example are split with the data)."""
     if isinstance(data, Batch):
         if target is None:
             raise InputError("with a prepared batch, pass target= (one answer or one per example); "
                              "with a sequence of examples their 'answer' is used")
-        yield data, target
+        yield data, target, foil
         return
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence) or not data:
-        raise InputError(f"data must be a batch or a non-empty sequence of examples with image, prompt and "
+        raise InputError(f"batch must be a Batch or a non-empty sequence of examples with image, prompt and "
                          f"answer, got {type(data).__name__}")
     for start in range(0, len(data), batch_size):
         chunk = data[start:start + batch_size]
@@ -113,11 +118,14 @@ def _batches(model, data, target, batch_size: int) -> Iterator[tuple[Batch, Any]
         batch = model.prepare(images=[f[0] for f in fields], prompts=[f[1] for f in fields])
         if target is None:
             targets: Any = [f[2] for f in fields]
-        elif isinstance(target, (str, int)):
-            targets = target
         else:
-            targets = list(target)[start:start + batch_size]
-        yield batch, targets
+            targets = _part(target, start, batch_size)
+        yield batch, targets, None if foil is None else _part(foil, start, batch_size)
+
+
+def _part(answers: Any, start: int, size: int) -> Any:
+    """One answer for every example, or the chunk's part of a list of one per example."""
+    return answers if isinstance(answers, (str, int)) else list(answers)[start:start + size]
 
 
 def _fields(example: Any, i: int, need_answer: bool) -> tuple[Any, str, Any]:

@@ -25,6 +25,7 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import Tensor
 
+from ..attribution.dla import check_linear_writes
 from ..attribution.groups import repeat_inputs
 from ..errors import InputError
 from ..hooks.patching import editing
@@ -45,7 +46,8 @@ def path_patch(
 
     Args:
         model: an :class:`~lvlm_probe.LVLM` whose attention and MLP writes add to the residual
-            stream (not Gemma 3's sandwich norms nor Mllama's gated cross-attention).
+            stream (its family's ``nonlinear_writes`` is None: not Gemma 3's sandwich norms nor
+            Mllama's gated cross-attention).
         clean, corrupted: batches with equal token layouts (see :func:`~lvlm_probe.circuits.patch`).
         senders: a ``(layer, head)`` or a list of them; default every head.
         receivers: ``"logits"`` (the direct path to the answer) or a list of
@@ -68,9 +70,7 @@ def path_patch(
         >>> lp.circuits.path_patch(model, clean, corrupted, senders=(1, 3), receivers=[(2, 2, "v")])
     """
     check_pair(clean, corrupted)
-    if model.family.name in ("gemma3", "mllama"):
-        raise InputError(f"path_patch needs attention writes that add to the residual stream; "
-                         f"{model.family.name}'s do not")
+    check_linear_writes(model, "path_patch")
     senders = _senders(model, senders)
     receivers = _receivers(model, receivers)
     if not isinstance(senders_per_pass, int) or senders_per_pass < 1:

@@ -6,6 +6,9 @@ layer's attention patterns, every layer's logit-lens top token at every position
 write from each key position onto the answer's unembedding direction (direct logit attribution
 per token, with the final norm's scale frozen at the query position, as in
 :func:`lvlm_probe.attribution.dla`), plus the answer's source split.
+
+Where direct logit attribution does not apply (the family's ``nonlinear_writes``), the snapshot
+holds no writes and says why (``Snapshot.no_writes``); the explorer then shows attention weights.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from einops import einsum, rearrange, reduce, repeat
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..attribution.dla import UNSUPPORTED
 from ..attribution.lens import unembed
 from ..attribution.source_split import SourceSplit, source_split
 from ..attribution.targets import Answer, target_ids
@@ -44,6 +46,8 @@ class Snapshot:
         scales: ``[S]`` the final norm's scale at each query position.
         target, foil: the scored answer tokens (foil None: the target's logit alone).
         split: the answer's source split (None when unavailable).
+        prompt: the example's prompt (the question).
+        no_writes: why ``writes`` is None: "<family> <its nonlinear_writes reason>", else None.
     """
 
     tokens: list[str]
@@ -58,6 +62,8 @@ class Snapshot:
     target: str
     foil: str | None
     split: SourceSplit | None
+    prompt: str = ""
+    no_writes: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -135,11 +141,13 @@ def snapshot(model, batch: Batch, example: int = 0, target: Answer | None = None
     grid = layout.images[0].grid.positions if layout.images and layout.images[0].grid is not None else None
     result = None
     if split and layout.images and len(layout.positions("prompt")):
-        result = source_split(model, one, ids[0, 0].item(), ids[0, 1].item() if foils else None)
+        result = source_split(model, one, ids[0, 0].item(), foil=ids[0, 1].item() if foils else None)
+    reason = model.family.nonlinear_writes
     return Snapshot(tokens=list(layout.tokens), groups=group_of, image=images[0] if images else None, grid=grid,
                     patterns=patterns, lens_tokens=lens_tokens, lens_probs=lens_probs.float().cpu(),
                     writes=writes, scales=scales, target=targets[0], foil=foils[0] if foils else None,
-                    split=result)
+                    split=result, prompt=layout.prompt,
+                    no_writes=None if reason is None else f"{model.family.name}: {reason}")
 
 
 def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -149,15 +157,16 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
     eps = norm.eps if layer_norm else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     centred = final - final.mean(-1, keepdim=True) if layer_norm else final
     scales = torch.rsqrt(centred.pow(2).mean(-1) + eps).cpu()  # [S]
-    if model.family.name in UNSUPPORTED:
+    if model.family.nonlinear_writes is not None:  # direct logit attribution does not apply
         return None, scales
     head = model.module(model.family.lm_head)
     direction = head.weight[ids[0]].float().cpu()
     if len(ids) > 1:
         direction = direction - head.weight[ids[1]].float().cpu()
     weight = norm.weight.float().cpu() if norm.weight is not None else torch.ones_like(direction)
-    if "Gemma" in type(norm).__name__:  # Gemma's RMSNorm scales by (1 + weight)
-        weight = 1.0 + weight
+    offset = model.family.final_norm_weight_offset  # e.g. Gemma's RMSNorm scales by (1 + weight)
+    if offset:
+        weight = offset + weight
     writes = []
     for layer in range(model.n_layers):
         o_proj = model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn_out}")

@@ -156,13 +156,21 @@ class Family:
 
         Families whose images sit in the token sequence (``image_mode`` ``"tokens"`` or
         ``"queries"``) are hidden by masking those positions at every self-attention layer; their
-        inputs come back unchanged. Cross-attention families override this.
+        inputs come back unchanged. Cross-attention families override this, and declare in
+        :meth:`image_write_hooks` what the inputs alone cannot remove.
 
         Args:
             inputs: the processor's output for a batch (not modified).
             keep: ``[batch]`` bool, whether each row keeps its images.
         """
         return inputs
+
+    def image_write_hooks(self, config) -> list[str]:
+        """Hook names whose values carry the images into the residual stream where the images are
+        not token positions (cross-attention outputs, before any gate). Zeroing them for a row,
+        together with :meth:`hide_images`, removes its images at every layer. Empty for families
+        whose images are token positions."""
+        return []
 
 
 def split_evenly(positions: Tensor, n: int) -> list[Tensor]:

@@ -5,7 +5,11 @@ Images never enter the token sequence as patches. Each image is one ``<|image|>`
 vision tower turns the image into tiles (up to ``max_num_tiles``, arranged by the image's aspect
 ratio) of ``1 + p*p`` states each (a class state, then a ``p x p`` patch grid), and the layers listed
 in ``text_config.cross_attention_layers`` attend to those states. The processor's
-``cross_attention_mask`` lets every token from an image's marker onwards attend to that image.
+``cross_attention_mask`` lets every token from an image's marker onwards attend to that image. A
+token that may attend to no tile at all (before the first marker) does not attend to none:
+transformers then unmasks the whole row, so its cross-attention reads every tile, and only the
+layer's MLP write is zeroed for it (``full_text_row_masked_out_mask``); the gated attention write
+still adds image information to it.
 
 Layout: each image is its marker (separator ``"marker"``, no grid in the sequence) and ``attended``
 ``{"tiles": (rows, cols), "patches": (p, p)}``: the tile arrangement read from ``aspect_ratio_ids``
@@ -51,11 +55,24 @@ class Mllama(Family):
         return [int(i) for i in self.text_config(config).cross_attention_layers]
 
     def hide_images(self, inputs: dict[str, Any], keep: Tensor) -> dict[str, Any]:
-        """Zero the cross-attention mask of the rows without images: the model then skips the
-        cross-attention layers' contribution for those rows (``full_text_row_masked_out_mask``)."""
+        """Zero the cross-attention mask of the rows without images.
+
+        This removes only the MLP write of the cross-attention layers for those rows
+        (``full_text_row_masked_out_mask``). Their gated attention write stays: transformers turns
+        a mask row without any visible tile into one that attends to every tile. Removing the image
+        also needs the output of each cross-attention module zeroed on those rows
+        (:meth:`image_write_hooks`); the layers are then the identity there, as in a forward pass
+        without pixels.
+        """
         mask = inputs["cross_attention_mask"]
         shape = (-1,) + (1,) * (mask.dim() - 1)
         return {**inputs, "cross_attention_mask": mask * keep.to(mask.device, mask.dtype).reshape(shape)}
+
+    def image_write_hooks(self, config) -> list[str]:
+        """The cross-attention modules' outputs (before the layer's tanh gate): zeroed for a row
+        with its cross-attention mask, the row's cross-attention layers add nothing, exactly as
+        transformers' forward without ``pixel_values`` skips them."""
+        return [f"blocks.{layer}.cross_attn.hook_attn_out" for layer in self.cross_attention_layers(config)]
 
     def n_vision_global_layers(self, config) -> int:
         """Number of layers at ``vision_global_layers``."""

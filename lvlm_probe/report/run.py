@@ -65,7 +65,7 @@ def example_maps(model, questions: list, chosen: pd.DataFrame, method: str, prog
     for _, e in tqdm(list(chosen.iterrows()), desc="image maps", disable=not progress):
         q = by_id[e["id"]]
         batch = model.prepare(images=[q.image], prompts=[q.prompt])
-        result = image_map(model, batch, e["answer"], e["gold"], method=method)
+        result = image_map(model, batch, e["answer"], foil=e["gold"], method=method)
         rows.append(dict(id=e["id"], question=q.prompt, gold=e["gold"], answer=e["answer"], cause=e["cause"],
                          split=e["split"], png=figures.png_bytes(result.plot(0))))
     return pd.DataFrame(rows, columns=["id", "question", "gold", "answer", "cause", "split", "png"])

@@ -39,7 +39,7 @@ def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, map
     questions = ShapesWorld(seed=seed, image_size=64).questions(n, level="attribute", split="counterfactual",
                                                                kind="color")
     batch = model.prepare(images=[q.image for q in questions], prompts=[q.prompt for q in questions])
-    split = source_split(model, batch, [q.answer for q in questions], [q.typical_color for q in questions])
+    split = source_split(model, batch, [q.answer for q in questions], foil=[q.typical_color for q in questions])
     said = [s.split()[0].strip(".").lower() if s else "" for s in model.generate(batch, max_new_tokens=2)]
     table = split.shares().assign(
         prompt_text=[q.prompt for q in questions], answer=[q.answer for q in questions],

@@ -97,7 +97,7 @@ def test_attribution_on_split_model(models, batch):
     torch.testing.assert_close(lens[1].top_probs, lens[0].top_probs, rtol=0, atol=1e-6)
     knocked = [lp.attribution.knockout(m, batch, source="image", dest="last", layers=range(0, 2))
                for m in (whole, split)]
-    pd.testing.assert_frame_equal(knocked[1], knocked[0])
+    pd.testing.assert_frame_equal(knocked[1].to_frame(), knocked[0].to_frame())
 
 
 def test_bad_placement_arguments():

@@ -75,7 +75,7 @@ def default_maps(shapes):
     said = model.generate(batch, max_new_tokens=2)
     right = [i for i, (s, q) in enumerate(zip(said, questions)) if s and s.split()[0].strip(".").lower() == q.answer]
     maps = image_map(model, batch, [q.answer for q in questions])  # the default method
-    return right, maps, deletion_insertion(model, batch, maps, [q.answer for q in questions])
+    return right, maps, deletion_insertion(model, batch, [q.answer for q in questions], maps=maps).to_frame()
 
 
 def test_map_points_at_the_asked_object(shapes, default_maps):
@@ -105,7 +105,7 @@ def test_maps_change_when_the_model_is_randomized(shapes):
     model, questions, _ = shapes
     sub = model.prepare(images=[q.image for q in questions[:8]], prompts=[q.prompt for q in questions[:8]])
     before = [p.detach().clone() for p in model.hf.parameters()]
-    check = randomization_check(model, sub, [q.answer for q in questions[:8]])
+    check = randomization_check(model, sub, [q.answer for q in questions[:8]]).to_frame()
     assert check["spearman"].abs().mean() < 0.5
     assert all(torch.equal(p, q) for p, q in zip(model.hf.parameters(), before))  # randomized a copy
     again = image_map(model, sub, [q.answer for q in questions[:8]])
@@ -122,11 +122,11 @@ def test_errors_and_families(shapes):
         image = Image.fromarray(np.zeros((48, 48, 3), dtype=np.uint8))
         tiny_batch = tiny.prepare(images=[[image]], prompts=["Is there a heart?"])
         with pytest.raises(InputError, match="needs image tokens in the sequence"):
-            image_map(tiny, tiny_batch, tiny.answer_token_ids(tiny_batch, ["yes"])[0, 0].item())
+            image_map(tiny, tiny_batch, tiny.answer_token_ids(tiny_batch, ["yes"], first_token=True)[0, 0].item())
     qwen = lp.zoo.tiny("qwen2_vl", device="cpu")
     images = [[Image.fromarray(np.full((48, 48, 3), v, dtype=np.uint8))] for v in (0, 255)]
     pair = qwen.prepare(images=images, prompts=["Is there a heart?"] * 2)
-    yes = qwen.answer_token_ids(pair, ["yes"])[0, 0].item()
+    yes = qwen.answer_token_ids(pair, ["yes"], first_token=True)[0, 0].item()
     with pytest.raises(InputError, match="one example per batch"):
         image_map(qwen, pair, yes)
     single = qwen.prepare(images=images[:1], prompts=["Is there a heart?"])

@@ -86,7 +86,7 @@ def test_attention_cells_are_the_heads_attention_to_the_image(model, batch, expl
 def test_token_attribution_adds_up_to_the_heads_direct_logit_attribution(model, batch, questions):
     snap = snapshot(model, batch, example=1, target=questions[1].answer, foil="red", split=False)
     single = model.prepare(images=batch.images[1], prompts=batch.prompts[1])
-    terms = lp.attribution.dla(model, single, questions[1].answer, "red").terms
+    terms = lp.attribution.dla(model, single, questions[1].answer, foil="red").terms
     heads = terms[terms["component"] == "head"].groupby(["layer", "head"])["value"].sum()
     last = len(snap.tokens) - 1
     ours = torch.stack([torch.stack([snap.contributions(la, h, last).sum() for h in range(model.n_heads)])
