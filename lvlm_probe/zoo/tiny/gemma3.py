@@ -2,10 +2,13 @@
 
 Each image becomes ``<start_of_image>`` + ``mm_tokens_per_image`` soft tokens + ``<end_of_image>``.
 The projector average-pools the (IMAGE_SIZE / PATCH_SIZE)^2 = 4x4 patch grid with a 2x2 kernel
-into a 2x2 grid, as the real checkpoints pool 64x64 patches into 16x16 tokens.
+into a 2x2 grid, as the real checkpoints pool 64x64 patches into 16x16 tokens. transformers
+initialises the projector's input projection to zeros, which would make every image embed to zero
+(the image could not change any output); the tiny model draws it at random instead.
 """
 from __future__ import annotations
 
+import torch
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -75,4 +78,6 @@ def build():
     )
     config.architectures = ["Gemma3ForConditionalGeneration"]
     model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # zero-initialised by transformers: the image would not reach the LM
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=VISION["hidden_size"] ** -0.5)
     return model, processor

@@ -1,7 +1,13 @@
 """Tiny MllamaForConditionalGeneration: tiled vision tower with a global encoder, Llama LM whose
-layer 1 is a gated cross-attention layer, Llama-3.2-Vision-style chat template."""
+layer 1 is a gated cross-attention layer, Llama-3.2-Vision-style chat template.
+
+transformers initialises the cross-attention layer's two tanh gates to zero, which makes the layer
+the identity (the image could not change any output); the tiny model opens them at random instead,
+as trained checkpoints have them.
+"""
 from __future__ import annotations
 
+import torch
 from transformers import (
     MllamaConfig,
     MllamaForConditionalGeneration,
@@ -61,6 +67,11 @@ def build():
     )
     config.architectures = ["MllamaForConditionalGeneration"]
     model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # zero-initialised by transformers: the image would not reach the text
+        for layer in config.text_config.cross_attention_layers:
+            block = model.model.language_model.layers[layer]
+            block.cross_attn_attn_gate.uniform_(0.5, 1.0)
+            block.cross_attn_mlp_gate.uniform_(0.5, 1.0)
     image_processor = MllamaImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES
     )
