@@ -20,7 +20,7 @@ from captum.attr import FeatureAblation
 
 import lvlm_probe as lp
 from lvlm_probe.attribution import image_map
-from lvlm_probe.attribution.image_map import features
+from lvlm_probe.attribution.image_maps import features
 
 
 def plain_captum(model, batch, answers, per_eval: int) -> list[np.ndarray]:

@@ -145,7 +145,7 @@ def attribute(
     """Split an answer among prior, prompt and image, and map it over the image."""
     from .attribution import image_map, source_split
     from .viz import save_figure
-    from .workflows.world_attribution import world_attribution
+    from .workflows.attribution_run import world_attribution
 
     _quiet_transformers()
     lvlm = _load(model, device, dtype)

@@ -12,7 +12,8 @@ Example:
 """
 from __future__ import annotations
 
-from .dla import DirectLogitAttribution, dla
+from .attention_knockout import KnockoutCurve, knockout
+from .direct_logit import DirectLogitAttribution, dla
 from .faithfulness import (
            DeletionInsertion,
            RandomizationCheck,
@@ -20,11 +21,10 @@ from .faithfulness import (
            randomization_check,
 )
 from .groups import GROUPS
-from .image_map import METHODS, ImageMap, image_map
-from .knockout import KnockoutCurve, knockout
+from .image_maps import METHODS, ImageMap, image_map
 from .lens import LogitLens, logit_lens
 from .results import AttributionResult, AttributionTable
-from .source_split import COALITIONS, SourceSplit, source_split
+from .sources import COALITIONS, SourceSplit, source_split
 
 __all__ = ["COALITIONS", "GROUPS", "METHODS", "AttributionResult", "AttributionTable", "DeletionInsertion",
            "DirectLogitAttribution", "ImageMap", "KnockoutCurve", "LogitLens", "RandomizationCheck",

@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from .image_map import ImageMap, _Score, features, image_map
+from .image_maps import ImageMap, _Score, features, image_map
 from .results import AttributionTable, legacy_calls, moved_to_keywords, seeded
 from .targets import Answer, target_ids
 

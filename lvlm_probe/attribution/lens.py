@@ -105,7 +105,7 @@ def logit_lens(model, batch, *, positions: Any = "image", k: int = 5) -> LogitLe
     Args:
         model: an :class:`~lvlm_probe.LVLM`.
         batch: from ``model.prepare``.
-        positions: a position selector (see :mod:`lvlm_probe.hooks.positions`), default the image tokens.
+        positions: a position selector (see :mod:`lvlm_probe.hooks.selectors`), default the image tokens.
         k: how many top tokens to keep per position.
 
     Returns:

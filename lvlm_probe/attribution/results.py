@@ -7,7 +7,7 @@ and image grids) and the method's name; ``to_frame()`` gives a tidy DataFrame (o
 measurement) and ``plot()`` a matplotlib Figure whose title names the question, the target (and
 foil) and the method (it never calls ``plt.show``).
 
-Results of methods that used to return a bare DataFrame (:func:`~lvlm_probe.attribution.knockout`,
+Results of methods that used to return a bare DataFrame (:func:`~lvlm_probe.attribution.attention_knockout`,
 :func:`~lvlm_probe.attribution.deletion_insertion`,
 :func:`~lvlm_probe.attribution.randomization_check`) are :class:`AttributionTable` s: ``to_frame()``
 is that DataFrame, and for one release the DataFrame's own methods still work on the result, with

@@ -6,9 +6,9 @@
   of every error (:mod:`lvlm_probe.bench.diagnosis`).
 """
 from .answers import accuracy_by, ask, first_word
-from .chair import ChairResult, chair, load_synonyms, shapes_synonyms
+from .chair_metric import ChairResult, chair, load_synonyms, shapes_synonyms
 from .diagnosis import CAUSES, Diagnosis, diagnose
-from .misalignment import Misalignment, misalignment
+from .misalignment_benchmark import Misalignment, misalignment
 from .pope_benchmark import (
     PARSERS,
     LineProblem,

@@ -3,7 +3,7 @@
 Every wrong answer gets one cause:
 
 * ``prior override``: the answer came from the language side. The source split
-  (:func:`~lvlm_probe.attribution.source_split`) of the wrong answer's log-odds against the gold
+  (:func:`~lvlm_probe.attribution.sources`) of the wrong answer's log-odds against the gold
   answer gives the prior and the prompt together a positive push towards the wrong answer, and the
   image at most ``max_image_share`` (default one half) of the absolute credit, so the language
   side dominates;
@@ -343,7 +343,7 @@ def diagnose(model, questions: Sequence[Any], answers: pd.DataFrame, probe_world
     Args:
         model: the :class:`~lvlm_probe.LVLM` that gave the answers.
         questions: the questions, in the order of ``answers``.
-        answers: from :func:`~lvlm_probe.bench.misalignment.answer_questions`.
+        answers: from :func:`~lvlm_probe.bench.misalignment_benchmark.answer_questions`.
         probe_world: the ShapesWorld probes are fitted on.
         n_probe: probe-training questions per kind and split.
         min_gain: accuracy above chance (held-out scenes) a probe needs to count.

@@ -1,6 +1,6 @@
 """What the benchmark tables share: the key of a scene and the tables' JSON form.
 
-Used by :mod:`~lvlm_probe.bench.misalignment` (which builds the tables) and
+Used by :mod:`~lvlm_probe.bench.misalignment_benchmark` (which builds the tables) and
 :mod:`~lvlm_probe.bench.diagnosis` (which splits probe data by scene and reports its own tables).
 """
 from __future__ import annotations

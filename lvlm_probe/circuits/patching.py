@@ -31,8 +31,8 @@ from ..attribution.groups import repeat_inputs
 from ..errors import InputError
 from ..hooks.names import HookPoint
 from ..hooks.patching import editing, writable_points
-from ..hooks.positions import check as check_selector
-from ..hooks.positions import resolve
+from ..hooks.selectors import check as check_selector
+from ..hooks.selectors import resolve
 from .metrics import Metric, Scorer, check_pair, normalise, scorer
 
 DEFAULT_POSITIONS = ("image", "prompt", "template", "last")
@@ -49,12 +49,12 @@ class Site:
     head: int | None = None
 
 
-def position_masks(batch, positions: Any) -> list[tuple[str, Tensor]]:
-    """``(label, mask [batch, seq])`` for each positions entry.
+def position_masks(batch, selectors: Any) -> list[tuple[str, Tensor]]:
+    """``(label, mask [batch, seq])`` for each selector (the ``positions=`` argument of :func:`patch`).
 
     Args:
         batch: the (clean) batch.
-        positions: a selector or a list of them: ``"all"``, ``"image"``, ``"prompt"``,
+        selectors: a selector or a list of them: ``"all"``, ``"image"``, ``"prompt"``,
             ``"template"``, ``"last"``, a prompt word, a callable ``layout -> LongTensor``, or
             ``"each"`` for every position on its own, aligned from the end of each example
             (labels ``"-1 :"``, ``"-2 ASSISTANT"``, ... with the first example's tokens), over the
@@ -64,9 +64,9 @@ def position_masks(batch, positions: Any) -> list[tuple[str, Tensor]]:
         InputError: for an empty list or a bad selector; LayoutError for a selector that selects
             nothing in some example.
     """
-    entries = [positions] if isinstance(positions, str) or callable(positions) else list(positions or [])
+    entries = [selectors] if isinstance(selectors, str) or callable(selectors) else list(selectors or [])
     if not entries:
-        raise InputError(f"positions must be a selector or a non-empty list of them, got {positions!r}")
+        raise InputError(f"positions must be a selector or a non-empty list of them, got {selectors!r}")
     n, length = batch.input_ids.shape
     out = []
     for entry in entries:

@@ -25,7 +25,7 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import Tensor
 
-from ..attribution.dla import check_linear_writes
+from ..attribution.direct_logit import check_linear_writes
 from ..attribution.groups import repeat_inputs
 from ..errors import InputError
 from ..hooks.patching import editing

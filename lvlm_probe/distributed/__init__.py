@@ -4,7 +4,7 @@ Ray is an optional extra (``pip install 'lvlm-probe[distributed]'``) and is impo
 call asks for ``backend="ray"``; the local path never imports it. Importing this package (which
 ``import lvlm_probe`` does) registers the executors named ``"ray"`` with the store
 (:data:`lvlm_probe.store.executor.executors`) and with probe sweeps
-(:data:`lvlm_probe.probing.sweep.sweep_executors`); it does not import Ray.
+(:data:`lvlm_probe.probing.sweeps.sweep_executors`); it does not import Ray.
 
 * ``lp.extract(..., backend="ray")``: shards go to a pool of Ray actors, each holding the model
   (one per GPU with ``ray_resources={"num_gpus": 1}``); the driver commits shards in order, so
@@ -29,7 +29,7 @@ Example:
 """
 from __future__ import annotations
 
-from ..probing.sweep import sweep_executors
+from ..probing.sweeps import sweep_executors
 from ..store.executor import executors
 from .extract import RayExecutor
 from .options import check_ray_options

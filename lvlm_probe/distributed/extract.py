@@ -28,7 +28,7 @@ import torch
 
 from ..devices import resolve_dtype
 from ..errors import InputError, LVLMProbeError, StoreError
-from ..hooks.positions import resolve_batch
+from ..hooks.selectors import resolve_batch
 from ..store import rows
 from ..store.executor import Executor, ExtractionPlan, cut_shards
 from ..store.fingerprints import fingerprint
@@ -109,7 +109,7 @@ class RayExecutor(Executor):
                         actors.append(worker.remote(spec))
                         pool.push(actors[-1])
                     pool.submit(lambda actor, job: actor.extract.remote(*job),
-                                (writer.header, plan.positions, shard, k, start, plan.batch_size, str(writer.root)))
+                                (writer.header, plan.selector, shard, k, start, plan.batch_size, str(writer.root)))
                     outstanding += 1
                     k, start = k + 1, start + len(shard)
                     # two shards per worker in flight keep the workers busy and bound the driver's memory
@@ -188,13 +188,13 @@ class ShardWorker:
         self.model = spec.load(device="cuda" if ray.get_gpu_ids() else "cpu")
         self.digest = fingerprint(self.model)["digest"]
 
-    def extract(self, header: dict[str, Any], positions: Any, examples: list[rows.Example], k: int,
+    def extract(self, header: dict[str, Any], selector: Any, examples: list[rows.Example], k: int,
                 start: int, batch_size: int, root: str) -> StagedShard:
         """Extract shard ``k`` and write its files under temporary names.
 
         Args:
             header: the store header (hooks, reduction, dtype, fingerprint).
-            positions: the position selector as the user passed it.
+            selector: the position selector as the user passed it (``positions=``).
             examples: the shard's examples, in order.
             k, start: the shard's index and the dataset index of its first example.
             batch_size: examples per forward pass.
@@ -214,7 +214,7 @@ class ShardWorker:
                 "loading), and ray_load must not change the weights or dtype"
             )
         model = self.model
-        capture = rows.plan(model, header["hooks"], positions, header["reduce"])
+        capture = rows.plan(model, header["hooks"], selector, header["reduce"])
         dtype = resolve_dtype(header["dtype"])
         buffer = rows.ShardBuffer(capture)
         done = f"shard {k} is not written; the shards before it are kept when the driver commits them"

@@ -1,8 +1,8 @@
 """Probe sweeps with Ray: groups of hooks (layers) are fitted in parallel tasks.
 
-:class:`RaySweepExecutor` is the :class:`~lvlm_probe.probing.sweep.SweepExecutor` named ``"ray"``.
+:class:`RaySweepExecutor` is the :class:`~lvlm_probe.probing.sweeps.SweepExecutor` named ``"ray"``.
 Each hook's probes depend only on its features and on the labels, split and seeds that
-:class:`~lvlm_probe.probing.sweep.HookJob` carries, so a task fits exactly what the local loop
+:class:`~lvlm_probe.probing.sweeps.HookJob` carries, so a task fits exactly what the local loop
 fits and the table is the same, row for row and in the same order.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import InputError
-from ..probing.sweep import SweepExecutor, SweepPlan
+from ..probing.sweeps import SweepExecutor, SweepPlan
 from .options import check_ray_options
 from .runtime import n_workers, runtime_env, session, task_error
 
@@ -73,7 +73,7 @@ def fit_hooks(job: Any, features: str | dict[str, Any], hooks: list[str]) -> lis
     """Ray task: each hook's result rows.
 
     Args:
-        job: the sweep's :class:`~lvlm_probe.probing.sweep.HookJob`.
+        job: the sweep's :class:`~lvlm_probe.probing.sweeps.HookJob`.
         features: a store folder, or ``{hook: array [N, ...]}``.
         hooks: the hooks to fit.
     """

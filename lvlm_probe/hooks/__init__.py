@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .capture import ActivationCache, Capture, running
 from .names import HookPoint, expand, hook_points
-from .positions import GROUP_SELECTORS, REDUCTIONS
+from .selectors import GROUP_SELECTORS, REDUCTIONS
 
 __all__ = [
            "GROUP_SELECTORS",

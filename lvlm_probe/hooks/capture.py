@@ -41,8 +41,8 @@ from torch import Tensor
 from ..errors import InputError, LVLMProbeError
 from . import attention, values
 from .names import HookPoint, expand, hook_points, pattern_regex
-from .positions import Selector, gather, needs_layout, reduce_kept, resolve_batch
-from .positions import check as check_selector
+from .selectors import Selector, gather, needs_layout, reduce_kept, resolve_batch
+from .selectors import check as check_selector
 
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("lvlm_probe_running_batch", default=None)
 
@@ -66,10 +66,10 @@ class ActivationCache:
     see :meth:`calls`.
     """
 
-    def __init__(self, positions: Selector = "all", reduce: str = "none"):
-        self.selector, self.reduce = positions, reduce
+    def __init__(self, selector: Selector = "all", reduce: str = "none"):
+        self.selector, self.reduce = selector, reduce
         self._calls: dict[str, list[Tensor]] = {}
-        self._positions: list[Tensor | None] = []  # per forward pass that resolved positions
+        self._kept: list[Tensor | None] = []  # the kept positions of each forward pass that resolved them
 
     def __getitem__(self, name: str) -> Tensor:
         calls = self.calls(name)
@@ -122,7 +122,7 @@ class ActivationCache:
     def positions(self) -> Tensor | None:
         """Sequence positions kept for each example, ``[batch, n_max]`` with ``-1`` at padding
         (``mask = positions >= 0``); None when whole tensors were kept (``"all"``, ``"none"``)."""
-        return self._positions[-1] if self._positions else None
+        return self._kept[-1] if self._kept else None
 
     def __repr__(self) -> str:
         return (f"ActivationCache({len(self._calls)} names, positions={self.selector!r}, "
@@ -135,7 +135,7 @@ class Capture:
     Args:
         model: the :class:`~lvlm_probe.LVLM`.
         names: names or ``*`` patterns (see :mod:`lvlm_probe.hooks.names`).
-        positions: a selector (see :mod:`lvlm_probe.hooks.positions`).
+        positions: a selector (see :mod:`lvlm_probe.hooks.selectors`).
         reduce: ``"none"``, ``"mean"`` or ``"last"``.
 
     Raises:
@@ -156,10 +156,10 @@ class Capture:
                 f"positions={positions!r}, reduce={reduce!r}; capture them in a separate "
                 "model.capture(names) with positions='all', reduce='none'"
             )
-        self.model, self.positions, self.reduce = model, positions, reduce
+        self.model, self.selector, self.reduce = model, positions, reduce
         self.cache = ActivationCache(positions, reduce)
         self._handles: list[Any] = []
-        self._resolved: tuple[Any, Tensor] | None = None  # (batch, positions) of the running batch
+        self._resolved: tuple[Any, Tensor] | None = None  # (batch, its kept positions) of the running batch
         self._entered = False
         self._seq_shape: tuple[int, int] | None = None  # [batch, pos] of the last block input
         self._stack = contextlib.ExitStack()
@@ -252,16 +252,16 @@ class Capture:
         self.cache._calls.setdefault(point.name, []).append(value)
 
     def _batch_positions(self) -> Tensor | None:
-        if not needs_layout(self.positions, self.reduce):
+        if not needs_layout(self.selector, self.reduce):
             return None
         batch = _RUNNING.get()
         if batch is None:
             raise LVLMProbeError(
-                f"a hook ran without a known batch, but positions={self.positions!r}, "
+                f"a hook ran without a known batch, but positions={self.selector!r}, "
                 f"reduce={self.reduce!r} need the batch's layouts; run model.forward(batch) or "
                 "model.generate(batch) inside the capture, or capture with positions='all', reduce='none'"
             )
         if self._resolved is None or self._resolved[0] is not batch:
-            self._resolved = (batch, resolve_batch(self.positions, batch.layouts))
-            self.cache._positions.append(self._resolved[1])
+            self._resolved = (batch, resolve_batch(self.selector, batch.layouts))
+            self.cache._kept.append(self._resolved[1])
         return self._resolved[1]

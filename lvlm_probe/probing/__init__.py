@@ -12,7 +12,7 @@ from .controls import control_labels, type_overlap
 from .probe import LinearProbe
 from .splits import group_split
 from .stats import AccuracyCI, bootstrap_ci
-from .sweep import sweep, transfer
+from .sweeps import sweep, transfer
 
 __all__ = [
     "LinearProbe", "fit_many", "BatchedProbes", "group_split", "control_labels", "type_overlap",

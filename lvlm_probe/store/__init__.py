@@ -59,7 +59,7 @@ Example:
 from __future__ import annotations
 
 from .executor import Executor, ExtractionPlan, LocalExecutor, executors
-from .extract import extract
+from .extraction import extract
 from .fingerprints import fingerprint
 from .store import ActivationStore, Shard
 from .writer import ShardWriter, StagedShard, stage_shard

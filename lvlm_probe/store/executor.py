@@ -22,7 +22,7 @@ passed as an object, ``backend=MyExecutor()``. To add a backend, subclass :class
     executors.register(Threads())                             # lp.extract(..., backend="threads")
 
 :class:`Backend` is what extraction executors and probe-sweep executors
-(:class:`lvlm_probe.probing.sweep.SweepExecutor`) share: a name, the keyword options of
+(:class:`lvlm_probe.probing.sweeps.SweepExecutor`) share: a name, the keyword options of
 ``extract``/``sweep`` they take (``ray_address``, ...), their checks, and a :class:`Registry`.
 """
 from __future__ import annotations
@@ -160,8 +160,8 @@ class ExtractionPlan:
             objects; iterate it once, to the end (it checks the stored ids and counts the dataset).
         capture: the hooks, selector and reduction, validated on ``model``
             (:func:`lvlm_probe.store.rows.plan`).
-        positions: the position selector as the caller passed it (to redo :func:`~lvlm_probe.store.rows.plan`
-            in another process).
+        selector: the position selector as the caller passed it (``positions=``), to redo
+            :func:`~lvlm_probe.store.rows.plan` in another process.
         dtype: the stored dtype (values are cast on the CPU).
         batch_size: examples per forward pass.
         shard_size: examples per shard.
@@ -173,7 +173,7 @@ class ExtractionPlan:
     model: Any
     examples: rows.Examples
     capture: rows.Plan
-    positions: Any
+    selector: Any
     dtype: torch.dtype
     batch_size: int
     shard_size: int

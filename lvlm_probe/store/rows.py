@@ -149,7 +149,7 @@ class Plan:
     padded: list[str] = field(default_factory=list)
 
 
-def plan(model: Any, hooks: str | list[str], positions: Any, reduce: str) -> Plan:
+def plan(model: Any, hooks: str | list[str], selector: Any, reduce: str) -> Plan:
     """Expand and validate the hooks, selector and reduction before anything is written.
 
     Raises:
@@ -167,21 +167,21 @@ def plan(model: Any, hooks: str | list[str], positions: Any, reduce: str) -> Pla
         )
     lm = [n for n in names if points[n].space == "lm"]
     whole = [n for n in names if points[n].space != "lm"]
-    if callable(positions):
-        label = f"callable:{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', '?')}"
+    if callable(selector):
+        label = f"callable:{getattr(selector, '__module__', '?')}.{getattr(selector, '__qualname__', '?')}"
     else:
-        label = positions
-    if whole and (positions != "all" or reduce != "none"):
+        label = selector
+    if whole and (selector != "all" or reduce != "none"):
         raise InputError(
             f"{whole[:3]} are not in the token sequence, so a store keeps them whole; got "
             f"positions={label!r}, reduce={reduce!r}; extract them with positions='all', "
             "reduce='none' (into a separate store)"
         )
-    selector = _non_pad if (positions == "all" and reduce == "none") else positions
-    for group, sel, red in ((lm, selector, reduce), (whole, "all", "none")):
+    lm_selector = _non_pad if (selector == "all" and reduce == "none") else selector
+    for group, sel, red in ((lm, lm_selector, reduce), (whole, "all", "none")):
         if group:
             model.capture(group, positions=sel, reduce=red)  # validates; registers nothing
-    return Plan(names, lm, whole, selector, label, reduce, lm if reduce == "none" else [])
+    return Plan(names, lm, whole, lm_selector, label, reduce, lm if reduce == "none" else [])
 
 
 def _again(err: LVLMProbeError, message: str) -> LVLMProbeError:

@@ -9,9 +9,9 @@ which the core never does):
   ShapesWorld colour questions;
 * :mod:`.evaluation`: a reference model's accuracy and priors on fresh ShapesWorld questions.
 """
+from .attribution_run import world_attribution
 from .evaluation import answers, evaluate, prior_figures
 from .sweep import run_sweep
 from .sweep_config import load_config
-from .world_attribution import world_attribution
 
 __all__ = ["answers", "evaluate", "load_config", "prior_figures", "run_sweep", "world_attribution"]

@@ -5,7 +5,7 @@ Output folder::
     <out>/sweep.json                 the definition this folder was made with
     <out>/acts/{lm,towers,text}/     activation stores (see lvlm_probe.store), resumable
     <out>/results/<target>.parquet   one part per target, written atomically when its probes end
-    <out>/results.parquet            every probe's row (columns of probing.sweep.COLUMNS)
+    <out>/results.parquet            every probe's row (columns of probing.sweeps.COLUMNS)
     <out>/transfer.parquet, alignment.parquet, cka_vision_lm.parquet   when asked for
     <out>/figures/*.png              accuracy and selectivity through the towers, per-head
                                      heatmaps, transfer and alignment curves, the CKA map
@@ -14,7 +14,7 @@ With ``backend: ray`` (and optionally ``ray_address:``) in the definition, the e
 probes run as Ray tasks inside one Ray session (see :mod:`lvlm_probe.distributed`); the folder's
 contents are the same as a local run's, so a run may resume on the other backend. Any backend
 registered both for extraction (:data:`lvlm_probe.store.executor.executors`) and for sweeps
-(:data:`lvlm_probe.probing.sweep.sweep_executors`) may be named.
+(:data:`lvlm_probe.probing.sweeps.sweep_executors`) may be named.
 
 A run killed at any moment and started again resumes: the stores continue after their last
 complete shard, and targets whose part exists are not probed again.
@@ -36,7 +36,7 @@ from .. import alignment, viz
 from ..errors import InputError, StoreError
 from ..fileio import write_json, write_parquet
 from ..hooks.names import expand
-from ..probing.sweep import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
+from ..probing.sweeps import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
 from ..store import extract
 from ..viz import save_figure
 from .sweep_config import FolderData, SweepConfig, check_backend, load_config

@@ -14,7 +14,7 @@ import yaml
 
 from ..errors import InputError
 from ..probing.controls import DESIGNS
-from ..probing.sweep import SweepExecutor, sweep_executors
+from ..probing.sweeps import SweepExecutor, sweep_executors
 from ..store.executor import Executor, executors
 
 

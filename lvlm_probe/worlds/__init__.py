@@ -7,7 +7,7 @@ Example:
     >>> qs[0].image, qs[0].prompt, qs[0].answer, qs[0].scene.objects[qs[0].about[0]]
 """
 
-from .export import export, load_export
+from .exports import export, load_export
 from .questions import Question
 from .scene import Obj, Scene
 from .vocab import (

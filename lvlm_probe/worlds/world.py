@@ -14,8 +14,8 @@ from ..errors import InputError
 from . import sampling, text
 from .concepts import NEUTRAL_PROMPT, concept_rows
 from .config import make_config
-from .export import export as export_questions
-from .export import load_export as load_questions
+from .exports import export as export_questions
+from .exports import load_export as load_questions
 from .pairs import BUILDERS
 from .questions import Question, build_question
 from .scene import Scene

@@ -9,8 +9,8 @@ import torch
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..model import LVLM
 from ..model import load as load_model
-from .tiny import available as tiny_families
-from .tiny import build_dir
+from .tiny_builders import available as tiny_families
+from .tiny_builders import build_dir
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 

@@ -21,7 +21,7 @@ from transformers import (
 
 from ..worlds import ShapesWorld
 from ..worlds.evaluation import CAPTION_PROMPT
-from .tiny.tokenizer import build_tokenizer
+from .tiny_builders.tokenizer import build_tokenizer
 
 NAME = "shapes-llava"
 COMMAND = "lvlm-probe zoo train shapes-llava"

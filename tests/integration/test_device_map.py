@@ -9,7 +9,7 @@ from conftest import random_image
 
 import lvlm_probe as lp
 from lvlm_probe.store import fingerprint
-from lvlm_probe.zoo.tiny import build_dir
+from lvlm_probe.zoo.tiny_builders import build_dir
 
 # the vision tower and layer 0 stay in memory; layer 1 and the unembedding live on disk and are
 # loaded by accelerate's hooks only for their forward pass

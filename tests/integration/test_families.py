@@ -71,7 +71,7 @@ def test_answer_logprobs_match_logits(reloaded, images):
 def test_tiny_models_stay_small_and_deterministic(family, tmp_path, monkeypatch):
     """Tiny checkpoints stay under 5 MB; a rebuild from the same seed gives the same weights,
     another seed different ones."""
-    from lvlm_probe.zoo.tiny import build_dir
+    from lvlm_probe.zoo.tiny_builders import build_dir
 
     path = build_dir(family, seed=0)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -10,7 +10,7 @@ from PIL import Image
 import lvlm_probe as lp
 from lvlm_probe.attribution import image_map
 from lvlm_probe.attribution.faithfulness import deletion_insertion, randomization_check
-from lvlm_probe.attribution.image_map import _Score, features
+from lvlm_probe.attribution.image_maps import _Score, features
 from lvlm_probe.errors import InputError
 from lvlm_probe.worlds.masks import patch_objects
 

@@ -107,7 +107,7 @@ def colour_errors(model):
     """Wrong answers to open colour questions about atypically coloured shapes, with their source
     split and the cause the split rule gives them (decodability left out)."""
     from lvlm_probe.bench.diagnosis import assign_causes, split_errors
-    from lvlm_probe.bench.misalignment import answer_questions
+    from lvlm_probe.bench.misalignment_benchmark import answer_questions
 
     qs = lp.worlds.ShapesWorld(seed=1007, image_size=64).questions(300, level="attribute", split="counterfactual",
                                                                    kind="color")

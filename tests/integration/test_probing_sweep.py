@@ -12,6 +12,7 @@ import torch
 import lvlm_probe as lp
 from lvlm_probe import probing
 from lvlm_probe.errors import InputError
+from lvlm_probe.probing.sweeps import COLUMNS
 
 
 def planted(n: int = 600, d: int = 16, seed: int = 0):
@@ -33,7 +34,7 @@ def test_sweep_finds_the_planted_signal():
     layers, labels, types, scenes = planted()
     results = probing.sweep(layers, labels, hooks="blocks.*.hook_resid_post", control_by=types,
                             groups=scenes, seed=0)
-    assert list(results.columns) == probing.sweep.__globals__["COLUMNS"]
+    assert list(results.columns) == COLUMNS
     by_layer = results.set_index("layer")
     chance = by_layer["chance"].iloc[0]
     assert by_layer.loc[0, "accuracy"] < chance + 0.15

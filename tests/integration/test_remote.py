@@ -9,7 +9,7 @@ from conftest import random_image
 
 import lvlm_probe as lp
 from lvlm_probe.interop.remote import RemoteLVLM
-from lvlm_probe.zoo.tiny import build_dir
+from lvlm_probe.zoo.tiny_builders import build_dir
 
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
 LM = ["hook_embed", "blocks.*.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.*.attn.hook_z",

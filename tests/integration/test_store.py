@@ -21,7 +21,7 @@ from conftest import store_files as store_files_all
 import lvlm_probe as lp
 from lvlm_probe import fileio
 from lvlm_probe.errors import HookNameError, InputError, LayoutError, StoreError
-from lvlm_probe.probing.sweep import SweepExecutor
+from lvlm_probe.probing.sweeps import SweepExecutor
 from lvlm_probe.store import files
 from lvlm_probe.store.executor import Executor, cut_shards
 from lvlm_probe.store.fingerprints import differences

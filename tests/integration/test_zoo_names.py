@@ -7,7 +7,7 @@ import torch
 
 import lvlm_probe as lp
 from lvlm_probe.errors import ModelLoadError, UnsupportedModelError
-from lvlm_probe.zoo.tiny import build_dir
+from lvlm_probe.zoo.tiny_builders import build_dir
 
 
 def _same_weights(a: lp.LVLM, b: lp.LVLM) -> bool:

@@ -10,11 +10,11 @@ explicit ``import lvlm_probe`` counts as importing it.)
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import re
-from collections import defaultdict
+import types
 from pathlib import Path
-
-import pytest
 
 import lvlm_probe as lp
 
@@ -169,7 +169,7 @@ def test_no_single_letter_module_aliases():
 # branches on which family a model is.
 # The reference model's own definition is a LLaVA by construction, as each tiny builder is its
 # family's.
-FAMILY_HOMES = ("lvlm_probe.families", "lvlm_probe.zoo.tiny", "lvlm_probe.zoo.shapes_llava")
+FAMILY_HOMES = ("lvlm_probe.families", "lvlm_probe.zoo.tiny_builders", "lvlm_probe.zoo.shapes_llava")
 # Names that contain a family's name but are not a family: the project's own reference model.
 NOT_FAMILIES = ("shapes-llava", "shapes_llava")
 
@@ -228,7 +228,7 @@ def _family_mentions(source: str) -> list[str]:
 def test_no_module_outside_families_names_a_family():
     found = [f"{module} {mention}" for module, path in MODULES.items()
              if not module.startswith(FAMILY_HOMES) for mention in _family_mentions(path.read_text())]
-    assert not found, "family names outside families/ and zoo/tiny/:\n" + "\n".join(found)
+    assert not found, "family names outside families/ and zoo/tiny_builders/:\n" + "\n".join(found)
 
 
 def test_the_family_name_check_finds_planted_names():
@@ -241,3 +241,19 @@ ok = "shapes-llava"
 '''
     found = _family_mentions(planted)
     assert [m.split(":")[1].split(" in ")[0].strip() for m in found] == ["'paligemma'", "'Gemma'", "'mllama'"]
+
+
+def test_no_package_attribute_hides_a_submodule():
+    # `from .pope import pope` in a package's __init__ makes `lvlm_probe.bench.pope` the function,
+    # so `import lvlm_probe.bench.pope as module` would give the function: a module and a name its
+    # package exports never share a name.
+    hidden = []
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            continue
+        package = importlib.import_module(module)
+        for info in pkgutil.iter_modules(package.__path__):
+            value = getattr(package, info.name, None)
+            if value is not None and not isinstance(value, types.ModuleType):
+                hidden.append(f"{module}.{info.name} is a {type(value).__name__}, not the submodule")
+    assert not hidden, "\n".join(hidden)

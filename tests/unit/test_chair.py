@@ -95,7 +95,7 @@ def test_builtin_table_covers_every_shape_and_plural():
 def test_typical_share_counts_shapes_named_after_their_typical_colour():
     import pandas as pd
 
-    from lvlm_probe.bench.misalignment import chair_table
+    from lvlm_probe.bench.misalignment_benchmark import chair_table
 
     captions = pd.DataFrame({
         "split": ["counterfactual", "counterfactual", "typical"],

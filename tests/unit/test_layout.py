@@ -6,7 +6,7 @@ import torch
 
 from lvlm_probe.errors import LayoutError
 from lvlm_probe.layout import ImageLayout, TokenLayout, grid_from_run, locate_prompt
-from lvlm_probe.zoo.tiny.tokenizer import build_tokenizer
+from lvlm_probe.zoo.tiny_builders.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from lvlm_probe.bench.chair import chair
+from lvlm_probe.bench.chair_metric import chair
 from lvlm_probe.report import html as markup
 from lvlm_probe.report.run import _marked, pick_examples
 

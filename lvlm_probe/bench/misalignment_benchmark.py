@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..worlds.evaluation import CAPTION_PROMPT
 from .answers import first_word
-from .chair import chair
+from .chair_metric import chair
 from .diagnosis import default_probe_world
 from .diagnosis import diagnose as run_diagnosis
 from .pope_benchmark import metrics_table

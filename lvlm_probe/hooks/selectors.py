@@ -1,5 +1,9 @@
 """Position selectors and reductions, applied inside a hook so unselected positions are never kept.
 
+In lvlm_probe, *positions* are always sequence positions: index tensors (``layout.positions(group)``,
+``ActivationCache.positions()``), or, as the ``positions=`` argument of public functions, a
+*selector* that names them. Inside the library a selector is called ``selector``.
+
 A selector picks sequence positions of each example from its :class:`~lvlm_probe.TokenLayout`:
 
 * ``"all"``: every position; with ``reduce="none"`` the tensor is kept whole (padding included)
@@ -33,32 +37,32 @@ GROUP_SELECTORS = ("all", "image", "prompt", "template", "last")
 REDUCTIONS = ("none", "mean", "last")
 
 
-def check(positions: Selector, reduce: str) -> None:
+def check(selector: Selector, reduce: str) -> None:
     """Validate a selector and a reduction before any hook is registered.
 
     Raises:
         InputError: for a selector that is neither a string nor a callable, an empty string, or
             an unknown reduction.
     """
-    if not (callable(positions) or (isinstance(positions, str) and positions.strip())):
+    if not (callable(selector) or (isinstance(selector, str) and selector.strip())):
         raise InputError(
             f"positions must be one of {GROUP_SELECTORS}, a prompt word or a callable "
-            f"layout -> LongTensor; got {positions!r}"
+            f"layout -> LongTensor; got {selector!r}"
         )
     if reduce not in REDUCTIONS:
         raise InputError(f"unknown reduce {reduce!r}; expected one of {REDUCTIONS}")
 
 
-def needs_layout(positions: Selector, reduce: str) -> bool:
+def needs_layout(selector: Selector, reduce: str) -> bool:
     """Whether capturing needs the running batch's layouts (all but whole tensors do)."""
-    return not (positions == "all" and reduce == "none")
+    return not (selector == "all" and reduce == "none")
 
 
-def resolve(positions: Selector, layout: TokenLayout, example: int) -> Int[Tensor, " n"]:
+def resolve(selector: Selector, layout: TokenLayout, example: int) -> Int[Tensor, " n"]:
     """Sequence positions one example selects, sorted as the selector gives them.
 
     Args:
-        positions: a selector (see the module docstring).
+        selector: a selector (see the module docstring).
         layout: the example's layout.
         example: its index in the batch, for error messages.
 
@@ -69,16 +73,16 @@ def resolve(positions: Selector, layout: TokenLayout, example: int) -> Int[Tenso
         LayoutError: if the selector selects nothing, returns positions outside the sequence, or
             names a word that is not in the prompt.
     """
-    name = getattr(positions, "__name__", repr(positions)) if callable(positions) else repr(positions)
+    name = getattr(selector, "__name__", repr(selector)) if callable(selector) else repr(selector)
     try:
-        if callable(positions):
-            pos = torch.as_tensor(positions(layout), dtype=torch.long).reshape(-1)
-        elif positions == "last":
+        if callable(selector):
+            pos = torch.as_tensor(selector(layout), dtype=torch.long).reshape(-1)
+        elif selector == "last":
             pos = layout.positions("all")[-1:]
-        elif positions in GROUP_SELECTORS:
-            pos = layout.positions(positions)
+        elif selector in GROUP_SELECTORS:
+            pos = layout.positions(selector)
         else:
-            pos = layout.word_positions(positions)
+            pos = layout.word_positions(selector)
     except LayoutError as err:
         raise LayoutError(f"example {example}: positions={name}: {err}") from err
     if pos.numel() == 0:
@@ -93,12 +97,12 @@ def resolve(positions: Selector, layout: TokenLayout, example: int) -> Int[Tenso
     return pos
 
 
-def resolve_batch(positions: Selector, layouts: Sequence[TokenLayout]) -> Int[Tensor, "batch n_max"]:
+def resolve_batch(selector: Selector, layouts: Sequence[TokenLayout]) -> Int[Tensor, "batch n_max"]:
     """Selected positions of every example, padded with ``-1`` to ``[batch, n_max]``.
 
     ``"all"`` here means every non-pad position (used with a reduction).
     """
-    rows = [resolve(positions, layout, i) for i, layout in enumerate(layouts)]
+    rows = [resolve(selector, layout, i) for i, layout in enumerate(layouts)]
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
 
 

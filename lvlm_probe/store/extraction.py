@@ -61,7 +61,7 @@ def extract(
             strings or integers.
         hooks: hook names or ``*`` patterns (see ``model.hook_names()``).
         out: the store folder (created; an existing store is resumed).
-        positions: a position selector (see :mod:`lvlm_probe.hooks.positions`).
+        positions: a position selector (see :mod:`lvlm_probe.hooks.selectors`).
         reduce: ``"mean"``, ``"last"`` or ``"none"`` (keep the positions, padded per example).
         batch_size: examples per forward pass.
         shard_size: examples per shard file.
@@ -145,7 +145,7 @@ def extract(
         bar = tqdm(total=total, initial=len(stored_ids), disable=not progress, unit="ex",
                    desc=f"extract {root.name}")
         try:
-            executor.run(ExtractionPlan(model=model, examples=examples, capture=plan, positions=positions,
+            executor.run(ExtractionPlan(model=model, examples=examples, capture=plan, selector=positions,
                                         dtype=dtype, batch_size=batch_size, shard_size=shard_size,
                                         max_shard_bytes=max_shard_bytes, options=options,
                                         progress=bar.update), writer)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..attribution.image_map import image_map
-from ..attribution.source_split import source_split
+from ..attribution.image_maps import image_map
+from ..attribution.sources import source_split
 from ..fileio import write_parquet
 from ..viz import save_figure
 
