@@ -472,24 +472,9 @@ def load(
 ) -> LVLM:
     """Load a supported vision-language model and its processor, to run here with transformers.
 
-    :func:`lvlm_probe.load` takes the same arguments and also ``backend="nnsight"`` (models run
-    through nnsight, e.g. on NDIF); it calls this function for the default backend.
-
-    Args:
-        name_or_path: a Hugging Face hub id or a local directory in HF format (works offline
-            with ``HF_HUB_OFFLINE=1``).
-        device: ``"cuda"``, ``"cpu"``, ...; default CUDA when available, else CPU. Ignored with
-            ``device_map``.
-        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
-        attn_implementation: ``"eager"``, ``"sdpa"``, ... passed to transformers.
-        trust_remote_code: off unless asked; only safetensors weights are read.
-        device_map: split the model over devices with accelerate: ``"auto"``, ``"balanced"``,
-            ``"sequential"`` or a dict ``{module path: device}`` where a device is a GPU index,
-            ``"cpu"`` or ``"disk"`` (then pass ``offload_folder=``). Capture, extraction and
-            attribution gather values across the devices.
-        max_memory: with ``device_map``, the memory each device may use, e.g.
-            ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``.
-        **hf_kwargs: passed to ``from_pretrained`` (e.g. ``revision``, ``offload_folder``).
+    :func:`lvlm_probe.load` is the public entry point: it documents these arguments, takes the same
+    ones and also ``backend="nnsight"`` (models run through nnsight, e.g. on NDIF), and calls this
+    function for the default backend.
 
     Returns:
         An :class:`LVLM` in eval mode.
@@ -498,11 +483,6 @@ def load(
         UnsupportedModelError: the checkpoint's class has no adapter (names the supported ones).
         ModelLoadError: the checkpoint cannot be read.
         InputError: ``max_memory`` without ``device_map``.
-
-    Example:
-        >>> model = lp.load("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")
-        >>> big = lp.load("Qwen/Qwen2-VL-72B-Instruct", dtype="bfloat16", device_map="auto",
-        ...               max_memory={i: "70GiB" for i in range(4)})
     """
     if max_memory is not None and device_map is None:
         raise InputError(f"max_memory={max_memory!r} needs a device_map (e.g. device_map='auto')")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -15,6 +15,23 @@ def first_word(text: str) -> str:
     """The first word of an answer, lowercased, punctuation stripped (``"Yes, it is."`` -> ``"yes"``)."""
     match = re.search(r"[a-zA-Z]+", text)
     return match.group(0).lower() if match else ""
+
+
+def batches(model, questions: Sequence[Any], batch_size: int, *, desc: str, progress: bool
+            ) -> Iterator[tuple[Sequence[Any], Any]]:
+    """``(questions, batch)`` chunks of ``batch_size`` questions, prepared for ``model``, with a
+    progress bar.
+
+    Raises:
+        InputError: for an empty question list or a non-positive batch size.
+    """
+    if not len(questions):
+        raise InputError("questions is empty; expected at least one question")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress):
+        chunk = questions[start:start + batch_size]
+        yield chunk, model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
 
 
 def ask(model, questions: Sequence[Any], *, batch_size: int = 32, max_new_tokens: int = 3,
@@ -33,15 +50,8 @@ def ask(model, questions: Sequence[Any], *, batch_size: int = 32, max_new_tokens
     Raises:
         InputError: for an empty question list or a non-positive batch size.
     """
-    if not len(questions):
-        raise InputError("questions is empty; expected at least one question")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     rows = []
-    starts = range(0, len(questions), batch_size)
-    for start in tqdm(starts, desc="asking", disable=not progress):
-        chunk = questions[start:start + batch_size]
-        batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
+    for chunk, batch in batches(model, questions, batch_size, desc="asking", progress=progress):
         for q, out in zip(chunk, model.generate(batch, max_new_tokens=max_new_tokens)):
             answer = first_word(out)
             labels = q.labels() if hasattr(q, "labels") else dict(level=q.level, kind=q.kind)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..worlds.evaluation import CAPTION_PROMPT
-from .answers import first_word
+from .answers import batches, first_word
 from .chair_metric import chair
 from .diagnosis import default_probe_world
 from .diagnosis import diagnose as run_diagnosis
@@ -52,14 +52,8 @@ def answer_questions(model, questions: Sequence[Any], *, batch_size: int = 32, m
     Raises:
         InputError: for an empty question list or a non-positive batch size.
     """
-    if not len(questions):
-        raise InputError("questions is empty; expected at least one question")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     rows = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress):
-        chunk = questions[start:start + batch_size]
-        batch = model.prepare(images=[q.image for q in chunk], prompts=[q.prompt for q in chunk])
+    for chunk, batch in batches(model, questions, batch_size, desc=desc, progress=progress):
         outputs = model.generate(batch, max_new_tokens=max_new_tokens)
         said = [first_word(o) for o in outputs]
         # a generated word is scored by its first token: the one the model chose at the answer position
