@@ -29,7 +29,9 @@ model = lp.zoo.tiny("llava", device="cpu")
 qs = lp.worlds.ShapesWorld(seed=0, image_size=64).questions(4, level="attribute", split="typical")
 store = lp.extract(model, qs, ["blocks.*.hook_resid_post"], out=sys.argv[1], progress=False)
 lp.probing.sweep({h: store[h] for h in store.hooks}, target=[0, 1, 0, 1], control=False, n_boot=0)
-assert "lvlm_probe.distributed.options" in sys.modules  # the backend check ran
+from lvlm_probe.probing.sweeps import sweep_executors
+from lvlm_probe.store.executor import executors
+assert "ray" in executors.names() and "ray" in sweep_executors.names()  # registered, Ray not imported
 print("ray" in sys.modules, any(m.startswith("ray.") for m in sys.modules))
 sys.modules["ray"] = None  # as if Ray were not installed: `import ray` raises ImportError
 try:

@@ -89,3 +89,19 @@ def test_wrong_marker_count_raises(model, images):
     extra = torch.cat([placeholders, placeholders[-1:] + 1])
     with pytest.raises(LayoutError, match=r"2 images.*holds 3 markers"):
         model.family.image_layouts(*args, extra, model.config, model.processor)
+
+
+def test_removed_image_equals_the_forward_pass_without_pixels(model, images):
+    # source_split removes a cross-attended image with the adapter's hide_images and
+    # image_write_hooks; transformers' own forward without pixel_values skips the cross-attention
+    # layers: the coalitions without the image must score exactly that.
+    batch = model.prepare(images=[[images[0]]], prompts=[PROMPT])
+    yes, no = (model.continuation_tokens(batch, 0, word)[0] for word in ("yes", "no"))
+    split = lp.attribution.source_split(model, batch, target=yes, foil=no)
+    text_only = {k: v for k, v in batch.inputs.items()
+                 if k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")}
+    with torch.no_grad():
+        logprobs = model.hf(**text_only).logits[0, -1].float().log_softmax(-1)
+    torch.testing.assert_close(split.values["prompt"][0], logprobs[yes] - logprobs[no], atol=1e-5, rtol=0)
+    # and the image does reach the answer, so the equality is not vacuous
+    assert abs(float(split.full[0] - split.values["prompt"][0])) > 1e-4
