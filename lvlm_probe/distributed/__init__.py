@@ -29,6 +29,9 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from ..probing.sweeps import sweep_executors
 from ..store.executor import executors
 from .extract import RayExecutor
@@ -38,6 +41,29 @@ from .sweep import RaySweepExecutor
 
 executors.register(RayExecutor())
 sweep_executors.register(RaySweepExecutor())
+
+
+def check_backend(backend: Any, ray_address: Any = None, ray_resources: Any = None) -> None:
+    """Deprecated: backends are checked by the registry that selects them,
+    ``lp.store.executors.check(lp.store.executors.resolve(backend), options)``.
+
+    Raises:
+        InputError: an unknown backend, Ray options with another backend, or bad Ray options.
+        MissingDependencyError: ``backend="ray"`` without Ray installed.
+    """
+    warnings.warn("lvlm_probe.distributed.check_backend is deprecated and will be removed in the next "
+                  "release; use lp.store.executors.check(lp.store.executors.resolve(backend), options)",
+                  DeprecationWarning, stacklevel=2)
+    executors.check(executors.resolve(backend),
+                    {"ray_address": ray_address, "ray_resources": ray_resources})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BACKENDS":  # a fixed tuple once; backends now register themselves
+        warnings.warn("lvlm_probe.distributed.BACKENDS is deprecated and will be removed in the next "
+                      "release; use lp.store.executors.names()", DeprecationWarning, stacklevel=2)
+        return tuple(executors.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["RayExecutor", "RaySweepExecutor", "check_ray_options", "require_ray", "MissingDependencyError",
            "INSTALL"]

@@ -51,3 +51,17 @@ def test_local_path_never_imports_ray(tmp_path):
     assert first.split() == ["False", "False"]
     assert "needs Ray, which is not installed" in message
     assert "pip install 'lvlm-probe[distributed]'" in message
+
+
+def test_former_backend_names_warn_and_still_work():
+    from lvlm_probe import distributed
+    from lvlm_probe.errors import InputError
+
+    with pytest.warns(DeprecationWarning, match="executors.names"):
+        assert distributed.BACKENDS == ("local", "ray")
+    with pytest.warns(DeprecationWarning, match="check_backend is deprecated"):
+        distributed.check_backend("local")
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="needs backend='ray'"):
+        distributed.check_backend("local", ray_address="auto")
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="unknown backend 'slurm'"):
+        distributed.check_backend("slurm")
