@@ -7,11 +7,11 @@ and image grids) and the method's name; ``to_frame()`` gives a tidy DataFrame (o
 measurement) and ``plot()`` a matplotlib Figure whose title names the question, the target (and
 foil) and the method (it never calls ``plt.show``).
 
-Results of methods that used to return a bare DataFrame (:func:`~lvlm_probe.attribution.attention_knockout`,
+Results whose measurements are one table (:func:`~lvlm_probe.attribution.knockout`,
 :func:`~lvlm_probe.attribution.deletion_insertion`,
 :func:`~lvlm_probe.attribution.randomization_check`) are :class:`AttributionTable` s: ``to_frame()``
-is that DataFrame, and for one release the DataFrame's own methods still work on the result, with
-a ``DeprecationWarning``.
+is that table, and for one release DataFrame methods called on the result itself still reach it,
+with a ``DeprecationWarning``.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Every wrong answer gets one cause:
 
 * ``prior override``: the answer came from the language side. The source split
-  (:func:`~lvlm_probe.attribution.sources`) of the wrong answer's log-odds against the gold
+  (:func:`~lvlm_probe.attribution.source_split`) of the wrong answer's log-odds against the gold
   answer gives the prior and the prompt together a positive push towards the wrong answer, and the
   image at most ``max_image_share`` (default one half) of the absolute credit, so the language
   side dominates;

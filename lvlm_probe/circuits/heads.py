@@ -4,7 +4,7 @@ For each head, over a dataset, two measurements at the last position (where the 
 
 * ``image_attention``: the attention mass the last token puts on image tokens;
 * ``direct_effect``: the head's direct logit attribution to the answer (its write through the
-  frozen final norm onto the answer's unembedding, :func:`lvlm_probe.attribution.direct_logit`), and
+  frozen final norm onto the answer's unembedding, :func:`lvlm_probe.attribution.dla`), and
   ``image_effect``, the part of it read from image tokens.
 
 ``score = image_attention * direct_effect`` ranks heads that both look at the image and push the
@@ -39,7 +39,7 @@ def head_attribution(
     """Rank heads by how much image information they move to the answer, over a dataset.
 
     Args:
-        model: an :class:`~lvlm_probe.LVLM` (a family :func:`~lvlm_probe.attribution.direct_logit` supports).
+        model: an :class:`~lvlm_probe.LVLM` (a family :func:`~lvlm_probe.attribution.dla` supports).
         batch: a batch from ``model.prepare``, or a sequence of examples with ``image``, ``prompt``
             and ``answer`` (ShapesWorld questions, or mappings with those keys), split into
             batches of ``batch_size``.

@@ -5,7 +5,7 @@ without running the model again (:func:`lvlm_probe.widgets.explore` is built on 
 layer's attention patterns, every layer's logit-lens top token at every position, and each head's
 write from each key position onto the answer's unembedding direction (direct logit attribution
 per token, with the final norm's scale frozen at the query position, as in
-:func:`lvlm_probe.attribution.direct_logit`), plus the answer's source split.
+:func:`lvlm_probe.attribution.dla`), plus the answer's source split.
 
 Where direct logit attribution does not apply (the family's ``nonlinear_writes``), the snapshot
 holds no writes and says why (``Snapshot.no_writes``); the explorer then shows attention weights.

@@ -1,6 +1,6 @@
 """The misalignment report: one self-contained HTML document and the same numbers as JSON.
 
-:func:`write_report` runs :func:`lvlm_probe.bench.misalignment_benchmark` with its diagnosis, computes image
+:func:`write_report` runs :func:`lvlm_probe.bench.misalignment` with its diagnosis, computes image
 maps of a few wrong answers, and writes ``report.html`` (tables, figures embedded as PNG, captions
 saying what each shows) and ``report.json``. Every stage is kept under ``out/stages``; a rerun
 after an interruption reuses the finished stages and writes the same report.
@@ -214,7 +214,7 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
         captions: scenes captioned per split for CHAIR.
         n_probe: probe-training questions per kind and split.
         maps: wrong answers shown with an image map.
-        map_method: the image map's method (see :func:`lvlm_probe.attribution.image_maps`).
+        map_method: the image map's method (see :func:`lvlm_probe.attribution.image_map`).
         batch_size: examples per forward pass.
         progress: show progress bars.
 
@@ -223,7 +223,7 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
 
     Raises:
         InputError: for a negative ``maps`` or an unknown ``map_method`` (and see
-            :func:`~lvlm_probe.bench.misalignment_benchmark`).
+            :func:`~lvlm_probe.bench.misalignment`).
 
     Example:
         >>> lp.report.write_report(lp.zoo.load("shapes-llava"), "runs/report", name="shapes-llava")

@@ -1,7 +1,7 @@
 """Figures of the misalignment benchmark: accuracy per level, POPE, error causes, probe emergence
 curves and the source split of wrong answers.
 
-Each function takes a tidy table of :func:`lvlm_probe.bench.misalignment_benchmark` and returns a matplotlib
+Each function takes a tidy table of :func:`lvlm_probe.bench.misalignment` and returns a matplotlib
 Figure (built without pyplot, so no backend is chosen). :func:`png_bytes` renders one for embedding.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Figures over layers: probe accuracy through the three towers, per-head heatmaps, alignment curves.
 
-Every function takes a tidy DataFrame (one row per measurement, as :func:`lvlm_probe.probing.sweeps`
+Every function takes a tidy DataFrame (one row per measurement, as :func:`lvlm_probe.probing.sweep`
 and :mod:`lvlm_probe.alignment` return) and returns a matplotlib Figure; nothing calls
 ``plt.show()``, so figures can be saved, embedded in a report or shown by a notebook. Figures are
 built as ``matplotlib.figure.Figure`` objects, not through pyplot, so no backend is chosen or changed.
