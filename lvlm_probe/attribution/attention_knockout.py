@@ -38,7 +38,7 @@ class KnockoutCurve(AttributionTable):
     dest: str = "last"
     window: int = 1
 
-    def plot(self) -> Figure:
+    def figure(self) -> Figure:
         """The relative change of the target's probability per window: each example (thin) and
         their mean (thick)."""
         fig = Figure(figsize=(5.6, 3.6))

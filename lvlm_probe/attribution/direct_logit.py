@@ -30,6 +30,45 @@ from .targets import Answer, target_ids
 SOURCES = ("image", "prompt", "template")
 
 
+@dataclass(frozen=True)
+class FinalNorm:
+    """The language model's final norm, linearised: its scale frozen at a residual's value, its
+    mean-centring (LayerNorm) and learned weight linear in whatever is added to that residual.
+
+    Attributes:
+        centred: whether the norm subtracts the mean first (LayerNorm; RMSNorm does not).
+        eps: its epsilon.
+        weight: its effective learned scale (``offset + weight``, see the adapter's
+            ``final_norm_weight_offset``), float32, or None for a norm without weight.
+        bias: a LayerNorm's bias, float32, or None.
+    """
+
+    centred: bool
+    eps: float
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, model) -> FinalNorm:
+        norm = model.module(model.family.lm_norm)
+        centred = isinstance(norm, torch.nn.LayerNorm)
+        eps = norm.eps if centred else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        weight = norm.weight.float() if norm.weight is not None else None
+        offset = model.family.final_norm_weight_offset(norm)
+        if weight is not None and offset:
+            weight = offset + weight
+        bias = norm.bias.float() if centred and norm.bias is not None else None
+        return cls(centred, eps, weight, bias)
+
+    def centre(self, x: Tensor) -> Tensor:
+        """``x`` mean-centred over its last axis where the norm centres, else ``x``."""
+        return x - x.mean(-1, keepdim=True) if self.centred else x
+
+    def scale(self, resid: Tensor) -> Tensor:
+        """``[..., 1]`` the norm's scale at a residual ``[..., d_model]``, to freeze."""
+        return torch.rsqrt(self.centre(resid).pow(2).mean(-1, keepdim=True) + self.eps)
+
+
 def check_linear_writes(model, method: str) -> None:
     """Raise unless the model's attention and MLP writes add up linearly into the residual stream
     that the final norm reads (what direct logit attribution and path patching rest on).
@@ -120,7 +159,7 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
     direction = head.weight[ids[:, 0]].float()  # [b, d]
     if foils:
         direction = direction - head.weight[ids[:, 1]].float()
-    norm = model.module(model.family.lm_norm)
+    norm = FinalNorm.of(model)
     L = model.n_layers
     last_names = ["blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post", "blocks.*.hook_mlp_out",
                   "blocks.*.attn.hook_pattern"]
@@ -131,20 +170,12 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
              - (logits.gather(1, ids.to(logits.device)[:, 1:])[:, 0] if foils else 0.0)).cpu()
 
     resid = last[f"blocks.{L - 1}.hook_resid_post"].float()  # [b, d]
-    layer_norm = isinstance(norm, torch.nn.LayerNorm)
-    eps = norm.eps if layer_norm else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    centred = resid - resid.mean(-1, keepdim=True) if layer_norm else resid
-    scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # frozen
-    weight = norm.weight.float() if norm.weight is not None else 1.0
-    offset = model.family.final_norm_weight_offset  # e.g. Gemma's RMSNorm scales by (1 + weight)
-    if offset:
-        weight = offset + weight
+    scale = norm.scale(resid)  # frozen
+    weight = norm.weight if norm.weight is not None else 1.0
 
     def read(write: Tensor) -> Tensor:
         """The logit term of a write ``[..., b, d]``: through the frozen norm and the direction."""
-        if layer_norm:
-            write = write - write.mean(-1, keepdim=True)
-        return einsum(write * scale * weight, direction, "... b d, b d -> ... b")
+        return einsum(norm.centre(write) * scale * weight, direction, "... b d, b d -> ... b")
 
     groups = _groups(batch)  # [b, seq, 3]
     rows = []
@@ -169,8 +200,8 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
         if o_proj.bias is not None:
             add("attn_bias", read(o_proj.bias.float().expand_as(resid)).cpu(), layer)
         add("mlp", read(last[f"blocks.{layer}.hook_mlp_out"].float()).cpu(), layer)
-    if layer_norm and norm.bias is not None:
-        add("norm_bias", einsum(norm.bias.float().expand_as(resid), direction, "b d, b d -> b").cpu())
+    if norm.bias is not None:
+        add("norm_bias", einsum(norm.bias.expand_as(resid), direction, "b d, b d -> b").cpu())
     bias = getattr(head, "bias", None)
     if bias is not None:
         add("head_bias", (bias[ids[:, 0]] - (bias[ids[:, 1]] if foils else 0.0)).float().cpu())

@@ -36,7 +36,7 @@ class DeletionInsertion(AttributionTable):
 
     map_method: str = ""
 
-    def plot(self) -> Figure:
+    def figure(self) -> Figure:
         """Mean deletion and insertion curves over the examples, with the random-order references."""
         mean = self.table.groupby("fraction")[["deletion", "insertion", "random_deletion",
                                                "random_insertion"]].mean()
@@ -64,7 +64,7 @@ class RandomizationCheck(AttributionTable):
 
     map_method: str = ""
 
-    def plot(self) -> Figure:
+    def figure(self) -> Figure:
         """The rank correlation per example (near zero: the map depends on the model)."""
         fig = Figure(figsize=(max(4.0, 0.4 * len(self.table) + 2), 3.4))
         ax = fig.subplots()

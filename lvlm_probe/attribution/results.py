@@ -144,8 +144,10 @@ class AttributionTable(AttributionResult):
     """A result whose measurements are one tidy table (``to_frame()``).
 
     For one release, DataFrame methods and indexing used directly on the result (``result["p"]``,
-    ``result.groupby(...)``, ``len(result)``) still reach the table, with a ``DeprecationWarning``:
-    call ``to_frame()`` first.
+    ``result.groupby(...)``, ``len(result)``, ``result.plot(x=..., y=...)``) still reach the table,
+    with a ``DeprecationWarning``: call ``to_frame()`` first. Where the result is no DataFrame
+    stand-in: ``pd.concat`` and ``==`` need ``to_frame()``, and a column named like one of the
+    result's fields (a knockout's ``window``) is read with ``to_frame()[name]``.
 
     Attributes:
         table: the measurements (see the function that returns it for its columns).
@@ -156,6 +158,17 @@ class AttributionTable(AttributionResult):
     def to_frame(self) -> pd.DataFrame:
         """The measurements (a copy: the result stays unchanged)."""
         return self.table.copy()
+
+    def plot(self, *args: Any, **kwargs: Any) -> Any:
+        """The result's figure (:meth:`figure`); with ``DataFrame.plot``'s arguments, for one
+        release, the table's pandas plot, with a ``DeprecationWarning``."""
+        if args or kwargs:
+            return self._frame(".plot(...)").plot(*args, **kwargs)
+        return self.figure()
+
+    def figure(self) -> Figure:
+        """A Figure of the measurements."""
+        raise NotImplementedError(f"{type(self).__name__} does not define figure()")
 
     # -- the DataFrame interface, for one release ----------------------------------------------------
     def _frame(self, what: str) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from einops import einsum, rearrange, reduce, repeat
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..attribution.direct_logit import FinalNorm
 from ..attribution.lens import unembed
 from ..attribution.sources import SourceSplit, source_split
 from ..attribution.targets import Answer, target_ids
@@ -152,21 +153,15 @@ def snapshot(model, batch: Batch, example: int = 0, target: Answer | None = None
 
 def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Tensor]:
     """``([L, H, S] value writes onto the answer direction, [S] frozen final-norm scales)``."""
-    norm = model.module(model.family.lm_norm)
-    layer_norm = isinstance(norm, torch.nn.LayerNorm)
-    eps = norm.eps if layer_norm else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    centred = final - final.mean(-1, keepdim=True) if layer_norm else final
-    scales = torch.rsqrt(centred.pow(2).mean(-1) + eps).cpu()  # [S]
+    norm = FinalNorm.of(model)
+    scales = norm.scale(final)[..., 0].cpu()  # [S]
     if model.family.nonlinear_writes is not None:  # direct logit attribution does not apply
         return None, scales
     head = model.module(model.family.lm_head)
     direction = head.weight[ids[0]].float().cpu()
     if len(ids) > 1:
         direction = direction - head.weight[ids[1]].float().cpu()
-    weight = norm.weight.float().cpu() if norm.weight is not None else torch.ones_like(direction)
-    offset = model.family.final_norm_weight_offset  # e.g. Gemma's RMSNorm scales by (1 + weight)
-    if offset:
-        weight = offset + weight
+    weight = norm.weight.cpu() if norm.weight is not None else torch.ones_like(direction)
     writes = []
     for layer in range(model.n_layers):
         o_proj = model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn_out}")
@@ -174,8 +169,7 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
         v = repeat(cache[f"blocks.{layer}.attn.hook_v"][0].float(), "k kv d -> k (kv g) d",
                    g=model.n_heads // model.n_kv_heads)
         out = einsum(v, w_o, "k h d, h d m -> h k m")
-        if layer_norm:
-            out = out - out.mean(-1, keepdim=True)
+        out = norm.centre(out)
         # layers of a model spread over devices each compute on their own
         writes.append(einsum(out, (weight * direction).to(out.device), "h k m, m -> h k").cpu())
     return torch.stack(writes).detach(), scales

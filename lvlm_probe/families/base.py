@@ -132,8 +132,12 @@ class Family:
     #: final norm reads (so direct logit attribution and path patching cannot split the logit
     #: among them), or None where they do.
     nonlinear_writes: ClassVar[str | None] = None
-    #: The final norm multiplies by ``final_norm_weight_offset + weight`` (Gemma's RMSNorm: 1).
-    final_norm_weight_offset: ClassVar[float] = 0.0
+
+    def final_norm_weight_offset(self, norm: torch.nn.Module) -> float:
+        """The final norm multiplies by ``offset + weight``: 1 for Gemma's RMSNorm (of every
+        Gemma generation, whichever family's checkpoint holds it, e.g. a LLaVA with a Gemma
+        language model), else 0."""
+        return 1.0 if "Gemma" in type(norm).__name__ else 0.0
 
     def final_logit_softcap(self, config) -> float | None:
         """The cap ``c`` of a final soft cap ``c * tanh(logits / c)`` that the model's forward

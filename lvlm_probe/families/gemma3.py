@@ -38,7 +38,6 @@ class Gemma3(Family):
     vision_layers = "model.vision_tower.encoder.layers"
     projector = ("model.multi_modal_projector",)
     nonlinear_writes = "its sandwich norms make each write nonlinear in the heads"
-    final_norm_weight_offset = 1.0  # Gemma3RMSNorm scales by (1 + weight)
 
     # Gemma3Processor accepts text-only prompts and several images per prompt. It nests a flat
     # image list as one prompt's images (make_nested_list_of_images), so it needs one list per prompt.

@@ -19,7 +19,6 @@ class PaliGemma(Family):
     lm_norm = "model.language_model.norm"
     vision_layers = "model.vision_tower.encoder.layers"
     projector = ("model.multi_modal_projector",)
-    final_norm_weight_offset = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
     # PaliGemmaProcessor.validate_inputs raises without images; several images per prompt are
     # accepted (each "<image>" is expanded and the model fills them in order).

@@ -200,6 +200,10 @@ def test_table_results_still_answer_dataframe_calls_with_a_warning(shapes):
         assert len(curve) == len(frame)
     with pytest.raises(AttributeError):
         curve.not_a_dataframe_method  # noqa: B018
+    with pytest.warns(DeprecationWarning, match=r"\.plot\(\.\.\.\) on it is deprecated"):
+        axes = curve.plot(x="layer", y="relative_change")
+    assert list(axes.get_lines()[0].get_ydata()) == frame["relative_change"].tolist()
+    assert isinstance(curve.plot(), Figure)  # without arguments: the result's own figure
 
 
 # --- randomness ----------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_resid_post_equals_hf_hidden_states(subject):
         if isinstance(norm, torch.nn.LayerNorm):
             affine = normed * norm.weight + norm.bias
         else:
-            affine = normed * (model.family.final_norm_weight_offset + norm.weight)
+            affine = normed * (model.family.final_norm_weight_offset(norm) + norm.weight)
     torch.testing.assert_close(affine, cache["ln_final.hook_out"], atol=1e-5, rtol=0)
     assert not torch.allclose(resid[-1], hidden[-1], atol=1e-3)  # the norm did change it
 
