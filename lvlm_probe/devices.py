@@ -38,9 +38,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, *, allowed: Collection[torch.
     resolved = dtype if isinstance(dtype, torch.dtype) else None
     if isinstance(dtype, str):
         resolved = DTYPES.get(dtype.removeprefix("torch."))
-    if resolved is None or (allowed is not None and resolved not in allowed):
-        names = sorted(name for name, value in DTYPES.items() if allowed is None or value in allowed)
+    names = sorted(name for name, value in DTYPES.items() if allowed is None or value in allowed)
+    if resolved is None:
         raise InputError(f"unknown dtype {dtype!r}; expected a torch.dtype or one of {names}")
+    if allowed is not None and resolved not in allowed:
+        raise InputError(f"dtype {dtype!r} is not supported here; expected one of {names}")
     return resolved
 
 

@@ -148,7 +148,7 @@ def knockout(
     rows = []
     for w, start in enumerate(layers, start=1):
         for i in range(n):
-            row = dict(layer=start, window=window, example=i, target=model.tokenizer.decode([int(ids[i])]),
+            row = dict(layer=start, window=window, example=i, target=targets[i],
                        p=float(p[0, i]), p_knocked=float(p[w, i]),
                        relative_change=float((p[w, i] - p[0, i]) / p[0, i]))
             if foil_ids is not None:

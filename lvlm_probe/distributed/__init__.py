@@ -59,7 +59,7 @@ def check_backend(backend: Any, ray_address: Any = None, ray_resources: Any = No
 
 
 def __getattr__(name: str) -> Any:
-    if name == "BACKENDS":  # a fixed tuple once; backends now register themselves
+    if name == "BACKENDS":  # the registered extraction backends, as a tuple
         warnings.warn("lvlm_probe.distributed.BACKENDS is deprecated and will be removed in the next "
                       "release; use lp.store.executors.names()", DeprecationWarning, stacklevel=2)
         return tuple(executors.names())

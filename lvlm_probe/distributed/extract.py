@@ -1,7 +1,7 @@
 """Extraction with Ray: shards are extracted by Ray actors and committed in order by the driver.
 
 :class:`RayExecutor` is the store's :class:`~lvlm_probe.store.executor.Executor` named ``"ray"``;
-it uses only the store's public executor and writer API.
+it uses the store's public executor, writer and row functions and none of its private names.
 
 The driver reads the dataset, cuts it into exactly the shards a local extraction writes (the same
 batches, the same ``shard_size`` and ``max_shard_bytes`` rule:
@@ -21,25 +21,21 @@ so tasks would load the model once per shard.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
-
-import torch
 
 from ..devices import resolve_dtype
 from ..errors import InputError, LVLMProbeError, StoreError
-from ..hooks.selectors import resolve_batch
 from ..store import rows
 from ..store.executor import Executor, ExtractionPlan, cut_shards
 from ..store.fingerprints import fingerprint
 from ..store.writer import ShardWriter, StagedShard, stage_shard
-from .options import check_ray_options
-from .runtime import default_resources, n_workers, runtime_env, session, task_error
+from .options import RayOptions
+from .runtime import default_resources, n_workers, runtime_env, task_error
 
 MAX_RETRIES = 3  # restarts of a worker that dies (out of memory, preempted node, kill -9)
 
 
-class RayExecutor(Executor):
+class RayExecutor(RayOptions, Executor):
     """``lp.extract(..., backend="ray", ray_address=..., ray_resources=..., ray_load=...)``.
 
     Options:
@@ -52,7 +48,7 @@ class RayExecutor(Executor):
     options = ("ray_address", "ray_resources", "ray_load")
 
     def check(self, options: dict[str, Any]) -> None:
-        check_ray_options(options.get("ray_address"), options.get("ray_resources"))
+        super().check(options)
         load = options.get("ray_load")
         if load is not None and not isinstance(load, dict):
             raise self.refuse("ray_load", load, self.name)
@@ -62,9 +58,6 @@ class RayExecutor(Executor):
             return InputError(f"ray_load must be a dict of lp.load keywords, with backend='ray'; got "
                               f"ray_load={value!r}, backend={backend!r}")
         return super().refuse(option, value, backend)
-
-    def session(self, options: dict[str, Any]) -> AbstractContextManager[Any]:
-        return session(options.get("ray_address"))
 
     def run(self, plan: ExtractionPlan, writer: ShardWriter) -> None:
         """Extract the plan's examples with Ray actors; called by :func:`lvlm_probe.extract`
@@ -87,7 +80,6 @@ class RayExecutor(Executor):
         load = plan.options.get("ray_load")
         if load:
             spec = spec.replace(**load)
-        sizer = _Sizer(model, plan.capture, plan.dtype)
         with self.session(plan.options) as ray:
             from ray.util import ActorPool
 
@@ -104,7 +96,7 @@ class RayExecutor(Executor):
             outstanding = 0
             k, start = writer.index, writer.start
             try:
-                for shard in cut_shards(plan, sizer):
+                for shard in cut_shards(plan):
                     if len(actors) < n:  # workers start as work arrives: a short dataset starts few
                         actors.append(worker.remote(spec))
                         pool.push(actors[-1])
@@ -142,34 +134,6 @@ def _collect(ray: Any, pool: Any, finished: dict[int, StagedShard], writer: Shar
         staged = finished.pop(writer.index)
         writer.commit(staged)
         plan.progress(staged.record.n)
-
-
-class _Sizer:
-    """The bytes a batch adds to a shard buffer, counted as ``ShardBuffer.nbytes`` counts them,
-    without running the batch: per example for reduced and whole hooks, per example and kept
-    position for padded ones (a batch is padded to its widest example)."""
-
-    def __init__(self, model: Any, capture: rows.Plan, dtype: torch.dtype):
-        self.model, self.capture, self.dtype = model, capture, dtype
-        self.fixed: int | None = None
-        self.per_position = 0
-
-    def __call__(self, batch: list[rows.Example]) -> int:
-        if self.fixed is None:
-            self._measure(batch[0])
-        total = len(batch) * self.fixed
-        if self.per_position:
-            layouts = self.model.prepare(images=[e.images for e in batch], prompts=[e.prompt for e in batch]).layouts
-            width = resolve_batch(self.capture.selector, layouts).shape[1]
-            total += len(batch) * width * self.per_position
-        return total
-
-    def _measure(self, example: rows.Example) -> None:
-        # one example through the driver's model gives every hook's size in the store's dtype
-        values, _, _ = rows.run(self.model, self.capture, [example], self.dtype, "no shard was written yet")
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.fixed = itemsize * sum(v[0].numel() for h, v in values.items() if h not in self.capture.padded)
-        self.per_position = itemsize * sum(v[0, 0].numel() for h, v in values.items() if h in self.capture.padded)
 
 
 # --- the worker ------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ installed.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import InputError
-from .runtime import require_ray
+from .runtime import require_ray, session
 
 # Ray resource names a task may ask for (custom resources go in "resources")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
@@ -41,3 +42,14 @@ def check_ray_options(ray_address: Any = None, ray_resources: Any = None) -> Non
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InputError(f"ray_resources[{key!r}] must be a non-negative number, got {value!r}")
     require_ray()
+
+
+class RayOptions:
+    """What the Ray executors of extraction and of sweeps share: the ``ray_address`` and
+    ``ray_resources`` options, checked before any work starts, and one Ray session per run."""
+
+    def check(self, options: dict[str, Any]) -> None:
+        check_ray_options(options.get("ray_address"), options.get("ray_resources"))
+
+    def session(self, options: dict[str, Any]) -> AbstractContextManager[Any]:
+        return session(options.get("ray_address"))

@@ -7,16 +7,15 @@ fits and the table is the same, row for row and in the same order.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import InputError
 from ..probing.sweeps import SweepExecutor, SweepPlan
-from .options import check_ray_options
-from .runtime import n_workers, runtime_env, session, task_error
+from .options import RayOptions
+from .runtime import n_workers, runtime_env, task_error
 
 
-class RaySweepExecutor(SweepExecutor):
+class RaySweepExecutor(RayOptions, SweepExecutor):
     """``lp.probing.sweep(..., backend="ray", ray_address=..., ray_resources=...)``.
 
     Options:
@@ -26,12 +25,6 @@ class RaySweepExecutor(SweepExecutor):
 
     name = "ray"
     options = ("ray_address", "ray_resources")
-
-    def check(self, options: dict[str, Any]) -> None:
-        check_ray_options(options.get("ray_address"), options.get("ray_resources"))
-
-    def session(self, options: dict[str, Any]) -> AbstractContextManager[Any]:
-        return session(options.get("ray_address"))
 
     def run(self, plan: SweepPlan) -> list[list[dict[str, Any]]]:
         """Fit the plan's job on every hook with Ray tasks; returns each hook's rows, in

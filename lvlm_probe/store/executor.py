@@ -37,6 +37,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ..errors import InputError, LVLMProbeError
+from ..hooks.selectors import resolve_batch
 from . import rows
 from .writer import ShardWriter
 
@@ -123,7 +124,8 @@ class Registry(Generic[B]):
         if isinstance(backend, Backend):
             raise InputError(f"backend {type(backend).__name__} is not a {self.kind.__name__}; expected "
                              f"one of {self.names()} or a {self.kind.__name__}")
-        raise InputError(f"unknown backend {backend!r}; expected one of {self.names()}")
+        raise InputError(f"unknown backend {backend!r}; expected one of {self.names()} or a "
+                         f"{self.kind.__name__} object")
 
     def check(self, backend: B, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check a call's backend options against its backend; returns the options it was given.
@@ -204,37 +206,66 @@ class LocalExecutor(Executor):
     name = "local"
 
     def run(self, plan: ExtractionPlan, writer: ShardWriter) -> None:
-        pending: list[rows.Example] = []
         buffer = rows.ShardBuffer(plan.capture)
-        fp = writer.header["fingerprint"]
-        shard_size, max_shard_bytes = plan.shard_size, plan.max_shard_bytes
-        for example in plan.examples:
-            pending.append(example)
-            if len(pending) == min(plan.batch_size, shard_size - len(buffer)):
-                rows.add_batch(plan.model, plan.capture, pending, plan.dtype, buffer, fp, writer.done())
-                plan.progress(len(pending))
-                pending = []
-                if len(buffer) >= shard_size or buffer.nbytes >= max_shard_bytes:
-                    writer.write(buffer)
-                    buffer = rows.ShardBuffer(plan.capture)
-        if pending:
-            rows.add_batch(plan.model, plan.capture, pending, plan.dtype, buffer, fp, writer.done())
-            plan.progress(len(pending))
-        if len(buffer):
+        fingerprint = writer.header["fingerprint"]
+
+        def add(batch: list[rows.Example]) -> int:
+            """Run a batch into the shard buffer; the bytes it added."""
+            before = buffer.nbytes
+            rows.add_batch(plan.model, plan.capture, batch, plan.dtype, buffer, fingerprint, writer.done())
+            plan.progress(len(batch))
+            return buffer.nbytes - before
+
+        for shard in cut_shards(plan, measure=add):
+            rest = shard[len(buffer):]  # the dataset's shorter last batch, which is not measured
+            if rest:
+                add(rest)
             writer.write(buffer)
+            buffer = rows.ShardBuffer(plan.capture)
 
 
-def cut_shards(plan: ExtractionPlan, measure: Callable[[list[rows.Example]], int]) -> Iterator[list[rows.Example]]:
-    """Yield each shard's examples, cut where :class:`LocalExecutor` cuts them, for executors that
-    hand out whole shards: batches never straddle shards, and a shard closes after the batch that
-    brings it to ``plan.shard_size`` examples or ``plan.max_shard_bytes`` bytes.
+class BatchSizer:
+    """The bytes a batch adds to a shard buffer, counted as ``ShardBuffer.nbytes`` counts them,
+    without running the batch: per example for reduced and whole hooks, per example and kept
+    position for padded ones (a batch is padded to its widest example). The first call runs one
+    example through the model to learn every hook's size in the store's dtype."""
+
+    def __init__(self, model: Any, capture: rows.Plan, dtype: torch.dtype):
+        self.model, self.capture, self.dtype = model, capture, dtype
+        self.fixed: int | None = None
+        self.per_position = 0
+
+    def __call__(self, batch: list[rows.Example]) -> int:
+        if self.fixed is None:
+            self._measure(batch[0])
+        total = len(batch) * self.fixed
+        if self.per_position:
+            layouts = self.model.prepare(images=[e.images for e in batch], prompts=[e.prompt for e in batch]).layouts
+            width = resolve_batch(self.capture.selector, layouts).shape[1]
+            total += len(batch) * width * self.per_position
+        return total
+
+    def _measure(self, example: rows.Example) -> None:
+        values, _, _ = rows.run(self.model, self.capture, [example], self.dtype, "no shard was written yet")
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.fixed = itemsize * sum(v[0].numel() for h, v in values.items() if h not in self.capture.padded)
+        self.per_position = itemsize * sum(v[0, 0].numel() for h, v in values.items() if h in self.capture.padded)
+
+
+def cut_shards(plan: ExtractionPlan, measure: Callable[[list[rows.Example]], int] | None = None
+               ) -> Iterator[list[rows.Example]]:
+    """Yield each shard's examples, cut by the one rule every executor follows (so that stores are
+    byte-identical whatever executed them): batches never straddle shards, and a shard closes after
+    the batch that brings it to ``plan.shard_size`` examples or ``plan.max_shard_bytes`` bytes.
 
     Args:
         plan: the extraction (its examples are iterated).
         measure: the bytes a batch adds to a :class:`~lvlm_probe.store.rows.ShardBuffer`
-            (``buffer.nbytes``), without necessarily running it; called on every full batch
-            (``batch_size`` examples, or the rest of a shard), not on the dataset's shorter last one.
+            (``buffer.nbytes``); called on every full batch (``batch_size`` examples, or the rest
+            of a shard), not on the dataset's shorter last one. Default: a :class:`BatchSizer`,
+            which does not run the batches (for executors that run them elsewhere).
     """
+    measure = measure or BatchSizer(plan.model, plan.capture, plan.dtype)
     shard: list[rows.Example] = []
     batch: list[rows.Example] = []
     nbytes = 0

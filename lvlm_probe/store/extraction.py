@@ -105,7 +105,7 @@ def extract(
     options = executors.check(executor, {"ray_address": ray_address, "ray_resources": ray_resources,
                                          "ray_load": ray_load})
     plan = rows.plan(model, hooks, positions, reduce)
-    dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
+    dtype = resolve_dtype(dtype, default=model.dtype)
     if not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating-point type, got {dtype}")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("max_shard_bytes", max_shard_bytes)):
@@ -152,12 +152,15 @@ def extract(
         finally:
             bar.close()
         n = examples.n
+        backend_name = executor.name or type(executor).__name__
+        if n is None:
+            raise StoreError(f"backend {backend_name!r} returned before reading the dataset to its end; "
+                             f"{writer.done()}; rerun to resume")
         if n == 0:
             raise InputError("the dataset is empty; expected at least one example")
         if writer.start != n:
-            raise StoreError(f"backend {executor.name or type(executor).__name__!r} committed "
-                             f"{writer.start} of the dataset's {n} examples to {root}; "
-                             f"{writer.done()}; rerun to resume")
+            raise StoreError(f"backend {backend_name!r} committed {writer.start} of the dataset's {n} "
+                             f"examples to {root}; {writer.done()}; rerun to resume")
         header.update(complete=True, n_examples=n, shapes={k: list(v) for k, v in writer.shapes.items()})
         files.write_json(root / files.HEADER, header, "the store header")
     return ActivationStore.open(root, verify=False)

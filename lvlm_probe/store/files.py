@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from .. import fileio
 from ..errors import FileWriteError, StoreError
 
@@ -96,12 +94,6 @@ def commit(tmp: Path, path: Path, what: str) -> None:
     """
     with _store_write():
         fileio.commit(tmp, path, what)
-
-
-def write_parquet(path: Path, table: pd.DataFrame, what: str) -> None:
-    """Write a DataFrame as Parquet atomically (see :func:`atomic_write`)."""
-    with _store_write():
-        fileio.write_parquet(path, table, what)
 
 
 def write_json(path: Path, value: dict[str, Any], what: str) -> None:

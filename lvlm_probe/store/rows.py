@@ -84,13 +84,13 @@ class Examples:
     """The dataset's examples after the stored ones, read one at a time.
 
     Iterating checks that the first ids match the store's (a resumed run must see the same
-    dataset), that ids are unique, and yields :class:`Example` objects for the rest; afterwards
-    :attr:`n` is the dataset's length.
+    dataset), that ids are unique, and yields :class:`Example` objects for the rest; once read to
+    the end, :attr:`n` is the dataset's length (None until then).
     """
 
     def __init__(self, dataset: Iterable[Any], stored_ids: list[Any], root: Path):
         self.dataset, self.stored_ids, self.root = dataset, stored_ids, root
-        self.n = 0
+        self.n: int | None = None
 
     def __iter__(self) -> Iterator[Example]:
         seen: dict[Any, int] = {}

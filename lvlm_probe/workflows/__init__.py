@@ -5,7 +5,7 @@ which the core never does):
 
 * :func:`run_sweep` (:mod:`.sweep`): a probing sweep defined in YAML (:mod:`.sweep_config`), from
   extraction to tables and figures, resumable;
-* :func:`world_attribution` (:mod:`.world_attribution`): the source split and image maps of
+* :func:`world_attribution` (:mod:`.attribution_run`): the source split and image maps of
   ShapesWorld colour questions;
 * :mod:`.evaluation`: a reference model's accuracy and priors on fresh ShapesWorld questions.
 """

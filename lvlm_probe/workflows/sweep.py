@@ -84,9 +84,10 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
     """
     if not isinstance(config, SweepConfig):
         config = load_config(config)
-    executor, _, options = check_backend(config.backend, config.ray_address)  # before any data is built
-    # one session (with Ray: one Ray session) for every extraction and sweep of the run
-    with executor.session(options):
+    extraction, sweeping, options = check_backend(config.backend, config.ray_address)  # before any data is built
+    # the backends' sessions held around every extraction and sweep of the run (with Ray: one Ray
+    # session, which the inner context finds running)
+    with extraction.session(options), sweeping.session(options):
         return _run(config, model, progress)
 
 

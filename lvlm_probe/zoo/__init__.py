@@ -86,7 +86,7 @@ def from_name(
     The rule, in order: ``tiny:<family>`` is :func:`tiny` of that family; a shipped checkpoint's
     name (:func:`checkpoints`, e.g. ``"shapes-llava"``) is :func:`load` of it, even where a folder
     of that name exists; anything else is a local folder in HF format or a hub id, read by
-    :func:`lvlm_probe.load`.
+    :func:`lvlm_probe.model.load` (the transformers backend of :func:`lvlm_probe.load`).
 
     Args:
         name: ``"tiny:llava"``, ``"shapes-llava"``, ``"llava-hf/llava-1.5-7b-hf"``, ``"path/to/dir"``.

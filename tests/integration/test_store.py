@@ -501,6 +501,13 @@ def test_executors_by_name_and_their_errors(llava, questions, tmp_path):
     with pytest.raises(StoreError, match=r"backend 'Lazy' committed 2 of the dataset's 4 examples"):
         lp.extract(llava, questions[:4], RESID, out=tmp_path / "c", backend=Lazy(), shard_size=2, progress=False)
     assert not lp.ActivationStore.open(tmp_path / "c").complete
+
+    class Early(Executor):  # returns without reading the dataset: not mistaken for an empty one
+        def run(self, plan, writer):
+            pass
+
+    with pytest.raises(StoreError, match=r"backend 'Early' returned before reading the dataset to its end"):
+        lp.extract(llava, questions[:4], RESID, out=tmp_path / "d", backend=Early(), progress=False)
     assert not (tmp_path / "a").exists()
 
 
