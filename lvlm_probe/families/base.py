@@ -149,6 +149,12 @@ class Family:
         self-attending (none by default)."""
         return []
 
+    def image_injection_layers(self, config) -> list[int]:
+        """Indices in ``lm_layers`` of layers after whose output image features are added to the
+        residual stream at the image positions, outside attention (Qwen3-VL's DeepStack); none by
+        default. A residual stream patched at or before such a layer does not carry the image."""
+        return []
+
     def self_attention_layers(self, config) -> list[int]:
         """Indices in ``lm_layers`` of the layers that self-attend over the token sequence."""
         cross = set(self.cross_attention_layers(config))

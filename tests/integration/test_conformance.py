@@ -73,9 +73,10 @@ def _hidden_states(out):
 
 def _restoring_layers(model) -> list[int]:
     """Layers whose residual stream, patched whole, fixes the rest of the run: after the last
-    layer that reads the image outside the residual stream (cross-attention)."""
-    cross = model.family.cross_attention_layers(model.config)
-    first = max(cross) + 1 if cross else 0
+    layer that reads the image outside the residual stream (cross-attention) or adds it to the
+    residual stream outside attention (DeepStack)."""
+    outside = model.family.cross_attention_layers(model.config) + model.family.image_injection_layers(model.config)
+    first = max(outside) + 1 if outside else 0
     return list(range(first, model.n_layers))
 
 
