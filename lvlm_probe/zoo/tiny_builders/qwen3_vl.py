@@ -2,9 +2,8 @@
 patch merger, a Qwen3 LM (q/k norms) with interleaved multimodal rotary positions (M-RoPE), and the
 Qwen3-VL chat template.
 
-DeepStack is on (``build()``): vision layer 0's features, through their own merger, are added to
-the image positions after LM layer 0 (the adapter's ``image_injection_layers``); ``build(deepstack=
-False)`` gives the same model without it."""
+DeepStack: vision layer 0's features, through their own merger, are added to the image positions
+after LM layer 0 (the adapter's ``image_injection_layers``)."""
 from __future__ import annotations
 
 from transformers import (
@@ -58,9 +57,9 @@ def build_processor(tokenizer):
                             video_processor=video, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def build(deepstack: bool = True):
-    """The tiny model and processor; ``deepstack`` adds one DeepStack merger (vision layer 0's
-    output, added at the image positions after LM layer 0)."""
+def build():
+    """The tiny model and processor, with one DeepStack merger (vision layer 0's output, added at
+    the image positions after LM layer 0)."""
     tokenizer = build_qwen_tokenizer()
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
     assert sum(MROPE_SECTION) == head_dim // 2, "mrope_section must sum to head_dim / 2"
@@ -77,7 +76,7 @@ def build(deepstack: bool = True):
         "patch_size": PATCH_SIZE, "temporal_patch_size": 2, "spatial_merge_size": MERGE_SIZE,
         "num_position_embeddings": NUM_POSITION_EMBEDDINGS,
         # DeepStack from the first vision layer: its merger's output is added after LM layer 0
-        "deepstack_visual_indexes": [0] if deepstack else [],
+        "deepstack_visual_indexes": [0],
     }
     config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids(tokenizer))
     config.architectures = ["Qwen3VLForConditionalGeneration"]

@@ -1,7 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL layouts on the tiny models: one merged grid per image, shaped from
-``image_grid_thw`` and laid over exactly that image's ``<|image_pad|>`` run, row-major as the
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL layouts on the tiny models: one merged grid per image, shaped
+from ``image_grid_thw`` and laid over exactly that image's ``<|image_pad|>`` run, row-major as the
 model's M-RoPE sees it (Qwen2.5-VL's windowed vision attention reorders patches only inside the
-tower)."""
+tower; Qwen3-VL's M-RoPE is interleaved but keeps the same positions)."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +26,7 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def model(request):
     return lp.zoo.tiny(request.param, device="cpu")
 
@@ -50,6 +50,7 @@ def _check_example(model, batch, example: int, image_rows: list[int]):
     ids = batch.input_ids[example]
     thw = batch.inputs["image_grid_thw"]
     merge = model.processor.image_processor.merge_size
+    assert merge == model.config.vision_config.spatial_merge_size
     runs = _runs(ids, model.processor.image_token_id)
     assert len(layout.images) == len(runs) == len(image_rows)
     rope, _ = model.hf.model.get_rope_index(
@@ -73,10 +74,12 @@ def _check_example(model, batch, example: int, image_rows: list[int]):
         assert torch.equal(wpos - base, cols)
 
 
-def test_one_image_grid(model, pictures):
-    batch = model.prepare(images=[pictures[0]], prompts=PROMPT)
-    assert batch.inputs["image_grid_thw"].tolist() == [list(EXPECTED_THW[0])]
-    assert batch.layouts[0].image_grids == [(2, 4)]
+@pytest.mark.parametrize("which", [0, 2])
+def test_one_image_grid(model, pictures, which):
+    batch = model.prepare(images=[pictures[which]], prompts=PROMPT)
+    assert batch.inputs["image_grid_thw"].tolist() == [list(EXPECTED_THW[which])]
+    _, h, w = EXPECTED_THW[which]
+    assert batch.layouts[0].image_grids == [(h // 2, w // 2)]
     _check_example(model, batch, 0, [0])
 
 
