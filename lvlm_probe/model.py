@@ -180,10 +180,10 @@ class LVLM:
         placeholders = ((ids == self.image_token_id) & valid).nonzero().flatten()
         offset = sum(len(x) for x in images[:i])  # this example's first image in the flat list
         image_ids = list(range(offset, offset + len(images[i])))
+        sizes = tuple((img.height, img.width) for img in images[i])
         image_layouts = self.family.image_layouts(
-            inputs, i, image_ids, placeholders, self.config, self.processor
+            inputs, i, image_ids, placeholders, self.config, self.processor, sizes=sizes
         )
-        sizes = [(img.height, img.width) for img in images[i]]
         attended = self.family.attended_grid(self.config) if images[i] else {}
         image_layouts = tuple(
             dataclasses.replace(lay, index=k, size=sizes[k], attended=lay.attended or attended)

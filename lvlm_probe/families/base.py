@@ -106,7 +106,8 @@ class Family:
 
     # --- layout --------------------------------------------------------------------------------
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """Split one example's placeholder positions into its images and their grids.
 
@@ -115,6 +116,8 @@ class Family:
             example: index of the example in the batch.
             image_ids: indices, in the batch's flat image list, of this example's images.
             placeholders: sorted sequence positions of this example's placeholder tokens.
+            sizes: ``(height, width)`` of this example's images, in order, as the user gave them
+                (for processors that do not report what a layout depends on).
 
         The default fits families with one fixed square grid per image.
         """

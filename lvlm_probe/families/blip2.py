@@ -78,7 +78,8 @@ class Blip2(Family):
 
     # --- layout --------------------------------------------------------------------------------
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """The query placeholders of the example's one image as a ``[1, num_query_tokens]`` grid.
 

@@ -59,7 +59,8 @@ class Gemma3(Family):
         return images if any(images) else None
 
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """One square grid per image from its run of ``mm_tokens_per_image`` soft tokens.
 

@@ -56,7 +56,8 @@ class Idefics3(Family):
         return self.default_global_token
 
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """One layout per image: a ``crops`` mosaic of its split crops (if split) and its ``global`` view.
 

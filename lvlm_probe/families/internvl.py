@@ -18,12 +18,10 @@ template group.
 The processor pops ``num_patches`` from its output and returns no image sizes, so the layout
 reads each image's tile count from the run of placeholders between its ``<img>`` and ``</img>``
 in ``input_ids`` and takes the tile *arrangement* from the processor's own
-``get_optimal_tiled_canvas`` on the image's size, which :meth:`InternVL.processor_images` records
-as the images are handed to the processor; the count in the sequence must match it.
+``get_optimal_tiled_canvas`` on the image's size (which the model hands to
+:meth:`InternVL.image_layouts`); the count in the sequence must match it.
 """
 from __future__ import annotations
-
-from typing import Any
 
 from torch import Tensor
 
@@ -46,18 +44,6 @@ class InternVL(Family):
     lm_layers = "model.language_model.layers"
     vision_layers = "model.vision_tower.encoder.layer"
     projector = ("model.multi_modal_projector",)
-
-    def __init__(self) -> None:
-        # (height, width) of every image of the batch last handed to the processor, flat.
-        self._sizes: list[tuple[int, int]] | None = None
-
-    # --- images --------------------------------------------------------------------------------
-    def processor_images(self, images: list[list[Any]]) -> Any:
-        """The flat image list; records each image's size, which the processor does not return
-        but the tile arrangement depends on."""
-        flat = [img for per_prompt in images for img in per_prompt]
-        self._sizes = [_size(img) for img in flat]
-        return flat or None
 
     # --- geometry ------------------------------------------------------------------------------
     def tile_side(self, config) -> int:
@@ -84,7 +70,8 @@ class InternVL(Family):
 
     # --- layout --------------------------------------------------------------------------------
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """One layout per image: a grid per tile (``tile_r_c``, with its region as ``box``) and the
         ``thumbnail`` (the heatmap grid); an image cut into a single tile is its ``thumbnail``.
@@ -110,7 +97,7 @@ class InternVL(Family):
         side = self.tile_side(config)
         per_tile = side * side
         layouts = []
-        for k, (image_id, run) in enumerate(zip(image_ids, runs)):
+        for k, run in enumerate(runs):
             first, last = int(run[0]), int(run[-1])
             if start_id is not None and (first == 0 or int(ids[first - 1]) != start_id):
                 before = tokenizer.convert_ids_to_tokens(int(ids[first - 1])) if first else None
@@ -127,12 +114,12 @@ class InternVL(Family):
                 layouts.append(ImageLayout(index=k, grids=(grid_from_run(run, side, side, name=THUMBNAIL),),
                                            main=THUMBNAIL))
                 continue
-            if self._sizes is None or image_id >= len(self._sizes):
+            if k >= len(sizes):
                 raise LayoutError(
-                    f"{self.name}: image {k} is cut into {n_tiles - 1} tiles but its size is unknown "
-                    "(the images were not passed through processor_images)"
+                    f"{self.name}: image {k} is cut into {n_tiles - 1} tiles but its size was not "
+                    f"given (sizes={sizes!r}); the tile arrangement depends on it"
                 )
-            size = self._sizes[image_id]
+            size = sizes[k]
             rows, cols = self.arrangement(size, processor)
             if rows * cols + 1 != n_tiles:
                 raise LayoutError(
@@ -170,12 +157,3 @@ def _pair(value) -> tuple[int, int]:
         return int(value[0]), int(value[1])
     return int(value), int(value)
 
-
-def _size(img) -> tuple[int, int]:
-    """(height, width) of a PIL image, an ``[H, W, C]`` array or a ``[C, H, W]`` tensor."""
-    if hasattr(img, "height") and hasattr(img, "width"):
-        return int(img.height), int(img.width)
-    shape = tuple(img.shape)
-    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
-        return int(shape[1]), int(shape[2])
-    return int(shape[0]), int(shape[1])

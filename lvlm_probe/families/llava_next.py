@@ -65,7 +65,8 @@ class LlavaNext(Family):
 
     # --- layout ----------------------------------------------------------------------------------
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """Base grid, tiles grid and row-end newlines of each image, in ``pack_image_features`` order.
 

@@ -54,7 +54,8 @@ class Mistral3(Family):
         return ids[0], ids[1]
 
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """One ``patches`` grid per image, from its processed size in ``image_sizes``.
 

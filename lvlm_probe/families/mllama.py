@@ -93,7 +93,8 @@ class Mllama(Family):
 
     # --- layout --------------------------------------------------------------------------------
     def image_layouts(
-        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor
+        self, inputs, example: int, image_ids: list[int], placeholders: Tensor, config, processor,
+        *, sizes: tuple[tuple[int, int], ...] = (),
     ) -> list[ImageLayout]:
         """One marker per image, with the tile and patch grids its cross-attention reads.
 

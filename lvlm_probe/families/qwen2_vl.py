@@ -34,7 +34,7 @@ class Qwen2VL(Family):
     vision_layers = "model.visual.blocks"
     projector = ("model.visual.merger",)
 
-    def image_layouts(self, inputs, example, image_ids, placeholders, config, processor):
+    def image_layouts(self, inputs, example, image_ids, placeholders, config, processor, *, sizes=()):
         """One merged ``(h / merge) x (w / merge)`` grid per image, from ``image_grid_thw``.
 
         ``image_grid_thw`` lists every image of the batch; ``image_ids`` picks this example's rows.
@@ -45,7 +45,7 @@ class Qwen2VL(Family):
         """
         if not image_ids:
             return super().image_layouts(inputs, example, image_ids, placeholders, config,
-                                         processor)
+                                         processor, sizes=sizes)
         grid_thw = inputs.get("image_grid_thw")
         if grid_thw is None:
             raise LayoutError(

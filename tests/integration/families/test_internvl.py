@@ -141,6 +141,8 @@ def test_tile_count_disagreeing_with_the_arrangement_raises_layout_error(model):
     family = model.family
     ids = batch.input_ids[0]
     placeholders = (ids == model.image_token_id).nonzero().flatten()
-    family._sizes = [(72, 48)]  # an image the processor would cut into 2x1 tiles, not 2x2
-    with pytest.raises(LayoutError, match="2x1"):
+    with pytest.raises(LayoutError, match="2x1"):  # a size the processor cuts into 2x1 tiles, not 2x2
+        family.image_layouts(batch.inputs, 0, [0], placeholders, model.config, model.processor,
+                             sizes=((72, 48),))
+    with pytest.raises(LayoutError, match="its size was not given"):
         family.image_layouts(batch.inputs, 0, [0], placeholders, model.config, model.processor)
