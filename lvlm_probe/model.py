@@ -41,7 +41,7 @@ class LVLM:
         # how load() built this model, so Ray workers can build the same one (None: built in memory)
         self.source: LoadSpec | None = None
         self.processor = processor
-        self.family = family or families.for_config(hf.config)
+        self.family = families.for_model(hf, family)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         # Left padding keeps every example's last token at position -1, where answers are read.
         self.tokenizer.padding_side = "left"
@@ -498,8 +498,7 @@ def load(
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read a model config from {source!r}: {err}") from err
     family = families.for_config(config)
-    archs = [a for a in (config.architectures or []) if a in family.hf_classes]
-    cls_name = archs[0] if archs else family.hf_classes[0]
+    cls_name = families.hf_class_name(config, family)
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         raise UnsupportedModelError(

@@ -11,6 +11,7 @@ from ..model import LVLM
 from ..model import load as load_model
 from .tiny_builders import available as tiny_families
 from .tiny_builders import build_dir
+from .tiny_builders import generic as tiny_generic
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
@@ -62,7 +63,8 @@ def tiny(
     """A tiny random-weight model of ``family``, built offline and loaded through :func:`lp.load`.
 
     Args:
-        family: one of ``lp.families.names()``.
+        family: one of ``lp.families.names()``, or a model type of :func:`tiny_generic` (read by
+            the generic adapter).
         seed: seed of the random weights.
 
     Example:
@@ -121,4 +123,4 @@ def from_name(
         ) from err
 
 
-__all__ = ["tiny", "tiny_families", "load", "from_name", "checkpoints", "checkpoint_dir"]
+__all__ = ["tiny", "tiny_families", "tiny_generic", "load", "from_name", "checkpoints", "checkpoint_dir"]

@@ -3,7 +3,8 @@
 Each module here builds one family's model and processor with the real transformers classes (text
 model 2 layers x 64, vision tower 2 layers x 32, a byte-level BPE tokenizer trained on the spot).
 They are saved in Hugging Face format and read back through :func:`lvlm_probe.load`, the same path a
-real checkpoint takes. A module registers itself by defining ``FAMILY`` and ``build(seed)``.
+real checkpoint takes. A module registers itself by defining ``FAMILY`` and ``build(seed)``; one that also sets
+``GENERIC = True`` builds a model type without a family adapter, read by the generic adapter.
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ for _module in pkgutil.iter_modules(__path__):
 
 def available() -> list[str]:
     """Families that have a tiny builder."""
-    return sorted(_BUILDERS)
+    return sorted(name for name, module in _BUILDERS.items() if not getattr(module, "GENERIC", False))
+
+
+def generic() -> list[str]:
+    """Model types without a family adapter that have a tiny builder (the generic adapter's)."""
+    return sorted(name for name, module in _BUILDERS.items() if getattr(module, "GENERIC", False))
 
 
 def cache_root() -> Path:
@@ -58,7 +64,8 @@ def build_dir(family: str, seed: int = 0) -> Path:
     """
     if family not in _BUILDERS:
         raise UnsupportedModelError(
-            f"no tiny model for family {family!r}; available: {', '.join(available())}"
+            f"no tiny model for family {family!r}; available: {', '.join(available())} "
+            f"(and, through the generic adapter: {', '.join(generic())})"
         )
     module = _BUILDERS[family]
     target = cache_root() / "tiny" / f"{family}-seed{seed}-{_fingerprint()}"
