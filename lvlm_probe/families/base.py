@@ -44,10 +44,21 @@ class Family:
     # relative to a layer: the norm whose input is the residual stream between attention and MLP
     lm_resid_mid: ClassVar[str] = "post_attention_layernorm"
     lm_qkv: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")  # relative to lm_attn
+    # relative to lm_attn: a norm applied to each value head after the value projection, whose
+    # output is what the attention mixes (Gemma 4); hook_v stays the projection's output
+    lm_v_norm: ClassVar[str | None] = None
     # relative to a layer: modules whose outputs are the attention's and the MLP's writes into the
     # residual stream, when these are not lm_attn / lm_mlp themselves (sandwich norms)
     lm_attn_write: ClassVar[str | None] = None
     lm_mlp_write: ClassVar[str | None] = None
+    # relative to a layer: a module whose output is a further write into the residual stream after
+    # the MLP's (Gemma 4's per-layer embeddings), and a layer attribute that multiplies the layer's
+    # output (Gemma 4's layer_scalar)
+    lm_extra_write: ClassVar[str | None] = None
+    lm_layer_scale: ClassVar[str | None] = None
+    # relative to a layer: the token mixer of the layers in unmasked_mixing_layers (linear
+    # attention, a short convolution), in place of lm_attn there
+    lm_mixer: ClassVar[str | None] = None
     # vision tower and projector
     vision_layers: ClassVar[str | None] = "model.vision_tower.encoder.layers"
     projector: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector",)
@@ -56,6 +67,10 @@ class Family:
     vision_config_attr: ClassVar[str] = "vision_config"
 
     image_mode: ClassVar[str] = "tokens"
+    #: How an image's tokens are arranged, for the families table: ``grid`` (one patch grid per
+    #: image), ``tiles`` (tiles or crops and a global view), ``queries`` (learned queries, not
+    #: patches) or ``cross-attention`` (outside the sequence).
+    layout_kind: ClassVar[str] = "grid"
     multi_image: ClassVar[bool] = True  # several images in one prompt
     requires_image: ClassVar[bool] = False  # every prompt needs at least one image
     nested_images: ClassVar[bool] = False  # the processor takes one list of images per prompt
@@ -158,10 +173,23 @@ class Family:
         default. A residual stream patched at or before such a layer does not carry the image."""
         return []
 
+    def unmasked_mixing_layers(self, config) -> list[int]:
+        """Indices in ``lm_layers`` of layers that mix tokens without an attention mask: linear
+        attention (a recurrence over the sequence) or a causal short convolution, in module
+        ``lm_mixer``; none by default.
+
+        Masking keys cannot hide a position from such a layer. lvlm_probe hides positions there by
+        running the mixer on the visible positions alone (see
+        :func:`lvlm_probe.hooks.attention.hiding_positions`), which assumes what these mixers are:
+        causal, reading no position index, called as ``mixer(hidden_states)``. Hiding keys from
+        some queries only (attention knockout) has no such form and raises."""
+        return []
+
     def self_attention_layers(self, config) -> list[int]:
-        """Indices in ``lm_layers`` of the layers that self-attend over the token sequence."""
-        cross = set(self.cross_attention_layers(config))
-        return [layer for layer in range(self.text_config(config).num_hidden_layers) if layer not in cross]
+        """Indices in ``lm_layers`` of the layers that self-attend over the token sequence (not the
+        cross-attention layers, nor the unmasked mixing layers)."""
+        other = set(self.cross_attention_layers(config)) | set(self.unmasked_mixing_layers(config))
+        return [layer for layer in range(self.text_config(config).num_hidden_layers) if layer not in other]
 
     def hide_images(self, inputs: dict[str, Any], keep: Tensor) -> dict[str, Any]:
         """The model inputs with the images of the rows where ``keep`` is False removed from the

@@ -158,6 +158,11 @@ class Generic(Family):
             if name.rpartition(".")[2] in _PROJECTOR_PARTS and not _is_vision(name.rpartition(".")[0])
             and not any(name.startswith(p + ".") for p in _projector_parents(hf))
         )
+        if not self.projector:
+            raise UnsupportedModelError(
+                f"{where}: found no projector outside the vision tower (looked for modules named "
+                f"{', '.join(_PROJECTOR_PARTS)}); the generic adapter needs one to hook where image "
+                "features enter the language model")
         sandwich = [n for n in _WRITE_NORMS if _child(first, (n,))]
         if sandwich:
             self.nonlinear_writes = (f"its layers normalise their own writes ({', '.join(sandwich)}) "

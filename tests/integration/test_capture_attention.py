@@ -79,6 +79,10 @@ def test_qkv_scores_pattern_and_z_agree(tiny_batch):
         assert k.shape == v.shape == (b, n_keys, model.n_kv_heads, model.d_head)
         assert scores.shape == pattern.shape == (b, model.n_heads, p, n_keys)
         torch.testing.assert_close(torch.softmax(scores, dim=-1), pattern, atol=1e-6, rtol=0)
+        if model.family.lm_v_norm:  # Gemma 4 normalises each value head before mixing
+            attn = model.module(model.family.lm_layers)[layer].get_submodule(model.family.lm_attn)
+            with torch.no_grad():
+                v = attn.get_submodule(model.family.lm_v_norm)(v)
         v = repeat(v, "b k kv d -> b k (kv g) d", g=model.n_heads // model.n_kv_heads)
         mixed = einsum(pattern, v, "b h q k, b k h d -> b q h d")
         torch.testing.assert_close(mixed, z, atol=1e-5, rtol=0)
@@ -117,9 +121,18 @@ def test_resid_mid_splits_each_layer(tiny_batch):
     """resid_pre + attn_out = resid_mid; resid_mid + mlp_out = resid_post (the two outputs are the
     writes into the residual stream, also for Gemma 3's sandwich norms)."""
     model, batch = tiny_batch
-    with model.capture(model.hook_names()) as cache:
-        model.forward(batch)
     layers = model.module(model.family.lm_layers)
+    fam, extra, handles = model.family, {}, []
+    if fam.lm_extra_write:  # Gemma 4: a third write (per-layer embeddings) after the MLP
+        for i, block in enumerate(layers):
+            handles.append(block.get_submodule(fam.lm_extra_write).register_forward_hook(
+                lambda mod, args, out, i=i: extra.__setitem__(i, out.detach())))
+    try:
+        with model.capture(model.hook_names()) as cache:
+            model.forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     checked = 0
     for layer, prefix, _ in attention_modules(model):
         block = layers[layer]
@@ -133,7 +146,10 @@ def test_resid_mid_splits_each_layer(tiny_batch):
             torch.testing.assert_close(mid, gated, atol=1e-5, rtol=0)
             continue
         torch.testing.assert_close(mid, pre + attn_out, atol=1e-5, rtol=0)
-        torch.testing.assert_close(post, mid + mlp_out, atol=1e-5, rtol=0)
+        expected = mid + mlp_out + extra.get(layer, 0.0)
+        if fam.lm_layer_scale:  # Gemma 4 rescales each layer's output
+            expected = expected * getattr(block, fam.lm_layer_scale)
+        torch.testing.assert_close(post, expected, atol=1e-5, rtol=0)
         checked += 1
     assert checked >= 1
 

@@ -26,7 +26,7 @@ def test_unsupported_model_class_names_supported_families(tmp_path):
     with pytest.raises(UnsupportedModelError) as err:
         lp.load(tmp_path, device="cpu")
     message = str(err.value)
-    assert "BertForMaskedLM" in message
+    assert "BertForMaskedLM" in message and "not an image-text-to-text class" in message
     for name in lp.families.names():
         assert name in message
 

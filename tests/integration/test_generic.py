@@ -116,12 +116,3 @@ def test_discrete_image_token_model_is_refused_with_the_reason(tmp_path):
     with pytest.raises(UnsupportedModelError, match="discrete tokens.*codebook"):
         lp.load(_saved_config(config, tmp_path), device="cpu")
 
-
-def test_a_class_outside_the_image_text_mapping_is_refused(tmp_path):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2)
-    config.architectures = ["LlamaForCausalLM"]
-    with pytest.raises(UnsupportedModelError, match="not an image-text-to-text class"):
-        lp.load(_saved_config(config, tmp_path), device="cpu")
