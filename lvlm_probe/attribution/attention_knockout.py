@@ -100,7 +100,8 @@ def knockout(
 
     Raises:
         InputError: for an unknown or empty group, a window < 1, no layers or a layer outside the
-            model, or bad targets.
+            model, a window over a layer that mixes tokens without an attention mask
+            (``family.unmasked_mixing_layers``), or bad targets.
 
     Example:
         >>> curve = lp.attribution.knockout(model, batch, source="image", dest="last", window=2)
@@ -119,6 +120,14 @@ def knockout(
         raise InputError(f"layers {bad} are outside the model's [0, {model.n_layers})")
     if target is None and foil is not None:
         raise InputError(f"a foil ({foil!r}) needs a target; pass target= too")
+    unmasked = sorted({layer for start in layers for layer in range(start, min(start + window, model.n_layers))}
+                      & set(model.family.unmasked_mixing_layers(model.config)))
+    if unmasked:
+        raise InputError(
+            f"knockout cannot block {dest} queries from {source} keys in {model.family.name}'s layers "
+            f"{unmasked}: they mix tokens without an attention mask (a recurrence or convolution has no "
+            "per-query keys to block, and leaving them open would not block the flow); choose windows "
+            f"of self-attention layers only: {model.family.self_attention_layers(model.config)}")
     pairs = group_mask(batch, dest)[:, :, None] & group_mask(batch, source)[:, None, :]  # [b, q, k]
     if target is not None:  # validated before the model runs
         targets, foils, answer_ids = target_ids(model, batch, target, foil)

@@ -263,8 +263,6 @@ class _Score:
         self.member = torch.zeros(len(feats.positions), length)  # feature x position
         for f, pos in enumerate(feats.positions):
             self.member[f, pos] = 1.0
-        self.modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-                        for layer in model.family.self_attention_layers(model.config)]
 
     def inputs(self, m: int) -> dict:
         """The example's inputs, ``m`` times."""
@@ -278,7 +276,7 @@ class _Score:
     def removed(self, gates: Tensor) -> Tensor:
         """Remove (hide) the tokens of features whose gate is 0."""
         hidden = ((1.0 - gates.float().cpu()) @ self.member) > 0.5
-        with torch.no_grad(), attention.hiding(self.modules, hidden.to(self.model.device)):
+        with torch.no_grad(), attention.hiding_positions(self.model, hidden.to(self.model.device)):
             return self.score(self.model.hf(**self.inputs(len(gates))).logits).cpu()
 
     def scaled(self, gates: Tensor) -> Tensor:

@@ -177,9 +177,7 @@ def source_split(
             generator = torch.Generator().manual_seed(seed)
             replaced = diffusion_noise(pixels, noise_step, generator)
         inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced])
-    modules = [model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}")
-               for layer in model.family.self_attention_layers(model.config)]
-    with torch.no_grad(), attention.hiding(modules, hidden.to(model.device)), editing(model, edits):
+    with torch.no_grad(), attention.hiding_positions(model, hidden.to(model.device)), editing(model, edits):
         logits = model.hf(**inputs).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     n = len(batch)

@@ -6,8 +6,9 @@ TransformerLens's ``supported_architectures`` declare them). The few behaviours 
 families (how a prompt is templated, how placeholder tokens form image grids) are small methods, and
 so is everything an analysis needs to know about a family (its *capabilities*: a final-logit soft
 cap, the final norm's scale, whether the residual writes add up linearly, which layers
-cross-attend, how images are removed from the language model's view). Code outside ``families/``
-asks the adapter these questions and never branches on a family's name.
+cross-attend or mix tokens without an attention mask, how images are removed from the language
+model's view). Code outside ``families/`` asks the adapter these questions and never branches on a
+family's name.
 
 Subclasses register themselves: defining ``class Llava(Family)`` with a ``name`` is the only
 registration there is (see ``lvlm_probe.families``).
@@ -171,6 +172,12 @@ class Family:
         """Indices in ``lm_layers`` of layers after whose output image features are added to the
         residual stream at the image positions, outside attention (Qwen3-VL's DeepStack); none by
         default. A residual stream patched at or before such a layer does not carry the image."""
+        return []
+
+    def image_injection_modules(self, config) -> list[str]:
+        """Module paths whose outputs are the image features added after each layer of
+        :meth:`image_injection_layers`, in the same order (Qwen3-VL's DeepStack mergers); hooked as
+        ``projector.injection.{k}.hook_out``. Empty where no module outputs exactly them."""
         return []
 
     def unmasked_mixing_layers(self, config) -> list[int]:

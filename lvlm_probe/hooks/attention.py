@@ -9,7 +9,10 @@ outputs are exactly those of eager attention, and hands the pattern (and, when a
 to the capture's listeners. The model's configured implementation (e.g. ``sdpa``) is restored when
 the last capture that needed eager attention exits, also when the block raises. The same
 implementation hides chosen key positions from every query (:func:`hiding`), which is how
-attribution removes the image or the prompt without moving any position.
+attribution removes the image or the prompt without moving any position. Layers that mix tokens
+without an attention mask (the adapter's ``unmasked_mixing_layers``: linear attention, short
+convolutions) have no keys to mask: :func:`removing` runs their mixer on the visible positions
+alone, and :func:`hiding_positions` does both for a whole language model.
 
 Registering the implementation adds one namespaced key to transformers' registries; it changes
 nothing for models that do not select it.
@@ -39,6 +42,8 @@ Listener = Callable[[Tensor, Callable[[], Tensor]], None]
 _LISTENERS: weakref.WeakKeyDictionary[nn.Module, list[Listener]] = weakref.WeakKeyDictionary()
 # attention module -> [batch, key] positions hidden from every query (see hiding)
 _HIDDEN: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
+# token mixer of an unmasked mixing layer -> [batch, pos] positions cut out of its input (see removing)
+_REMOVED: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
 # id(config) -> [config, its implementation before the switch, number of active switches]
 _SWITCHED: dict[int, list[Any]] = {}
 
@@ -191,6 +196,90 @@ def _hide(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor 
         return attention_mask  # nothing hidden in this module: the family's mask, untouched
     # adding two large negatives would overflow to -inf (and NaN rows); clamp at the minimum
     return (attention_mask[..., :n_keys] + extra).clamp(min=low)
+
+
+@contextlib.contextmanager
+def hiding_positions(model: Any, hidden: Bool[Tensor, "batch key"]) -> Iterator[None]:
+    """Hide positions from the whole language model of an :class:`~lvlm_probe.LVLM`: their keys
+    are masked at every self-attention layer (:func:`hiding`) and they are cut out of the input of
+    every unmasked mixing layer's token mixer (:func:`removing`). Every other position then reads
+    nothing from them, in any layer.
+
+    Args:
+        model: an ``LVLM`` (its family's ``self_attention_layers`` and ``unmasked_mixing_layers``).
+        hidden: ``[batch, key]`` booleans, True to hide, over the running sequence.
+    """
+    family, config = model.family, model.config
+    attention = [model.module(f"{family.lm_layers}.{layer}.{family.lm_attn}")
+                 for layer in family.self_attention_layers(config)]
+    mixers = [model.module(f"{family.lm_layers}.{layer}.{family.lm_mixer}")
+              for layer in family.unmasked_mixing_layers(config)]
+    with hiding(attention, hidden), removing(mixers, hidden):
+        yield
+
+
+@contextlib.contextmanager
+def removing(mixers: Iterable[nn.Module], hidden: Bool[Tensor, "batch pos"]) -> Iterator[None]:
+    """Cut positions out of the token mixers of layers that mix without an attention mask.
+
+    A linear-attention recurrence or a causal convolution reads every earlier position through
+    its state or its window, and no mask reaches it (a padding mask zeroes inputs, which still
+    decay the state and fill the window). So for each row with hidden positions, the mixer runs
+    again on that row's visible (and unpadded) positions alone, as one sequence, and its outputs
+    there replace the full run's; the hidden positions keep the full run's outputs, which nothing
+    visible reads. The visible positions then get exactly the outputs of a sequence without the
+    hidden ones. This needs a mixer that is causal and reads no position index, called as
+    ``mixer(hidden_states)`` (what ``unmasked_mixing_layers`` declares).
+
+    Args:
+        mixers: the token-mixing modules (``lm_mixer`` of the unmasked mixing layers).
+        hidden: ``[batch, pos]`` booleans, True to cut out.
+
+    Raises:
+        LVLMProbeError: for a ``[batch, query, key]`` mask (hiding keys from some queries only has
+            no such form), a mixer that removal is already active on, or a run over another length.
+    """
+    mixers = list(mixers)
+    if mixers and hidden.ndim != 2:
+        raise LVLMProbeError(
+            f"hiding keys from some queries only ({hidden.ndim}-d mask) cannot be done in layers that "
+            "mix tokens without an attention mask (a recurrence or convolution has no per-query keys)")
+    handles = []
+    try:
+        for mixer in mixers:
+            if mixer in _REMOVED:
+                raise LVLMProbeError("position removal is already active on this model; blocks cannot nest")
+            _REMOVED[mixer] = hidden
+            handles.append(mixer.register_forward_hook(_remove, with_kwargs=True, prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mixer in mixers:
+            _REMOVED.pop(mixer, None)
+
+
+def _remove(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook of :func:`removing`: the mixer's outputs, recomputed on the visible positions."""
+    hidden = _REMOVED[module]
+    states = args[0] if args else kwargs["hidden_states"]
+    if tuple(hidden.shape) != tuple(states.shape[:2]):
+        raise LVLMProbeError(
+            f"hidden positions cover {tuple(hidden.shape)} (batch, pos) but the mixer runs over "
+            f"{tuple(states.shape[:2])}; removal applies to a full forward pass, not to generation steps")
+    keep = ~hidden.to(states.device)
+    padding = kwargs.get("attention_mask")
+    if torch.is_tensor(padding) and tuple(padding.shape) == tuple(keep.shape):
+        keep = keep & padding.to(keep.device).bool()  # a 2-d mask is the padding: cut it out too
+    out = output[0] if isinstance(output, tuple) else output
+    out = out.clone()
+    for row in hidden.any(-1).nonzero().flatten().tolist():
+        visible = keep[row].nonzero().flatten()
+        if visible.numel():
+            # forward, not __call__: other hooks (captures, edits) see only the layer's own call
+            again = module.forward(states[row:row + 1, visible])
+            out[row, visible] = (again[0] if isinstance(again, tuple) else again)[0].to(out.dtype)
+    return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
 def active() -> tuple[int, int]:

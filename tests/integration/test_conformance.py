@@ -4,8 +4,8 @@ family is an adapter, a tiny builder and this module passing.
 
 Each family's model is built, saved and reloaded once (module-scoped fixture); every check below
 runs on the reloaded model. A family that cannot do something declares it on its adapter
-(``nonlinear_writes``, ``image_mode``, ``cross_attention_layers``) and the check then expects the
-declared behaviour or error instead of skipping.
+(``nonlinear_writes``, ``image_mode``, ``cross_attention_layers``, ``unmasked_mixing_layers``) and
+the check then expects the declared behaviour or error instead of skipping.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from conftest import PROMPTS, random_image, store_files
 
 import lvlm_probe as lp
 from lvlm_probe import fileio
-from lvlm_probe.attribution import dla, logit_lens, source_split
+from lvlm_probe.attribution import dla, knockout, logit_lens, source_split
 from lvlm_probe.attribution.lens import unembed
 from lvlm_probe.circuits import editing, patch
 from lvlm_probe.circuits.patching import Site, run_sites
@@ -93,6 +93,27 @@ def test_save_load_round_trip_gives_identical_logits(subject):
     with torch.no_grad():
         expected = original.hf(**batch.inputs).logits
     assert torch.equal(model.forward(batch).logits, expected)
+
+
+def test_every_layer_mixes_tokens_as_declared(subject):
+    """Each language-model layer holds the module its declared kind names: self-attention
+    (``lm_attn``), cross-attention (``cross_attention_layers``), or a token mixer without an
+    attention mask (``unmasked_mixing_layers``, module ``lm_mixer``) and then no ``lm_attn``, so
+    nothing can mistake it for a layer whose keys can be masked."""
+    model = subject.model
+    family, layers = model.family, model.module(model.family.lm_layers)
+    cross = family.cross_attention_layers(model.config)
+    unmasked = family.unmasked_mixing_layers(model.config)
+    attending = family.self_attention_layers(model.config)
+    assert not set(cross) & set(unmasked)
+    assert sorted(attending + cross + unmasked) == list(range(model.n_layers))
+    for layer in attending:
+        layers[layer].get_submodule(family.lm_attn)
+    for layer in unmasked:
+        assert family.lm_mixer is not None
+        layers[layer].get_submodule(family.lm_mixer)
+        with pytest.raises(AttributeError):
+            layers[layer].get_submodule(family.lm_attn)
 
 
 def _image_sets(model) -> list[list[list[Any]]]:
@@ -200,7 +221,8 @@ def test_interrupted_extract_resumes_byte_identical(subject, tmp_path, monkeypat
     sizes = [(40, 56), (72, 48)]
     rows = [{"id": f"ex{i}", "prompt": PROMPTS[i % 2], "image": random_image(*sizes[i % 2], seed=10 + i),
              "label": i % 3} for i in range(6)]
-    args = dict(hooks=[RESID, "blocks.0.attn.hook_z"], positions="image", reduce="mean", batch_size=2,
+    attn = model.family.self_attention_layers(model.config)[0]
+    args = dict(hooks=[RESID, f"blocks.{attn}.attn.hook_z"], positions="image", reduce="mean", batch_size=2,
                 shard_size=2, progress=False)
     reference = lp.extract(model, rows, out=tmp_path / "reference", **args)
     assert reference.complete and reference.ids == [r["id"] for r in rows]
@@ -272,6 +294,23 @@ def test_hidden_prompt_is_removed(split):
     for coalition in ("image", "empty"):
         values = result.values[coalition]
         torch.testing.assert_close(values[0], values[2], atol=1e-6, rtol=0, msg=coalition)
+
+
+def test_knockout_blocks_attention_or_raises_where_layers_mix_without_a_mask(subject):
+    """Attention knockout blocks keys from some queries only, which a layer that mixes tokens
+    without an attention mask cannot do: a window over such a layer raises naming the family and
+    the layers; windows of self-attention layers run, and their unblocked run is the model's own."""
+    model, batch, yes = subject.model, subject.batch, subject.yes
+    unmasked = model.family.unmasked_mixing_layers(model.config)
+    if unmasked:
+        with pytest.raises(InputError, match=re.escape(f"{model.family.name}'s layers {unmasked}")):
+            knockout(model, batch, target=yes, source="prompt")
+    layers = model.family.self_attention_layers(model.config)
+    curve = knockout(model, batch, target=yes, source="prompt", layers=layers, window=1).to_frame()
+    assert sorted(set(curve["layer"])) == layers
+    with torch.no_grad():
+        probs = torch.softmax(model.forward(batch).logits[:, -1].float(), dim=-1)[:, yes].cpu()
+    np.testing.assert_allclose(curve.groupby("example")["p"].first().to_numpy(), probs.numpy(), atol=1e-5)
 
 
 def test_logit_lens_last_layer_is_the_model_output(subject):
