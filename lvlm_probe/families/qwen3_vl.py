@@ -26,7 +26,8 @@ output to the hidden states *at the image positions* right after LM layer ``k``.
   a clean run: the DeepStack addition after it carries the corrupted image again.
   :meth:`image_injection_layers` names those layers.
 * ``projector.hook_out`` is the main merger's output (the features that replace the placeholder
-  embeddings); the DeepStack mergers' outputs are not offered as hooks.
+  embeddings); ``projector.injection.{k}.hook_out`` is DeepStack merger ``k``'s output, the
+  features added after LM layer ``k`` (:meth:`image_injection_modules`).
 """
 from __future__ import annotations
 
@@ -50,3 +51,8 @@ class Qwen3VL(Qwen2VL):
         positions: one per entry of ``vision_config.deepstack_visual_indexes``, from layer 0."""
         n = len(self.vision_config(config).deepstack_visual_indexes or ())
         return list(range(min(n, self.text_config(config).num_hidden_layers)))
+
+    def image_injection_modules(self, config) -> list[str]:
+        """The DeepStack mergers, one per injection layer."""
+        return [f"model.visual.deepstack_merger_list.{k}"
+                for k in range(len(self.image_injection_layers(config)))]

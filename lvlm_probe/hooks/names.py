@@ -36,6 +36,8 @@ name                                        value
 ``vision.blocks.{l}.hook_resid_post``       vision-tower layer ``l``'s output
 ``vision.global_blocks.{l}.hook_resid_post``  Mllama's global vision encoder, layer ``l``
 ``projector.hook_out``                      output of the family's last projector module
+``projector.injection.{k}.hook_out``        image features added to the residual stream after LM
+                                            layer ``image_injection_layers[k]`` (Qwen3-VL DeepStack)
 ``qformer.blocks.{l}.hook_resid_post``      BLIP-2's Q-Former layer ``l`` (its query states)
 ==========================================  ====================================================
 
@@ -124,6 +126,8 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
         points += _tower(fam.qformer_layers, fam.n_qformer_layers(model.config), "qformer.blocks",
                          "qformer")
     points.append(HookPoint("projector.hook_out", fam.projector[-1], "output", "projector"))
+    for k, path in enumerate(fam.image_injection_modules(model.config)):
+        points.append(HookPoint(f"projector.injection.{k}.hook_out", path, "output", "projector"))
     points.append(HookPoint("hook_embed", fam.lm_embed, "output", "lm"))
     cross = set(getattr(fam, "cross_attention_layers", lambda config: [])(model.config))
     for layer in range(model.n_layers):

@@ -47,11 +47,14 @@ def test_image_injection_layers(model):
 
 def test_deepstack_writes_only_at_image_positions(model, pictures):
     """resid_pre of the layer after a DeepStack layer is that layer's output plus the DeepStack
-    features at the image positions (in image order), and equal to it everywhere else."""
+    features at the image positions (in image order), and equal to it everywhere else; those
+    features are the ``projector.injection.0.hook_out`` hook's value."""
     batch = model.prepare(images=[[pictures[0]], [pictures[2], pictures[1]]],
                           prompts=[PROMPT, OTHER_PROMPT])
-    with torch.no_grad(), model.capture(["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]) as cache:
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "projector.injection.0.hook_out"]
+    with torch.no_grad(), model.capture(names) as cache:
         model.forward(batch)
+    with torch.no_grad():
         features = model.hf.model.get_image_features(
             batch.inputs["pixel_values"], batch.inputs["image_grid_thw"]).deepstack_features[0]
     added = cache["blocks.1.hook_resid_pre"] - cache["blocks.0.hook_resid_post"]
@@ -59,6 +62,8 @@ def test_deepstack_writes_only_at_image_positions(model, pictures):
     assert torch.equal(added[~image], torch.zeros_like(added[~image]))
     torch.testing.assert_close(added[image], torch.cat(features), atol=1e-5, rtol=0)
     assert added[image].abs().amax() > 1e-2  # the DeepStack merger is not a zero write
+    # the hook on DeepStack merger 0 holds exactly what is added after layer 0
+    torch.testing.assert_close(cache["projector.injection.0.hook_out"], torch.cat(features), atol=0, rtol=0)
 
 
 def test_whole_residual_patch_restores_only_after_deepstack(model, pictures):
