@@ -51,13 +51,14 @@ class FinalNorm:
     @classmethod
     def of(cls, model) -> FinalNorm:
         norm = model.module(model.family.lm_norm)
-        centred = isinstance(norm, torch.nn.LayerNorm)
-        eps = norm.eps if centred else getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        centred = model.family.final_norm_centres(norm)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         weight = norm.weight.float() if norm.weight is not None else None
         offset = model.family.final_norm_weight_offset(norm)
         if weight is not None and offset:
             weight = offset + weight
-        bias = norm.bias.float() if centred and norm.bias is not None else None
+        bias = getattr(norm, "bias", None)
+        bias = bias.float() if centred and bias is not None else None
         return cls(centred, eps, weight, bias)
 
     def centre(self, x: Tensor) -> Tensor:
@@ -159,6 +160,9 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
     direction = head.weight[ids[:, 0]].float()  # [b, d]
     if foils:
         direction = direction - head.weight[ids[:, 1]].float()
+    logit_scale = model.family.final_logit_scale(model.config)
+    if logit_scale is not None:  # the forward scales the logits: scale the direction read
+        direction = direction * logit_scale
     norm = FinalNorm.of(model)
     L = model.n_layers
     last_names = ["blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post", "blocks.*.hook_mlp_out",
@@ -204,7 +208,8 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
         add("norm_bias", einsum(norm.bias.expand_as(resid), direction, "b d, b d -> b").cpu())
     bias = getattr(head, "bias", None)
     if bias is not None:
-        add("head_bias", (bias[ids[:, 0]] - (bias[ids[:, 1]] if foils else 0.0)).float().cpu())
+        term = (bias[ids[:, 0]] - (bias[ids[:, 1]] if foils else 0.0)).float()
+        add("head_bias", (term * logit_scale if logit_scale is not None else term).cpu())
     return DirectLogitAttribution(pd.DataFrame(rows), logit, method="dla", targets=targets, foils=foils,
                                   target_ids=ids[:, 0], foil_ids=ids[:, 1] if foils else None,
                                   layouts=list(batch.layouts))

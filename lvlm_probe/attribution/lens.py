@@ -22,12 +22,16 @@ from .results import AttributionResult, legacy_calls, moved_to_keywords
 
 
 def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
-    """Logits from residual-stream states: final norm, unembedding, and the final soft cap that the
-    model's forward applies (the family's ``final_logit_softcap``, e.g. PaliGemma's), in float32."""
+    """Logits from residual-stream states: final norm, unembedding, and the final logit scale and
+    soft cap that the model's forward applies (the family's ``final_logit_scale``, e.g. Cohere's,
+    and ``final_logit_softcap``, e.g. PaliGemma's), in float32."""
     norm = model.module(model.family.lm_norm)
     head = model.module(model.family.lm_head)
     with torch.no_grad():
         logits = head(norm(resid.to(model.dtype))).float()
+    scale = model.family.final_logit_scale(model.config)
+    if scale is not None:
+        logits = logits * scale
     cap = model.family.final_logit_softcap(model.config)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap

@@ -161,6 +161,9 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
     direction = head.weight[ids[0]].float().cpu()
     if len(ids) > 1:
         direction = direction - head.weight[ids[1]].float().cpu()
+    logit_scale = model.family.final_logit_scale(model.config)
+    if logit_scale is not None:
+        direction = direction * logit_scale
     weight = norm.weight.cpu() if norm.weight is not None else torch.ones_like(direction)
     writes = []
     for layer in range(model.n_layers):

@@ -42,8 +42,10 @@ class Family:
     lm_attn: ClassVar[str] = "self_attn"  # relative to a layer
     lm_attn_out: ClassVar[str] = "self_attn.o_proj"
     lm_mlp: ClassVar[str] = "mlp"
-    # relative to a layer: the norm whose input is the residual stream between attention and MLP
-    lm_resid_mid: ClassVar[str] = "post_attention_layernorm"
+    # relative to a layer: the norm whose input is the residual stream between attention and MLP;
+    # None where attention and MLP read the same normalised input in parallel (Cohere's layers),
+    # so that no residual stream lies between them (no ``hook_resid_mid`` is offered)
+    lm_resid_mid: ClassVar[str | None] = "post_attention_layernorm"
     lm_qkv: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")  # relative to lm_attn
     # relative to lm_attn: a norm applied to each value head after the value projection, whose
     # output is what the attention mixes (Gemma 4); hook_v stays the projection's output
@@ -157,6 +159,16 @@ class Family:
         Gemma generation, whichever family's checkpoint holds it, e.g. a LLaVA with a Gemma
         language model), else 0."""
         return 1.0 if "Gemma" in type(norm).__name__ else 0.0
+
+    def final_norm_centres(self, norm: torch.nn.Module) -> bool:
+        """Whether the final norm subtracts the mean before dividing by the deviation (LayerNorm,
+        also Cohere's bias-free LayerNorm) rather than only dividing by the RMS (RMSNorm)."""
+        return isinstance(norm, torch.nn.LayerNorm)
+
+    def final_logit_scale(self, config) -> float | None:
+        """The factor the model's forward multiplies the unembedded logits by (Cohere's
+        ``logit_scale``), before any soft cap, or None."""
+        return None
 
     def final_logit_softcap(self, config) -> float | None:
         """The cap ``c`` of a final soft cap ``c * tanh(logits / c)`` that the model's forward

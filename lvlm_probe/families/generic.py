@@ -16,9 +16,10 @@ model, or assumes:
   perfect square becomes a row-major spatial grid; any other run is a non-spatial row of tokens
   (``spatial=False``), so image maps, which need a spatial grid, refuse it. A square run of learned
   queries (a resampler's outputs) is indistinguishable from a patch grid here: the warning says so.
-* Capabilities take the defaults (residual writes that add up linearly, no final soft cap, no
-  cross-attention, no features added outside attention), except that layers which normalise their
-  own writes (sandwich norms) are declared non-linear.
+* Capabilities take the defaults (residual writes that add up linearly, no cross-attention, no
+  features added outside attention), except that layers which normalise their own writes (sandwich
+  norms) are declared non-linear, and a final soft cap or logit scale is read from the text
+  config's ``final_logit_softcapping`` / ``logit_scale``.
 
 :func:`lvlm_probe.load` warns with what was discovered and assumed. Models that do not fit raise
 :class:`~lvlm_probe.errors.UnsupportedModelError` naming why: encoder-decoder models, models whose
@@ -140,7 +141,8 @@ class Generic(Family):
             raise UnsupportedModelError(f"{where}: found no MLP in {self.lm_layers}.0 (looked for "
                                         f"{', '.join(_MLP)})")
         self.lm_mlp = mlp
-        self.lm_resid_mid = _child(first, _RESID_MID) or Family.lm_resid_mid
+        # None for layers whose attention and MLP read one normalised input in parallel
+        self.lm_resid_mid = _child(first, _RESID_MID)
         parent = self.lm_layers.rpartition(".")[0]
         norm = _child(hf.get_submodule(parent), _FINAL_NORM) if parent else None
         if norm is None:
@@ -186,6 +188,14 @@ class Generic(Family):
             GenericAdapterWarning, stacklevel=3,
         )
         return self
+
+    def final_logit_softcap(self, config) -> float | None:
+        cap = getattr(self.text_config(config), "final_logit_softcapping", None)
+        return float(cap) if cap is not None else None
+
+    def final_logit_scale(self, config) -> float | None:
+        scale = getattr(self.text_config(config), "logit_scale", None)
+        return float(scale) if scale is not None else None
 
     def image_token_id(self, config, processor) -> int:
         for attr in ("image_token_id", "image_token_index"):

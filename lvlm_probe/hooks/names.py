@@ -140,8 +140,10 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
             points += _attention(model, layer, f"{block}.{fam.lm_attn}", f"{block}.{fam.lm_attn_out}",
                                  f"{prefix}.attn", f"{prefix}.hook_attn_out", cross=False,
                                  write=fam.lm_attn_write and f"{block}.{fam.lm_attn_write}")
+        if fam.lm_resid_mid is not None:  # parallel attention and MLP have no residual between them
+            points.append(HookPoint(f"{prefix}.hook_resid_mid", f"{block}.{fam.lm_resid_mid}", "input",
+                                    "lm", layer))
         points += [
-            HookPoint(f"{prefix}.hook_resid_mid", f"{block}.{fam.lm_resid_mid}", "input", "lm", layer),
             HookPoint(f"{prefix}.hook_mlp_out", f"{block}.{fam.lm_mlp_write or fam.lm_mlp}", "output", "lm",
                       layer),
             HookPoint(f"{prefix}.hook_resid_post", block, "output", "lm", layer),

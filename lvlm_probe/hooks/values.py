@@ -50,7 +50,8 @@ def finish(model: Any, point: HookPoint, value: Tensor) -> Tensor:
     if point.transform in ("heads", "result"):
         return split_heads(model, point, value)
     if point.transform == "normalized":
-        return normalized(model.hf.get_submodule(point.path), value)
+        norm = model.hf.get_submodule(point.path)
+        return normalized(norm, value, centred=model.family.final_norm_centres(norm))
     return value
 
 
@@ -83,18 +84,19 @@ def module_weight(module: nn.Module, device: torch.device) -> Tensor:
     return weight.detach().to(device)
 
 
-def normalized(norm: nn.Module, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+def normalized(norm: nn.Module, x: Float[Tensor, "... d"], centred: bool | None = None) -> Float[Tensor, "... d"]:
     """The norm's normalisation step without its learned affine part.
 
     LayerNorm: ``(x - mean) / sqrt(var + eps)``; RMSNorm (Llama, Qwen, Gemma): ``x / sqrt(mean(x^2)
-    + eps)``, computed in float32 as the HF norms do and returned in ``x``'s dtype.
+    + eps)``, computed in float32 as the HF norms do and returned in ``x``'s dtype. ``centred``
+    (the adapter's ``final_norm_centres``) says which; by default, whether ``norm`` is a LayerNorm.
     """
     xf = x.float()
-    if isinstance(norm, nn.LayerNorm):
+    if centred is None:
+        centred = isinstance(norm, nn.LayerNorm)
+    if centred:  # LayerNorm, and norms that centre without a bias (the adapter says which)
         xf = xf - xf.mean(-1, keepdim=True)
-        eps = norm.eps
-    else:
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-        if eps is None:
-            raise LVLMProbeError(f"internal: {type(norm).__name__} has no eps attribute to normalise with")
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise LVLMProbeError(f"internal: {type(norm).__name__} has no eps attribute to normalise with")
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -136,10 +136,16 @@ def test_resid_mid_splits_each_layer(tiny_batch):
     checked = 0
     for layer, prefix, _ in attention_modules(model):
         block = layers[layer]
-        pre, mid, post = (cache[f"blocks.{layer}.hook_resid_{x}"] for x in ("pre", "mid", "post"))
         attn_out = cache[f"blocks.{layer}.cross_attn.hook_attn_out" if prefix == "cross_attn"
                          else f"blocks.{layer}.hook_attn_out"]
         mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]
+        pre, post = cache[f"blocks.{layer}.hook_resid_pre"], cache[f"blocks.{layer}.hook_resid_post"]
+        if model.family.lm_resid_mid is None:  # parallel attention and MLP: both writes at once
+            assert f"blocks.{layer}.hook_resid_mid" not in model.hook_names()
+            torch.testing.assert_close(post, pre + attn_out + mlp_out, atol=1e-5, rtol=0)
+            checked += 1
+            continue
+        mid = cache[f"blocks.{layer}.hook_resid_mid"]
         if prefix == "cross_attn":  # Mllama gates both writes (and masks text rows)
             with torch.no_grad():
                 gated = pre + block.cross_attn_attn_gate.tanh() * attn_out

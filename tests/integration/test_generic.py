@@ -54,7 +54,7 @@ def test_load_warns_what_it_discovered_and_assumed(subject, tmp_path):
     for path in (model.family.lm_layers, model.family.lm_head, model.family.vision_layers):
         assert repr(path) in message
         model.module(path)  # every discovered path exists
-    assert "square" in message and "soft cap" in message  # the assumptions are named
+    assert "square" in message and "soft cap" in message and "cross-attention" in message  # the assumptions are named
 
 
 def test_image_runs_match_the_processor(subject):
