@@ -140,11 +140,21 @@ def _pre_hook(model: Any, point: HookPoint, fn: Edit):
 
 
 def _hook(model: Any, point: HookPoint, fn: Edit):
+    def edit(raw: Tensor, args) -> Tensor:
+        # Mixture-of-experts blocks (Llama 4) take [b, p, d] and return it flattened to [b * p, d]:
+        # the edit sees [b, p, d], as the capture does, and the module's shape is restored after.
+        source = args[0] if args and torch.is_tensor(args[0]) else None
+        if (point.space == "lm" and raw.ndim == 2 and source is not None and source.ndim == 3
+                and source.shape[0] * source.shape[1] == raw.shape[0]):
+            shaped = raw.reshape(*source.shape[:2], raw.shape[-1])
+            return _apply(model, point, fn, shaped).reshape(raw.shape)
+        return _apply(model, point, fn, raw)
+
     def hook(module, args, output):
         if torch.is_tensor(output):
-            return _apply(model, point, fn, output)
+            return edit(output, args)
         if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-            return (_apply(model, point, fn, output[0]), *output[1:])
+            return (edit(output[0], args), *output[1:])
         raise LVLMProbeError(f"internal: {point.name}: {type(module).__name__} returned "
                              f"{type(output).__name__}, not a tensor to edit")
     return hook
