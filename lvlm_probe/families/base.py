@@ -47,6 +47,10 @@ class Family:
     # so that no residual stream lies between them (no ``hook_resid_mid`` is offered)
     lm_resid_mid: ClassVar[str | None] = "post_attention_layernorm"
     lm_qkv: ClassVar[tuple[str, str, str]] = ("q_proj", "k_proj", "v_proj")  # relative to lm_attn
+    # the query projection emits each head's query and an output gate side by side, and the
+    # attention output is multiplied by sigmoid(gate) before the out-projection (Qwen3.5's gated
+    # attention): hook_q is not offered, hook_z is the out-projection's input (after the gate)
+    lm_q_gate: ClassVar[bool] = False
     # relative to lm_attn: a norm applied to each value head after the value projection, whose
     # output is what the attention mixes (Gemma 4); hook_v stays the projection's output
     lm_v_norm: ClassVar[str | None] = None

@@ -48,6 +48,10 @@ the attention names live under ``blocks.{l}.cross_attn.`` (``hook_q`` ... ``hook
 ``blocks.*.hook_attn_out`` there expands to the self-attention layers only. Cross-attention keys
 and values run over the vision states, not the token sequence, so they are captured whole.
 
+Layers that mix tokens without an attention mask (``unmasked_mixing_layers(config)``: linear
+attention, short convolutions) have no ``blocks.{l}.attn.*`` names; their ``blocks.{l}.hook_attn_out``
+is the output of the family's ``lm_mixer`` module (its write into the residual stream).
+
 The meanings are TransformerLens's: ``hook_attn_out`` and ``hook_mlp_out`` are what is added to
 the residual stream, so ``resid_pre + attn_out = resid_mid`` and ``resid_mid + mlp_out =
 resid_post`` in every family except Mllama's gated cross-attention layers. Sandwich-norm families
@@ -130,10 +134,14 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
         points.append(HookPoint(f"projector.injection.{k}.hook_out", path, "output", "projector"))
     points.append(HookPoint("hook_embed", fam.lm_embed, "output", "lm"))
     cross = set(getattr(fam, "cross_attention_layers", lambda config: [])(model.config))
+    unmasked = set(fam.unmasked_mixing_layers(model.config))
     for layer in range(model.n_layers):
         block, prefix = f"{fam.lm_layers}.{layer}", f"blocks.{layer}"
         points.append(HookPoint(f"{prefix}.hook_resid_pre", block, "input", "lm", layer))
-        if layer in cross:
+        if layer in unmasked:
+            # linear attention / a short convolution: no heads, queries or pattern, only its write
+            points.append(HookPoint(f"{prefix}.hook_attn_out", f"{block}.{fam.lm_mixer}", "output", "lm", layer))
+        elif layer in cross:
             points += _attention(model, layer, f"{block}.{fam.lm_cross_attn}", f"{block}.{fam.lm_cross_attn_out}",
                                  f"{prefix}.cross_attn", f"{prefix}.cross_attn.hook_attn_out", cross=True)
         else:
@@ -167,8 +175,11 @@ def _attention(
     q, k, v = (f"{attn}.{name}" for name in model.family.lm_qkv)
     # cross-attention keys and values run over the vision states, not the token sequence
     kv_space = "vision" if cross else "lm"
-    return [
-        HookPoint(f"{prefix}.hook_q", q, "output", "lm", layer, "heads", model.n_heads),
+    # a query projection that also emits an output gate per head (lm_q_gate) has no query-only
+    # output to hook: hook_q is not offered there
+    query = [] if model.family.lm_q_gate and not cross else [
+        HookPoint(f"{prefix}.hook_q", q, "output", "lm", layer, "heads", model.n_heads)]
+    return query + [
         HookPoint(f"{prefix}.hook_k", k, "output", kv_space, layer, "heads", model.n_kv_heads),
         HookPoint(f"{prefix}.hook_v", v, "output", kv_space, layer, "heads", model.n_kv_heads),
         HookPoint(f"{prefix}.hook_attn_scores", attn, "attention", "lm", layer, "scores"),

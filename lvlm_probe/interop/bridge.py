@@ -189,6 +189,8 @@ _LIKE_FOR_LIKE: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
     (re.compile(r"^vision\.blocks\.(\d+)\.hook_resid_post$"),
      ("vision_encoder.encoder_layers.{0}.hook_out", "vision_encoder.blocks.{0}.hook_out")),
     (re.compile(r"^projector\.hook_out$"), ("vision_projector.hook_out",)),
+    # a layer that mixes tokens without attention (linear attention): its mixer's output
+    (re.compile(r"^blocks\.(\d+)\.hook_attn_out$"), ("blocks.{0}.hook_attn_out", "blocks.{0}.linear_attn.hook_out")),
 ]
 
 

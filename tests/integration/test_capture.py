@@ -33,8 +33,11 @@ def test_z_and_result_reproduce_attention_output(tiny_batch):
     with model.capture(names) as cache:
         model.forward(batch)
     layers = model.module(model.family.lm_layers)
+    unmasked = model.family.unmasked_mixing_layers(model.config)  # no heads: no z, no result
     checked = 0
     for layer in range(model.n_layers):
+        if layer in unmasked:
+            continue
         write = None  # the module between the out-projection and the residual stream, if any
         kind = "cross_attn" if f"blocks.{layer}.cross_attn.hook_z" in cache else "attn"
         if kind == "cross_attn":  # Mllama: the attention output is named under cross_attn
@@ -58,7 +61,7 @@ def test_z_and_result_reproduce_attention_output(tiny_batch):
         torch.testing.assert_close(reprojected, attn_out, atol=1e-5, rtol=0)
         torch.testing.assert_close(summed, attn_out, atol=1e-5, rtol=0)
         checked += 1
-    assert checked == model.n_layers
+    assert checked == model.n_layers - len(unmasked)
 
 
 def test_position_selectors_and_reductions(tiny_batch):
@@ -183,7 +186,9 @@ def test_names_and_errors(tiny_batch):
     assert len(vision) == model.vision_layers
     assert {"hook_embed", "ln_final.hook_normalized", "ln_final.hook_out", "projector.hook_out"} <= set(names)
     cross = set(getattr(model.family, "cross_attention_layers", lambda c: [])(model.config))
-    assert len([n for n in names if n.endswith(".attn.hook_z")]) == model.n_layers - len(cross)
+    unmasked = set(model.family.unmasked_mixing_layers(model.config))
+    assert len([n for n in names if n.endswith(".attn.hook_z")]) == model.n_layers - len(cross) - len(unmasked)
+    assert {f"blocks.{layer}.hook_attn_out" for layer in unmasked} <= set(names)
     assert len([n for n in names if n.endswith(".cross_attn.hook_z")]) == len(cross)
 
     with pytest.raises(HookNameError, match=r"unknown hook 'blocks.\*.hook_resid_pots'.*did you mean.*"

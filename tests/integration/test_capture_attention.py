@@ -17,7 +17,10 @@ def attention_modules(model):
     """Every LM attention module (self- and cross-attention), with its layer's attention prefix."""
     fam = model.family
     cross = set(getattr(fam, "cross_attention_layers", lambda c: [])(model.config))
+    unmasked = set(fam.unmasked_mixing_layers(model.config))  # linear attention, convolutions
     for layer in range(model.n_layers):
+        if layer in unmasked:
+            continue
         path = fam.lm_cross_attn if layer in cross else fam.lm_attn
         prefix = "cross_attn" if layer in cross else "attn"
         yield layer, prefix, model.module(f"{fam.lm_layers}.{layer}.{path}")
@@ -56,7 +59,8 @@ def test_patterns_run_eager_attention_and_only_while_captured(tiny_batch):
     valid = batch.inputs["attention_mask"].bool()
     torch.testing.assert_close(logits[valid], sdpa[valid], atol=1e-5, rtol=0)
     hf_patterns = getattr(eager, "language_model_outputs", eager).attentions
-    assert len(hf_patterns) == model.n_layers  # Mllama includes its cross-attention layers
+    # Mllama includes its cross-attention layers; layers without attention report none
+    assert len(hf_patterns) == len(list(attention_modules(model)))
     for (layer, prefix, _), expected in zip(attention_modules(model), hf_patterns):
         assert torch.equal(cache[f"blocks.{layer}.{prefix}.hook_pattern"], expected)
     # a capture without patterns leaves the configured implementation alone
@@ -67,11 +71,26 @@ def test_patterns_run_eager_attention_and_only_while_captured(tiny_batch):
 def test_qkv_scores_pattern_and_z_agree(tiny_batch):
     """softmax(scores) is the pattern; the pattern applied to the captured values gives z."""
     model, batch = tiny_batch
-    with model.capture(model.hook_names()) as cache:
-        model.forward(batch)
+    fam, gates, handles = model.family, {}, []
+    if fam.lm_q_gate:  # Qwen3.5: q_proj emits [query, gate] per head; z is after sigmoid(gate)
+        for layer, _, attn in attention_modules(model):
+            handles.append(attn.get_submodule(fam.lm_qkv[0]).register_forward_hook(
+                lambda mod, args, out, layer=layer: gates.__setitem__(layer, out.detach())))
+    try:
+        with model.capture(model.hook_names()) as cache:
+            model.forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     for layer, prefix, _ in attention_modules(model):
         name = f"blocks.{layer}.{prefix}"
-        q, k, v = (cache[f"{name}.hook_{x}"] for x in "qkv")
+        if fam.lm_q_gate:
+            assert f"{name}.hook_q" not in model.hook_names()
+            both = rearrange(gates[layer], "b p (h two d) -> b p h two d", h=model.n_heads, two=2)
+            q, gate = both[..., 0, :], both[..., 1, :]
+        else:
+            q, gate = cache[f"{name}.hook_q"], None
+        k, v = (cache[f"{name}.hook_{x}"] for x in "kv")
         scores, pattern, z = (cache[f"{name}.{leaf}"] for leaf in ("hook_attn_scores", "hook_pattern", "hook_z"))
         b, p = batch.input_ids.shape
         n_keys = k.shape[1]
@@ -85,6 +104,8 @@ def test_qkv_scores_pattern_and_z_agree(tiny_batch):
                 v = attn.get_submodule(model.family.lm_v_norm)(v)
         v = repeat(v, "b k kv d -> b k (kv g) d", g=model.n_heads // model.n_kv_heads)
         mixed = einsum(pattern, v, "b h q k, b k h d -> b q h d")
+        if gate is not None:
+            mixed = mixed * torch.sigmoid(gate)
         torch.testing.assert_close(mixed, z, atol=1e-5, rtol=0)
         if prefix == "attn":
             later = torch.ones(p, p, dtype=torch.bool).triu(1)
@@ -193,19 +214,20 @@ def test_other_towers_are_named(tiny_batch):
 
 def test_attention_switch_never_leaks(tiny_batch):
     model, batch = tiny_batch
+    first = model.family.self_attention_layers(model.config)[0]
     before = implementations(model)
     with pytest.raises(RuntimeError, match="user code"), model.capture("blocks.*.attn.hook_pattern"):
         raise RuntimeError("user code")
     # nested captures: the implementation comes back only when the outer one exits
     with model.capture("blocks.*.attn.hook_pattern") as outer:
-        with model.capture("blocks.0.attn.hook_attn_scores") as inner:
+        with model.capture(f"blocks.{first}.attn.hook_attn_scores") as inner:
             model.forward(batch)
         assert implementations(model) == {attention.IMPLEMENTATION}
         model.forward(batch)
-    assert len(outer.calls("blocks.0.attn.hook_pattern")) == 2
-    assert len(inner.calls("blocks.0.attn.hook_attn_scores")) == 1
+    assert len(outer.calls(f"blocks.{first}.attn.hook_pattern")) == 2
+    assert len(inner.calls(f"blocks.{first}.attn.hook_attn_scores")) == 1
     for _ in range(200):
-        with model.capture("blocks.0.attn.hook_pattern"):
+        with model.capture(f"blocks.{first}.attn.hook_pattern"):
             pass
     assert implementations(model) == before and attention.active() == (0, 0)
 

@@ -30,8 +30,12 @@ def test_declared_module_paths_exist(reloaded):
     fam, hf = reloaded.family, reloaded.hf
     layers = hf.get_submodule(fam.lm_layers)
     assert len(layers) == reloaded.n_layers
-    for rel in (fam.lm_attn, fam.lm_attn_out, fam.lm_mlp):
-        layers[0].get_submodule(rel)
+    attending = fam.self_attention_layers(reloaded.config)[0]
+    for rel in (fam.lm_attn, fam.lm_attn_out):
+        layers[attending].get_submodule(rel)
+    layers[0].get_submodule(fam.lm_mlp)
+    for layer in fam.unmasked_mixing_layers(reloaded.config):
+        layers[layer].get_submodule(fam.lm_mixer)
     for path in (fam.lm_embed, fam.lm_norm, fam.lm_head, *fam.projector):
         hf.get_submodule(path)
     if fam.vision_layers is not None:

@@ -89,15 +89,19 @@ def test_bridge_same_names_equal_capture(bridged):
              "blocks.*.attn.hook_v", "hook_embed", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out",
              "ln_final.hook_normalized", "ln_final.hook_out"]
     names, lacks = _bridged_names(model, names)
+    if model.family.lm_q_gate:  # q_proj emits query and gate: no hook_q here (the bridge splits
+        names.remove("blocks.*.attn.hook_q")  # it as twice the heads, gate included)
     with torch.no_grad():
         with model.capture(names) as cache:
             model.forward(batch)
         _, bridge_cache = bridge.run_with_cache(**interop.bridge_inputs(batch),
                                                 names_filter=lambda n: n in cache)
     real = batch.inputs["attention_mask"].bool()
-    assert set(cache.names()) <= set(bridge_cache.keys())
+    # layers that mix tokens without attention write under another name there (see bridge_names)
+    unmasked = {f"blocks.{layer}.hook_attn_out" for layer in model.family.unmasked_mixing_layers(model.config)}
+    assert set(cache.names()) - unmasked <= set(bridge_cache.keys())
     assert not lacks & set(bridge.hook_dict)
-    for name in cache.names():
+    for name in set(cache.names()) - unmasked:
         torch.testing.assert_close(cache[name][real], bridge_cache[name][real], atol=1e-4, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
