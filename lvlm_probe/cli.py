@@ -25,13 +25,17 @@ console = Console(width=max(Console().width, 120))  # tables stay readable when 
 
 @app.command("families")
 def families_cmd() -> None:
-    """List the supported model families and their transformers classes."""
-    from . import families
+    """List the supported model families: classes, layout, multi-image, DLA and bridge support."""
+    from .interop.support import support_table
 
-    table = Table("family", "transformers classes", "image mode")
-    for name in families.names():
-        fam = families.get(name)
-        table.add_row(name, ", ".join(fam.hf_classes), fam.image_mode)
+    frame = support_table()
+    table = Table()
+    width = max(len(name) for name in frame["family"])
+    table.add_column(frame.columns[0], no_wrap=True, min_width=width)  # names are looked up: whole
+    for column in frame.columns[1:]:
+        table.add_column(column, overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
     console.print(table)
 
 

@@ -24,6 +24,7 @@ class Blip2(Family):
     hf_classes = ("Blip2ForConditionalGeneration",)
     model_types = ("blip-2",)
     image_mode = "queries"
+    layout_kind = "queries"
     multi_image = False  # one image per text: the queries of exactly one image are prepended
     requires_image = True  # forward() takes pixel_values as a required argument
 

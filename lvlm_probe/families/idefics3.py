@@ -31,6 +31,7 @@ GLOBAL = "global"
 
 class Idefics3(Family):
     name = "idefics3"
+    layout_kind = "tiles"  # image splits and a global image
     hf_classes = ("Idefics3ForConditionalGeneration",)
     model_types = ("idefics3",)
     lm_layers = "model.text_model.layers"

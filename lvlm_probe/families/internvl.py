@@ -39,6 +39,7 @@ def tile_name(row: int, col: int) -> str:
 
 class InternVL(Family):
     name = "internvl"
+    layout_kind = "tiles"  # dynamic tiles and a thumbnail
     hf_classes = ("InternVLForConditionalGeneration",)
     model_types = ("internvl",)
     lm_layers = "model.language_model.layers"

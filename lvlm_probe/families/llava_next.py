@@ -26,6 +26,7 @@ from .base import Family, split_counts
 
 class LlavaNext(Family):
     name = "llava_next"
+    layout_kind = "tiles"  # a base grid and the anyres tiles
     hf_classes = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
     lm_layers = "model.language_model.layers"

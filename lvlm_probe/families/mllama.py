@@ -31,6 +31,7 @@ class Mllama(Family):
     hf_classes = ("MllamaForConditionalGeneration",)
     model_types = ("mllama",)
     image_mode = "cross_attention"
+    layout_kind = "cross-attention"
     nonlinear_writes = "its cross-attention layers are gated"
     nested_images = True  # MllamaProcessor takes one list of images per prompt
     # multi_image stays True: the processor and model take any number of images per prompt (one
