@@ -221,7 +221,11 @@ def image_map(
     for i, layout in enumerate(batch.layouts):
         feats = features(layout)
         if feats.n_image == 0:
-            raise InputError(f"example {i} has no image grid cells (layout: {layout.summary()})")
+            reason = ("its images have no spatial grid (their tokens are not laid out as image "
+                      "regions, e.g. a generic adapter's non-square run)" if layout.images
+                      else "it has no image")
+            raise InputError(f"image maps need a spatial grid of image tokens; example {i}: {reason} "
+                             f"(layout: {layout.summary()})")
         score = _Score(model, batch, i, ids[i], bool(foils), feats)
         values, delta = _attribute(score, method, len(feats.positions), n_steps, n_samples, seed)
         per_image = [np.full(g, np.nan) for g in feats.grids]

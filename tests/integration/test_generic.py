@@ -88,7 +88,7 @@ def test_image_map_needs_a_spatial_grid(subject):
         assert result.grids[0][0].shape == grid.shape
         assert torch.isfinite(torch.as_tensor(result.grids[0][0])).all()
     else:
-        with pytest.raises(InputError, match="grid"):
+        with pytest.raises(InputError, match="need a spatial grid.*no spatial grid"):
             image_map(model, batch, subject.yes, foil=subject.no, method="ablation")
 
 
