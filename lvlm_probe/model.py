@@ -171,6 +171,7 @@ class LVLM:
         for key, value in inputs.items():
             if torch.is_tensor(value) and value.is_floating_point():
                 inputs[key] = value.to(self.dtype)
+        inputs = fam.model_inputs(inputs)  # what the model needs beyond the processor's output
         return Batch(inputs=inputs, layouts=layouts, prompts=prompts, texts=texts, images=images)
 
     def _layout(self, inputs, i: int, images: list[list], prompt: str) -> TokenLayout:

@@ -164,6 +164,11 @@ def source_split(
     masked = ablation == "mask"
     hidden = _coalitions(model, batch, hide_image=masked)
     inputs = repeat_inputs(batch.inputs, len(COALITIONS))
+    # the prompt is hidden from attention where a coalition lacks it; where something outside the
+    # language model's attention reads it too (an instruction-aware image encoder), the adapter
+    # removes it there
+    with_prompt = torch.tensor([c in ("full", "prompt") for c in COALITIONS]).repeat_interleave(len(batch))
+    inputs = model.family.hide_prompt(inputs, with_prompt)
     edits = {}
     if masked:  # where hiding positions cannot remove the image (cross-attention), the adapter does
         present = torch.tensor([c in ("full", "image") for c in COALITIONS]).repeat_interleave(len(batch))

@@ -229,6 +229,37 @@ class Family:
         """
         return inputs
 
+    def hide_prompt(self, inputs: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+        """The model inputs with the prompt of the rows where ``keep`` is False removed from
+        whatever reads it outside the language model's self-attention.
+
+        The prompt's positions are hidden by masking them at every self-attention layer; most
+        families read the prompt nowhere else and return the inputs unchanged. A family whose image
+        encoder also reads the instruction (InstructBLIP's Q-Former, through its own copy of the
+        text) removes it there, or the image features would still carry the prompt.
+
+        Args:
+            inputs: the model inputs for a batch (not modified).
+            keep: ``[batch]`` bool, whether each row keeps its prompt.
+        """
+        return inputs
+
+    def model_inputs(self, inputs: Any) -> Any:
+        """The processor's output completed with what the HF model must also receive to run the
+        batch as the checkpoint is meant to run (applied by ``LVLM.prepare``, so ``batch.inputs``
+        is exactly what the model receives); the processor's output unchanged by default.
+
+        InstructBLIP adds position ids counted over the unpadded tokens: its processor puts the left
+        padding between the image queries and the text, and its language model numbers positions
+        0, 1, 2, ... whatever the attention mask says, so a padded row would otherwise differ from
+        the same example run alone.
+
+        Args:
+            inputs: the processor's output for a batch (not modified; a copy is returned when
+                anything is added).
+        """
+        return inputs
+
     def image_write_hooks(self, config) -> list[str]:
         """Hook names whose values carry the images into the residual stream where the images are
         not token positions (cross-attention outputs, before any gate). Zeroing them for a row,

@@ -138,6 +138,7 @@ def test_layout_accounts_for_every_position(subject):
             kwargs["add_special_tokens"] = False  # the template wrote BOS already
         direct = model.processor(text=batch.texts, images=model.family.processor_images(images),
                                  return_tensors="pt", padding=True, **kwargs)
+        direct = model.family.model_inputs(direct)  # what prepare adds for the model (position ids)
         assert torch.equal(direct["input_ids"], batch.input_ids)
         with torch.no_grad():
             expected = model.hf(**direct).logits
