@@ -47,17 +47,19 @@ def for_config(config) -> Family:
         UnsupportedModelError: naming why the model is not supported and the supported families.
     """
     archs = list(getattr(config, "architectures", None) or [])
-    for cls in registry().values():
-        if any(a in cls.hf_classes for a in archs):
-            return cls()
     model_type = getattr(config, "model_type", None)
-    for cls in registry().values():
-        if model_type in cls.model_types:
-            return cls()
     received = ", ".join(archs) or f"model_type={model_type!r}"
+    # a family's class with an encoder-decoder language model (BLIP-2 / InstructBLIP with Flan-T5)
+    # is refused too: the adapters read decoder-only language models
     reason = unsupported_reason(config)
     if reason is not None:
         raise UnsupportedModelError(f"lvlm_probe cannot read {received}: {reason}")
+    for cls in registry().values():
+        if any(a in cls.hf_classes for a in archs):
+            return cls()
+    for cls in registry().values():
+        if model_type in cls.model_types:
+            return cls()
     image_text = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or any(a in image_text for a in archs):
         return Generic(config)

@@ -55,8 +55,9 @@ _CODEBOOK_CONFIGS = ("vq_config", "vqmodel_config", "vq_model_config")
 
 def unsupported_reason(config) -> str | None:
     """Why a model cannot be read as tokens of a decoder-only language model, or None."""
-    if getattr(config, "is_encoder_decoder", False):
-        return ("it is an encoder-decoder model: its answer is decoded from an encoder's states by "
+    if getattr(config, "is_encoder_decoder", False) or getattr(
+            config, "use_decoder_only_language_model", True) is False:
+        return ("it is an encoder-decoder model (or its language model is, e.g. Flan-T5): its answer is decoded from an encoder's states by "
                 "cross-attention, so there is no single token sequence holding image, prompt and "
                 "answer positions for lvlm_probe's layouts, hiding and residual-stream analyses")
     codebook = next((a for a in _CODEBOOK_CONFIGS if getattr(config, a, None) is not None), None)

@@ -116,3 +116,20 @@ def test_discrete_image_token_model_is_refused_with_the_reason(tmp_path):
     with pytest.raises(UnsupportedModelError, match="discrete tokens.*codebook"):
         lp.load(_saved_config(config, tmp_path), device="cpu")
 
+
+
+def test_a_family_class_with_an_encoder_decoder_language_model_is_refused(tmp_path):
+    """BLIP-2 and InstructBLIP checkpoints with Flan-T5 share their class with the decoder-only
+    ones; the adapters read decoder-only language models, so these are refused by name."""
+    from transformers import Blip2Config
+
+    config = Blip2Config(text_config={"model_type": "t5", "d_model": 16, "num_layers": 1,
+                                      "num_heads": 2, "d_ff": 32, "d_kv": 8},
+                         vision_config={"hidden_size": 16, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "intermediate_size": 32},
+                         qformer_config={"hidden_size": 16, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2, "intermediate_size": 32})
+    config.architectures = ["Blip2ForConditionalGeneration"]
+    assert config.use_decoder_only_language_model is False
+    with pytest.raises(UnsupportedModelError, match="Blip2ForConditionalGeneration.*encoder-decoder"):
+        lp.load(_saved_config(config, tmp_path), device="cpu")
