@@ -78,6 +78,9 @@ class Family:
     #: image), ``tiles`` (tiles or crops and a global view), ``queries`` (learned queries, not
     #: patches) or ``cross-attention`` (outside the sequence).
     layout_kind: ClassVar[str] = "grid"
+    #: Some positions of the language model's self-attention attend to later ones (Gemma 3's and
+    #: Molmo2's image tokens, PaliGemma's prefix); everything else is causal.
+    bidirectional_attention: ClassVar[bool] = False
     multi_image: ClassVar[bool] = True  # several images in one prompt
     requires_image: ClassVar[bool] = False  # every prompt needs at least one image
     nested_images: ClassVar[bool] = False  # the processor takes one list of images per prompt

@@ -25,6 +25,7 @@ from .base import Family
 
 class Gemma3(Family):
     name = "gemma3"
+    bidirectional_attention = True  # the image tokens attend to each other both ways
     hf_classes = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
     lm_layers = "model.language_model.layers"

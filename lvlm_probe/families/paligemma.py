@@ -12,6 +12,7 @@ from .base import Family
 
 class PaliGemma(Family):
     name = "paligemma"
+    bidirectional_attention = True  # the prefix (image and prompt) attends both ways
     hf_classes = ("PaliGemmaForConditionalGeneration",)
     model_types = ("paligemma",)
     lm_layers = "model.language_model.layers"

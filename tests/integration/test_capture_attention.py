@@ -82,6 +82,7 @@ def test_qkv_scores_pattern_and_z_agree(tiny_batch):
     finally:
         for handle in handles:
             handle.remove()
+    attends_ahead = False
     for layer, prefix, _ in attention_modules(model):
         name = f"blocks.{layer}.{prefix}"
         if fam.lm_q_gate:
@@ -112,9 +113,13 @@ def test_qkv_scores_pattern_and_z_agree(tiny_batch):
             for i, valid in enumerate(batch.inputs["attention_mask"].bool()):
                 real = pattern[i][:, valid]  # [head, real query, key]
                 assert not real[..., ~valid].any()  # no real token attends to padding
-                # causal, except that Gemma 3's image tokens and PaliGemma's prefix attend both ways
-                if model.family.name not in ("gemma3", "paligemma"):
-                    assert not real[:, later[valid]].any()
+                # causal, except where the family declares that some positions attend both ways
+                # (Gemma 3's and Molmo2's image tokens, PaliGemma's prefix)
+                ahead = bool(real[:, later[valid]].any())
+                assert not ahead or model.family.bidirectional_attention
+                attends_ahead = attends_ahead or ahead
+    # the declaration is true: some position does attend to a later one
+    assert attends_ahead == model.family.bidirectional_attention
 
 
 def test_pattern_positions_select_queries(tiny_batch):
