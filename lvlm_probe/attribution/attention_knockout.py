@@ -141,7 +141,7 @@ def knockout(
                 blocked[layer][w * n:(w + 1) * n] = pairs
     masks = {model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn}"): mask.to(model.device)
              for layer, mask in blocked.items()}
-    inputs = repeat_inputs(batch.inputs, runs)
+    inputs = repeat_inputs(batch.inputs, runs, model.family.packed_inputs)
     with torch.no_grad(), attention.hiding_each(masks):
         probs = torch.softmax(model.hf(**inputs).logits[:, -1].float(), dim=-1).cpu()
     probs = probs.reshape(runs, n, -1)

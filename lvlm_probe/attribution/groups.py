@@ -35,8 +35,11 @@ def group_mask(batch, group: str, *, required: bool = True) -> Bool[Tensor, "bat
     return mask
 
 
-def repeat_inputs(inputs: dict[str, Any], times: int) -> dict[str, Any]:
+def repeat_inputs(inputs: dict[str, Any], times: int, packed: dict[str, int] | None = None) -> dict[str, Any]:
     """The processor's inputs with every tensor repeated ``times`` along its first axis: the batch
     run ``times`` over in one pass (packed inputs such as Qwen2-VL's pixels repeat whole, which
-    keeps them in example order)."""
-    return {k: torch.cat([v] * times) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    keeps them in example order). Inputs in ``packed`` (the family's ``packed_inputs``) hold the
+    whole batch in one row and repeat along their given axis instead."""
+    packed = packed or {}
+    return {k: torch.cat([v] * times, dim=packed.get(k, 0)) if torch.is_tensor(v) else v
+            for k, v in inputs.items()}

@@ -270,7 +270,7 @@ class _Score:
 
     def inputs(self, m: int) -> dict:
         """The example's inputs, ``m`` times."""
-        return repeat_inputs(self.example, m)
+        return repeat_inputs(self.example, m, self.model.family.packed_inputs)
 
     def score(self, logits: Tensor) -> Tensor:
         logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)

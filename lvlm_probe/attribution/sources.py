@@ -163,7 +163,7 @@ def source_split(
     targets, foils, ids = target_ids(model, batch, target, foil)
     masked = ablation == "mask"
     hidden = _coalitions(model, batch, hide_image=masked)
-    inputs = repeat_inputs(batch.inputs, len(COALITIONS))
+    inputs = repeat_inputs(batch.inputs, len(COALITIONS), model.family.packed_inputs)
     # the prompt is hidden from attention where a coalition lacks it; where something outside the
     # language model's attention reads it too (an instruction-aware image encoder), the adapter
     # removes it there
@@ -176,12 +176,16 @@ def source_split(
         edits = {name: _zeroing_rows(~present) for name in model.family.image_write_hooks(model.config)}
     else:  # the coalitions without the image ("prompt", "empty") see a replaced one
         pixels = batch.inputs["pixel_values"]
+        axis = model.family.packed_inputs.get("pixel_values", 0)
+        if ablation == "mean" and axis:
+            raise InputError(f"ablation='mean' needs one image per row of pixel_values; {model.family.name} "
+                             "packs the batch's images into one row")
         if ablation == "mean":
             replaced = _mean_image(pixels, batch.inputs.get("image_grid_thw"))
         else:
             generator = torch.Generator().manual_seed(seed)
             replaced = diffusion_noise(pixels, noise_step, generator)
-        inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced])
+        inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced], dim=axis)
     with torch.no_grad(), attention.hiding_positions(model, hidden.to(model.device)), editing(model, edits):
         logits = model.hf(**inputs).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()

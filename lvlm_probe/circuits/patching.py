@@ -171,7 +171,7 @@ def run_sites(model, corrupted, sites: Sequence[Site], sources: dict[str, Tensor
         edits = {}
         for name in dict.fromkeys(s.point.name for s in chunk):
             edits[name] = _where(name, chunk, sources[name], n)
-        inputs = repeat_inputs(corrupted.inputs, len(chunk))
+        inputs = repeat_inputs(corrupted.inputs, len(chunk), model.family.packed_inputs)
         with torch.no_grad(), editing(model, edits):
             logits = model.hf(**inputs).logits[:, -1]
         out += [score(run) for run in rearrange(logits, "(r b) v -> r b v", b=n)]

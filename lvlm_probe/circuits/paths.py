@@ -95,7 +95,7 @@ def path_patch(
             edits = {f"blocks.{L - 1}.hook_resid_post": _adding(deltas)}
         else:
             edits = _receiver_edits(model, corrupted, chunk, deltas, receivers)
-        inputs = repeat_inputs(corrupted.inputs, len(chunk))
+        inputs = repeat_inputs(corrupted.inputs, len(chunk), model.family.packed_inputs)
         with torch.no_grad(), editing(model, edits):
             logits = model.hf(**inputs).logits[:, -1]
         values += [score(run).mean() for run in rearrange(logits, "(r b) v -> r b v", b=len(corrupted))]
@@ -146,7 +146,7 @@ def _receiver_edits(model, corrupted, chunk: Sequence[Head], deltas: Tensor, rec
         before = torch.tensor([s[0] < layer for s in chunk], dtype=deltas.dtype, device=deltas.device)
         runs[j] = deltas * before[:, None, None, None]
         edits[f"blocks.{layer}.hook_resid_pre"] = _adding(rearrange(runs, "l k b p d -> (l k) b p d"))
-    inputs = repeat_inputs(corrupted.inputs, len(layers) * k)
+    inputs = repeat_inputs(corrupted.inputs, len(layers) * k, model.family.packed_inputs)
     with torch.no_grad(), editing(model, edits), model.capture(names) as cache:
         model.hf(**inputs)
     patched = {}

@@ -84,6 +84,10 @@ class Family:
     multi_image: ClassVar[bool] = True  # several images in one prompt
     requires_image: ClassVar[bool] = False  # every prompt needs at least one image
     nested_images: ClassVar[bool] = False  # the processor takes one list of images per prompt
+    #: Processor outputs that hold the whole batch in one row (a leading axis of 1), by the axis
+    #: along which the examples' parts follow each other (NaViT-packed pixels): running the batch
+    #: several times over in one pass concatenates them along that axis, not along the first.
+    packed_inputs: ClassVar[dict[str, int]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -223,7 +223,7 @@ class Capture:
 
     def _hook(self, point: HookPoint):
         def hook(module, args, output):
-            self._store(point, output[0] if isinstance(output, (tuple, list)) else output)
+            self._store(point, values.module_value(output))
         return hook
 
     def _listener(self, point: HookPoint):

@@ -17,6 +17,18 @@ from ..errors import LVLMProbeError
 from .names import HookPoint
 
 
+def module_value(output: Any) -> Any:
+    """The value a hook on a module's output records: the output itself, the first element of a
+    tuple (hidden states before attention weights or caches), or a list of per-image tensors
+    (a projector that returns one tensor per image or view, MiniCPM-V's) joined along its first
+    axis in order."""
+    if isinstance(output, list) and output and all(torch.is_tensor(v) for v in output):
+        return torch.cat(output)
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
 def as_sequence(point: HookPoint, value: Tensor, seq_shape: tuple[int, int] | None) -> Tensor:
     """Undo the reshapes some families make inside a layer.
 

@@ -201,7 +201,9 @@ class NNsightValues(Mapping[str, Tensor]):
     def _value(self, point: HookPoint) -> Tensor:
         # the layout rules of lvlm_probe.hooks.capture, shared through hooks.values
         value = self._entry(point.kind, point.path)
-        if isinstance(value, (tuple, list)):
+        if point.kind == "output":
+            value = values.module_value(value)
+        elif isinstance(value, (tuple, list)):
             value = value[0]
         seq_shape = tuple(self._entry("input", self._shape_path).shape[:2])
         return values.finish(self._model, point, values.as_sequence(point, value, seq_shape))
