@@ -69,7 +69,17 @@ class LVLM:
 
     @property
     def n_kv_heads(self) -> int:
-        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+        """Key/value heads per language-model layer, where every layer has the same number.
+
+        Raises:
+            LVLMProbeError: for a language model whose layers differ (Gemma 4's full-attention
+                layers), naming :meth:`n_kv_heads_of`.
+        """
+        return self._same_in_every_layer("n_kv_heads", self.n_kv_heads_of)
+
+    def n_kv_heads_of(self, layer: int) -> int:
+        """Key/value heads of language-model layer ``layer`` (what its ``hook_k`` / ``hook_v`` hold)."""
+        return int(getattr(self._layer_config(layer), "num_key_value_heads", None) or self.n_heads)
 
     @property
     def d_model(self) -> int:
@@ -78,7 +88,37 @@ class LVLM:
 
     @property
     def d_head(self) -> int:
-        return int(getattr(self.text_config, "head_dim", None) or self.d_model // self.n_heads)
+        """Width of each attention head, where every language-model layer has the same.
+
+        Raises:
+            LVLMProbeError: for a language model whose layers differ (Gemma 4's full-attention
+                layers have wider heads than its sliding ones), naming :meth:`d_head_of`.
+        """
+        return self._same_in_every_layer("d_head", self.d_head_of)
+
+    def d_head_of(self, layer: int) -> int:
+        """Width of each attention head of language-model layer ``layer`` (the last axis of its
+        ``hook_q`` / ``hook_k`` / ``hook_v`` / ``hook_z``)."""
+        return int(getattr(self._layer_config(layer), "head_dim", None) or self.d_model // self.n_heads)
+
+    def _layer_config(self, layer: int):
+        """The text config as layer ``layer`` sees it: a heterogeneous config (``per_layer_config``,
+        transformers 5) overrides some attributes per layer and refuses to read them globally."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InputError(f"layer must be an index in [0, {self.n_layers}), got {layer!r}")
+        config = self.text_config
+        if not getattr(config, "is_heterogeneous", False):
+            return config
+        return config.per_layer_config[layer]
+
+    def _same_in_every_layer(self, name: str, of) -> int:
+        values = [of(layer) for layer in range(self.n_layers)]
+        if len(set(values)) > 1:
+            raise LVLMProbeError(
+                f"{name} differs across this model's LM layers ({values}); read it per layer with "
+                f"model.{name}_of(layer)"
+            )
+        return values[0]
 
     @property
     def d_vocab(self) -> int:

@@ -189,8 +189,9 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
             rows.append(dict(example=i, component=component, layer=layer, head=head_, source=source, value=v))
 
     add("embed", read(last["blocks.0.hook_resid_pre"].float()).cpu())
-    n_heads, n_kv = model.n_heads, model.n_kv_heads
+    n_heads = model.n_heads
     for layer in range(L):
+        n_kv = model.n_kv_heads_of(layer)
         o_proj = model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn_out}")
         w_o = rearrange(o_proj.weight.float(), "m (h d) -> h d m", h=n_heads)
         pattern = last[f"blocks.{layer}.attn.hook_pattern"].float()  # [b, h, k]

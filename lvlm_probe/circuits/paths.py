@@ -200,12 +200,11 @@ def _receivers(model, receivers) -> str | list[Receiver]:
         ok = isinstance(item, (tuple, list)) and len(item) == 3 and item[2] in INPUTS
         if ok:
             layer, head, x = item
-            n_heads = model.n_heads if x == "q" else model.n_kv_heads
             ok = isinstance(layer, int) and isinstance(head, int) and 0 <= layer < model.n_layers \
-                and 0 <= head < n_heads
+                and 0 <= head < (model.n_heads if x == "q" else model.n_kv_heads_of(layer))
         if not ok:
             raise InputError(f"a receiver must be (layer, head, 'q'|'k'|'v') with layer in [0, {model.n_layers}) "
-                             f"and head below the layer's query ({model.n_heads}) or key/value "
-                             f"({model.n_kv_heads}) heads; got {item!r}")
+                             f"and head below the layer's query ({model.n_heads}) or key/value heads "
+                             f"(model.n_kv_heads_of(layer)); got {item!r}")
         out.append((item[0], item[1], item[2]))
     return out

@@ -170,7 +170,7 @@ def _writes(model, cache, final: Tensor, ids: Tensor) -> tuple[Tensor | None, Te
         o_proj = model.module(f"{model.family.lm_layers}.{layer}.{model.family.lm_attn_out}")
         w_o = rearrange(o_proj.weight.float(), "m (h d) -> h d m", h=model.n_heads)
         v = repeat(cache[f"blocks.{layer}.attn.hook_v"][0].float(), "k kv d -> k (kv g) d",
-                   g=model.n_heads // model.n_kv_heads)
+                   g=model.n_heads // model.n_kv_heads_of(layer))
         out = einsum(v, w_o, "k h d, h d m -> h k m")
         out = norm.centre(out)
         # layers of a model spread over devices each compute on their own

@@ -17,6 +17,15 @@ function of the token embeddings (the image features at image positions). Each l
 then multiplied by a learned ``layer_scalar``. The writes therefore do not add up linearly into the
 residual stream. Unlike earlier Gemma generations, its RMSNorm scales by ``weight`` itself, not by
 ``1 + weight``.
+
+Attention differs per layer in the real checkpoints. Full-attention layers have wider heads
+(``global_head_dim``, 512 against 256) and, where ``attention_k_eq_v``, their own key/value head
+count (``num_global_key_value_heads``) and no ``v_proj``: the key projection's output is also the
+values (normed by ``v_norm``, not by ``k_norm``), so ``hook_v`` there is ``v_norm``'s input. The
+last ``num_kv_shared_layers`` layers have no ``k_proj``/``v_proj`` and attend with the keys and
+values of the last earlier layer of their attention type, so they offer no ``hook_k``/``hook_v``.
+The config is then heterogeneous (``per_layer_config``): read head widths and counts per layer with
+``model.d_head_of(layer)`` / ``model.n_kv_heads_of(layer)``.
 """
 from __future__ import annotations
 
@@ -69,12 +78,30 @@ class Gemma4(Family):
         return float(cap) if cap is not None else None
 
     def image_injection_layers(self, config) -> list[int]:
-        """Every layer but the last: each layer's per-layer-embedding write reads a per-token input
-        projected from the token embeddings, which at image positions are the image features, so
-        a residual stream patched before such a layer does not carry the image. The last layer's
-        write comes after its attention and changes only the image positions' own final states,
-        which no later position reads."""
-        return list(range(self.text_config(config).num_hidden_layers - 1))
+        """Every layer but the last where the LM has per-layer embeddings: each layer's
+        per-layer-embedding write reads a per-token input projected from the token embeddings,
+        which at image positions are the image features, so a residual stream patched before such
+        a layer does not carry the image. The last layer's write comes after its attention and
+        changes only the image positions' own final states, which no later position reads.
+
+        The last layer too where layers share keys and values (``num_kv_shared_layers``): a
+        KV-shared layer attends with keys and values an earlier layer computed from its own
+        residual stream, which a stream patched at a later layer does not reach."""
+        text = self.text_config(config)
+        n = text.num_hidden_layers
+        layers = list(range(n - 1)) if text.hidden_size_per_layer_input else []
+        if getattr(text, "num_kv_shared_layers", 0):
+            layers = list(range(n))
+        return layers
+
+    def kv_shared_layers(self, config) -> dict[int, int]:
+        """``{layer: source}`` for the layers that attend with an earlier layer's keys and values
+        (the last ``num_kv_shared_layers``): the source is the last layer of the same attention
+        type before them, whose ``hook_k`` / ``hook_v`` hold what they attend with."""
+        text = self.text_config(config)
+        n, shared = text.num_hidden_layers, getattr(text, "num_kv_shared_layers", 0)
+        first, types = n - shared, text.layer_types
+        return {layer: max(i for i in range(first) if types[i] == types[layer]) for layer in range(first, n)}
 
     @staticmethod
     def pooled_grid(position_ids: Tensor, k: int) -> tuple[int, int]:

@@ -13,7 +13,9 @@ name                                        value
 ``blocks.{l}.hook_resid_pre``               hidden states entering LM layer ``l``
 ``blocks.{l}.attn.hook_q`` / ``hook_k`` /   outputs of the query / key / value projections, heads
 ``hook_v``                                  split: ``[b, p, head, d_head]`` (keys and values have
-                                            ``n_kv_heads`` heads); before any q/k norm and rotary
+                                            ``n_kv_heads`` heads); before any q/k norm and rotary.
+                                            Head counts and widths are the layer's own
+                                            (``model.n_kv_heads_of(l)``, ``model.d_head_of(l)``)
 ``blocks.{l}.attn.hook_attn_scores``        pre-softmax scores ``[b, head, query, key]``: scaled
                                             dot products (soft-capped where the family does) plus
                                             the additive mask (a large negative at masked keys)
@@ -47,6 +49,16 @@ the attention names live under ``blocks.{l}.cross_attn.`` (``hook_q`` ... ``hook
 ``blocks.{l}.attn.*`` and ``blocks.{l}.hook_attn_out`` are not offered. So
 ``blocks.*.hook_attn_out`` there expands to the self-attention layers only. Cross-attention keys
 and values run over the vision states, not the token sequence, so they are captured whole.
+
+Layers whose attention has no key or value projection of its own do not offer ``hook_k`` /
+``hook_v``: Gemma 4's last ``num_kv_shared_layers`` layers reuse the keys and values an earlier
+layer of the same attention type computed (they have no ``k_proj`` / ``v_proj``; that layer's
+``hook_k`` / ``hook_v`` are what they attend with). A layer whose keys double as values
+(Gemma 4's full-attention layers with ``attention_k_eq_v``: no ``v_proj``) offers ``hook_v`` as
+the input of its value norm (``lm_v_norm``): the key projection's output, as the values see it.
+Head widths and key/value head counts may differ per layer (Gemma 4's full-attention layers have
+wider heads): ``model.d_head`` and ``model.n_kv_heads`` then raise, and
+``model.d_head_of(layer)`` / ``model.n_kv_heads_of(layer)`` give each layer's.
 
 Layers that mix tokens without an attention mask (``unmasked_mixing_layers(config)``: linear
 attention, short convolutions) have no ``blocks.{l}.attn.*`` names; their ``blocks.{l}.hook_attn_out``
@@ -115,7 +127,7 @@ def hook_points(model: Any) -> dict[str, HookPoint]:
 
     Args:
         model: an ``LVLM`` (uses ``model.family``, ``model.config``, ``model.n_layers``,
-            ``model.n_heads``, ``model.n_kv_heads``, ``model.vision_layers``).
+            ``model.n_heads``, ``model.n_kv_heads_of``, ``model.vision_layers``).
 
     Returns:
         ``{name: HookPoint}``.
@@ -179,15 +191,43 @@ def _attention(
     # output to hook: hook_q is not offered there
     query = [] if model.family.lm_q_gate and not cross else [
         HookPoint(f"{prefix}.hook_q", q, "output", "lm", layer, "heads", model.n_heads)]
-    return query + [
-        HookPoint(f"{prefix}.hook_k", k, "output", kv_space, layer, "heads", model.n_kv_heads),
-        HookPoint(f"{prefix}.hook_v", v, "output", kv_space, layer, "heads", model.n_kv_heads),
+    return query + _keys_values(model, layer, attn, k, v, prefix, kv_space) + [
         HookPoint(f"{prefix}.hook_attn_scores", attn, "attention", "lm", layer, "scores"),
         HookPoint(f"{prefix}.hook_pattern", attn, "attention", "lm", layer, "pattern"),
         HookPoint(f"{prefix}.hook_z", out, "input", "lm", layer, "heads", model.n_heads),
         HookPoint(f"{prefix}.hook_result", out, "input", "lm", layer, "result", model.n_heads, out),
         HookPoint(out_name, write or attn, "output", "lm", layer),
     ]
+
+
+def _keys_values(model: Any, layer: int, attn: str, k: str, v: str, prefix: str, kv_space: str) -> list[HookPoint]:
+    """``hook_k`` and ``hook_v`` of one attention module, from the projections it actually has.
+
+    A layer that reuses an earlier layer's keys and values (KV sharing) has no key or value
+    projection: it offers neither name. A layer whose keys double as values has no value
+    projection: ``hook_v`` is then the input of the value norm (``lm_v_norm``), the key
+    projection's output as the values see it, already split into heads; writing it changes the
+    values and leaves the keys alone.
+    """
+    has = {path: _submodule(model, path) is not None for path in (k, v)}
+    heads = model.n_kv_heads_of(layer)
+    points = []
+    if has[k]:
+        points.append(HookPoint(f"{prefix}.hook_k", k, "output", kv_space, layer, "heads", heads))
+    if has[v]:
+        points.append(HookPoint(f"{prefix}.hook_v", v, "output", kv_space, layer, "heads", heads))
+    elif has[k] and model.family.lm_v_norm:
+        points.append(HookPoint(f"{prefix}.hook_v", f"{attn}.{model.family.lm_v_norm}", "input", kv_space,
+                                layer, heads=heads))
+    return points
+
+
+def _submodule(model: Any, path: str) -> Any:
+    """The module at ``path``, or None where the model has none there (or holds None there)."""
+    try:
+        return model.hf.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:

@@ -10,7 +10,15 @@ image's shape. Here ``k = 3`` as in the real checkpoints, with 8-pixel patches.
 
 The LM keeps the parts that set Gemma 4 apart: sandwich norms, per-layer embeddings (a per-token
 input that each layer adds after its MLP), a sliding and a full attention layer (the full one with
-its proportional, partial rotary embedding), and a final logit soft cap. The audio tower
+its proportional, partial rotary embedding), and a final logit soft cap.
+
+``build(checkpoint_attention=True)`` gives the real checkpoints' attention shapes, which the shared
+suite's per-model ``d_head`` / ``n_kv_heads``, whole-stream patching and TransformerLens bridge
+checks cannot describe: full-attention heads twice as wide (``global_head_dim``) with their own
+key/value head count (``num_global_key_value_heads``) and no value projection
+(``attention_k_eq_v``: the keys double as values), and a third, KV-shared full layer
+(``num_kv_shared_layers=1``) that has no key or value projection and attends with layer 1's keys
+and values. The audio towerThe audio towerThe audio tower
 is left out (the config allows it). transformers initialises the vision patch embedder's position
 table to ones, which gives every patch the same position embedding; the tiny model draws it.
 """
@@ -63,7 +71,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build():
+def build(checkpoint_attention: bool = False):
+    """``(model, processor)``; ``checkpoint_attention`` adds the real checkpoints' per-layer head
+    widths and key/value head counts and a KV-shared last layer (see the module docstring)."""
     # No BOS post-processor: the chat template writes "<bos>" into the text.
     tokenizer = build_tokenizer(
         ["<|turn>", "<turn|>", "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>",
@@ -84,18 +94,23 @@ def build():
         image_seq_length=MAX_SOFT_TOKENS,
     )
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    if checkpoint_attention:
+        # As in the real checkpoints: full-attention heads twice as wide as sliding ones (512 vs
+        # 256 there) with their own key/value head count, keys doubling as values; the last layer
+        # reuses layer 1's keys and values (the last layer must be a full one).
+        attention = dict(global_head_dim=2 * head_dim, num_global_key_value_heads=1, attention_k_eq_v=True,
+                         num_kv_shared_layers=1, num_hidden_layers=3,
+                         layer_types=["sliding_attention", "full_attention", "full_attention"])
+    else:
+        attention = dict(global_head_dim=head_dim, num_hidden_layers=2,
+                         layer_types=["sliding_attention", "full_attention"])
     text = Gemma4TextConfig(
         vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer),
         hidden_size_per_layer_input=16, head_dim=head_dim,
-        # The real checkpoints give full-attention layers twice the head size of sliding ones;
-        # lvlm_probe's per-head shapes assume one head size for the whole LM, so it is kept equal.
-        global_head_dim=head_dim,
-        # One sliding and one full layer; the window is shorter than a two-image prompt so the
-        # sliding mask actually cuts.
-        layer_types=["sliding_attention", "full_attention"], sliding_window=32,
-        final_logit_softcapping=30.0,
+        # the window is shorter than a two-image prompt so the sliding mask actually cuts
+        sliding_window=32, final_logit_softcapping=30.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TEXT,
+        pad_token_id=tokenizer.pad_token_id, **{**TEXT, **attention},
     )
     vision = Gemma4VisionConfig(
         patch_size=PATCH_SIZE, pooling_kernel_size=POOLING_KERNEL_SIZE,
