@@ -203,6 +203,12 @@ class Family:
         ``projector.injection.{k}.hook_out``. Empty where no module outputs exactly them."""
         return []
 
+    def kv_shared_layers(self, config) -> dict[int, int]:
+        """``{layer: source}`` for layers that attend with an earlier layer's keys and values and
+        have no key/value projections of their own (Gemma 4's KV sharing): their ``hook_k`` /
+        ``hook_v`` are the source layer's. Empty by default."""
+        return {}
+
     def unmasked_mixing_layers(self, config) -> list[int]:
         """Indices in ``lm_layers`` of layers that mix tokens without an attention mask: linear
         attention (a recurrence over the sequence) or a causal short convolution, in module

@@ -50,7 +50,7 @@ def test_z_and_result_reproduce_attention_output(tiny_batch):
         z = cache[f"blocks.{layer}.{kind}.hook_z"]
         result = cache[f"blocks.{layer}.{kind}.hook_result"]
         attn_out = cache[out_name]
-        assert z.shape == (*attn_out.shape[:2], model.n_heads, model.d_head)
+        assert z.shape == (*attn_out.shape[:2], model.n_heads, model.d_head_of(layer))
         assert result.shape == (*attn_out.shape[:2], model.n_heads, model.d_model)
         bias = proj.bias if proj.bias is not None else 0.0
         with torch.no_grad():

@@ -83,27 +83,34 @@ def test_qkv_scores_pattern_and_z_agree(tiny_batch):
         for handle in handles:
             handle.remove()
     attends_ahead = False
+    # layers that attend with an earlier layer's keys and values (Gemma 4's KV sharing) offer no
+    # hook_k / hook_v of their own: theirs are the source layer's
+    kv_shared = fam.kv_shared_layers(model.config)
     for layer, prefix, _ in attention_modules(model):
         name = f"blocks.{layer}.{prefix}"
+        source = kv_shared.get(layer, layer)
+        d, n_kv = model.d_head_of(layer), model.n_kv_heads_of(layer)
         if fam.lm_q_gate:
             assert f"{name}.hook_q" not in model.hook_names()
             both = rearrange(gates[layer], "b p (h two d) -> b p h two d", h=model.n_heads, two=2)
             q, gate = both[..., 0, :], both[..., 1, :]
         else:
             q, gate = cache[f"{name}.hook_q"], None
-        k, v = (cache[f"{name}.hook_{x}"] for x in "kv")
+        if source != layer:
+            assert not {f"{name}.hook_k", f"{name}.hook_v"} & set(model.hook_names())
+        k, v = (cache[f"blocks.{source}.{prefix}.hook_{x}"] for x in "kv")
         scores, pattern, z = (cache[f"{name}.{leaf}"] for leaf in ("hook_attn_scores", "hook_pattern", "hook_z"))
         b, p = batch.input_ids.shape
         n_keys = k.shape[1]
-        assert q.shape == (b, p, model.n_heads, model.d_head)
-        assert k.shape == v.shape == (b, n_keys, model.n_kv_heads, model.d_head)
+        assert q.shape == (b, p, model.n_heads, d)
+        assert k.shape == v.shape == (b, n_keys, n_kv, d)
         assert scores.shape == pattern.shape == (b, model.n_heads, p, n_keys)
         torch.testing.assert_close(torch.softmax(scores, dim=-1), pattern, atol=1e-6, rtol=0)
         if model.family.lm_v_norm:  # Gemma 4 normalises each value head before mixing
-            attn = model.module(model.family.lm_layers)[layer].get_submodule(model.family.lm_attn)
+            attn = model.module(model.family.lm_layers)[source].get_submodule(model.family.lm_attn)
             with torch.no_grad():
                 v = attn.get_submodule(model.family.lm_v_norm)(v)
-        v = repeat(v, "b k kv d -> b k (kv g) d", g=model.n_heads // model.n_kv_heads)
+        v = repeat(v, "b k kv d -> b k (kv g) d", g=model.n_heads // n_kv)
         mixed = einsum(pattern, v, "b h q k, b k h d -> b q h d")
         if gate is not None:
             mixed = mixed * torch.sigmoid(gate)

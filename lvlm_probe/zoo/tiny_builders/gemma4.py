@@ -12,14 +12,11 @@ The LM keeps the parts that set Gemma 4 apart: sandwich norms, per-layer embeddi
 input that each layer adds after its MLP), a sliding and a full attention layer (the full one with
 its proportional, partial rotary embedding), and a final logit soft cap.
 
-``build(checkpoint_attention=True)`` gives the real checkpoints' attention shapes, which the shared
-suite's per-model ``d_head`` / ``n_kv_heads``, whole-stream patching and TransformerLens bridge
-checks cannot describe: full-attention heads twice as wide (``global_head_dim``) with their own
-key/value head count (``num_global_key_value_heads``) and no value projection
-(``attention_k_eq_v``: the keys double as values), and a third, KV-shared full layer
-(``num_kv_shared_layers=1``) that has no key or value projection and attends with layer 1's keys
-and values. The audio towerThe audio towerThe audio tower
-is left out (the config allows it). transformers initialises the vision patch embedder's position
+The attention has the real checkpoints' shapes: full-attention heads twice as wide
+(``global_head_dim``) with their own key/value head count (``num_global_key_value_heads``) and no
+value projection (``attention_k_eq_v``: the keys double as values), and a third, KV-shared full
+layer (``num_kv_shared_layers=1``) that has no key or value projection and attends with layer 1's
+keys and values. The audio tower is left out (the config allows it). transformers initialises the vision patch embedder's position
 table to ones, which gives every patch the same position embedding; the tiny model draws it.
 """
 from __future__ import annotations
@@ -71,9 +68,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(checkpoint_attention: bool = False):
-    """``(model, processor)``; ``checkpoint_attention`` adds the real checkpoints' per-layer head
-    widths and key/value head counts and a KV-shared last layer (see the module docstring)."""
+def build():
+    """``(model, processor)`` with the real checkpoints' attention shapes (see the module docstring)."""
     # No BOS post-processor: the chat template writes "<bos>" into the text.
     tokenizer = build_tokenizer(
         ["<|turn>", "<turn|>", "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>",
@@ -94,16 +90,12 @@ def build(checkpoint_attention: bool = False):
         image_seq_length=MAX_SOFT_TOKENS,
     )
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
-    if checkpoint_attention:
-        # As in the real checkpoints: full-attention heads twice as wide as sliding ones (512 vs
-        # 256 there) with their own key/value head count, keys doubling as values; the last layer
-        # reuses layer 1's keys and values (the last layer must be a full one).
-        attention = dict(global_head_dim=2 * head_dim, num_global_key_value_heads=1, attention_k_eq_v=True,
-                         num_kv_shared_layers=1, num_hidden_layers=3,
-                         layer_types=["sliding_attention", "full_attention", "full_attention"])
-    else:
-        attention = dict(global_head_dim=head_dim, num_hidden_layers=2,
-                         layer_types=["sliding_attention", "full_attention"])
+    # As in the real checkpoints: full-attention heads twice as wide as sliding ones (512 vs 256
+    # there) with their own key/value head count, keys doubling as values; the last layer reuses
+    # layer 1's keys and values (the last layer must be a full one).
+    attention = dict(global_head_dim=2 * head_dim, num_global_key_value_heads=1, attention_k_eq_v=True,
+                     num_kv_shared_layers=1, num_hidden_layers=3,
+                     layer_types=["sliding_attention", "full_attention", "full_attention"])
     text = Gemma4TextConfig(
         vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer),
         hidden_size_per_layer_input=16, head_dim=head_dim,

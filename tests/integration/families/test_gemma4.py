@@ -1,20 +1,14 @@
 """Gemma 4 layout on the tiny model: each image is one run of soft tokens between ``<|image>`` and
 ``<image|>``, forming a grid whose shape follows the image's aspect ratio; the grids equal the
 processor's own arithmetic and token counts, and each grid cell is the pooled block of patches the
-vision tower's pooler puts there. The attention checks build the tiny model with the real checkpoints'
-per-layer attention shapes (wider full-attention heads with their own key/value head count, keys
-doubling as values, a KV-shared last layer) and check each layer's hooks against its modules."""
+vision tower's pooler puts there. The tiny model has the real checkpoints' per-layer attention
+shapes (wider full-attention heads with their own key/value head count, keys doubling as values, a
+KV-shared last layer); the attention checks compare each layer's hooks with its modules."""
 from __future__ import annotations
-
-import importlib.util
-import inspect
-import sys
-from importlib import import_module
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, random_image
+from conftest import random_image
 from einops import einsum, rearrange, repeat
 from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
 
@@ -127,19 +121,10 @@ def _producer(model, layer: int) -> int:
     return max(i for i in range(first_shared) if types[i] == types[layer])
 
 
-@pytest.fixture(scope="module")
-def checkpoint_model():
-    """The tiny model with the real checkpoints' attention shapes: wider full-attention heads with
-    their own key/value head count, and a KV-shared last layer."""
-    build = import_module(f"lvlm_probe.zoo.tiny_builders.{FAMILY}").build
-    return lp.LVLM(*build(checkpoint_attention=True))
-
-
-def test_full_layers_keys_double_as_values(checkpoint_model):
+def test_full_layers_keys_double_as_values(model):
     """A full-attention layer with ``attention_k_eq_v`` has no value projection: its hook_v is its
     value norm's input, the key projection's output, so it equals hook_k; sliding layers keep their
     own value projection."""
-    model = checkpoint_model
     names, points = set(model.hook_names()), lp.hooks.hook_points(model)
     assert model.text_config.attention_k_eq_v
     full = [i for i, t in enumerate(model.text_config.layer_types) if t == "full_attention"]
@@ -158,17 +143,7 @@ def test_full_layers_keys_double_as_values(checkpoint_model):
     assert torch.equal(cache[f"blocks.{layer}.attn.hook_k"], cache[f"blocks.{layer}.attn.hook_v"])
 
 
-def test_default_tiny_has_one_head_shape(model):
-    """The suite's tiny model keeps one head width and key/value head count, so the per-model
-    shapes are defined and equal every layer's."""
-    widths = {model.d_head_of(layer) for layer in range(model.n_layers)}
-    counts = {model.n_kv_heads_of(layer) for layer in range(model.n_layers)}
-    assert widths == {model.d_head} and counts == {model.n_kv_heads}
-    assert {_attn(model, layer).head_dim for layer in range(model.n_layers)} == widths
-
-
-def test_per_layer_head_shapes(checkpoint_model):
-    model = checkpoint_model
+def test_per_layer_head_shapes(model):
     config = model.text_config
     widths = [_attn(model, layer).head_dim for layer in range(model.n_layers)]
     kv = [config.per_layer_config[layer].num_key_value_heads for layer in range(model.n_layers)]
@@ -187,8 +162,7 @@ def test_per_layer_head_shapes(checkpoint_model):
         _ = model.n_kv_heads
 
 
-def test_kv_shared_layers_offer_no_keys_or_values(checkpoint_model):
-    model = checkpoint_model
+def test_kv_shared_layers_offer_no_keys_or_values(model):
     names = set(model.hook_names())
     shared = [layer for layer in range(model.n_layers) if _attn(model, layer).is_kv_shared_layer]
     assert shared == list(range(model.n_layers - model.text_config.num_kv_shared_layers, model.n_layers))
@@ -203,11 +177,10 @@ def test_kv_shared_layers_offer_no_keys_or_values(checkpoint_model):
         assert {f"{prefix}.hook_q", f"{prefix}.hook_pattern", f"{prefix}.hook_z"} <= names
 
 
-def test_qkv_pattern_and_z_agree_per_layer(checkpoint_model):
+def test_qkv_pattern_and_z_agree_per_layer(model):
     """Per layer: q, k, v, pattern and z have that layer's head width and head counts; the
     pattern applied to the (value-normed) values gives z, a KV-shared layer's values being its
     producer's; the layer outputs equal HF's hidden states."""
-    model = checkpoint_model
     images = [[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]]
     batch = model.prepare(images=images, prompts=[PROMPT, PROMPT + " Answer yes or no."])
     with torch.no_grad(), model.capture(model.hook_names()) as cache:
@@ -238,10 +211,9 @@ def test_qkv_pattern_and_z_agree_per_layer(checkpoint_model):
         torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=0, rtol=0)
 
 
-def test_writing_hook_v_of_shared_keys_changes_values_only(checkpoint_model):
+def test_writing_hook_v_of_shared_keys_changes_values_only(model):
     """Where keys double as values, hook_v is written after the keys split off: the pattern (keys)
     stays, z changes."""
-    model = checkpoint_model
     layer = next(i for i in range(model.n_layers)
                  if _attn(model, i).v_proj is None and not _attn(model, i).is_kv_shared_layer)
     batch = model.prepare(images=[[random_image(40, 56, seed=1)]], prompts=[PROMPT])
@@ -257,8 +229,7 @@ def test_writing_hook_v_of_shared_keys_changes_values_only(checkpoint_model):
     assert not torch.allclose(edited[names[3]], clean[names[3]], atol=1e-4)
 
 
-def test_per_layer_config_survives_save_and_load(checkpoint_model, tmp_path):
-    model = checkpoint_model
+def test_per_layer_config_survives_save_and_load(model, tmp_path):
     batch = model.prepare(images=[[random_image(72, 48, seed=2)]], prompts=[PROMPT])
     again = lp.load(model.save_pretrained(tmp_path / "model"), device="cpu")
     assert [again.d_head_of(i) for i in range(again.n_layers)] == [model.d_head_of(i) for i in range(model.n_layers)]
@@ -267,11 +238,10 @@ def test_per_layer_config_survives_save_and_load(checkpoint_model, tmp_path):
         assert torch.equal(again.forward(batch).logits, model.forward(batch).logits)
 
 
-def test_kv_shared_layer_is_declared_as_reading_an_earlier_stream(checkpoint_model):
+def test_kv_shared_layer_is_declared_as_reading_an_earlier_stream(model):
     """A residual stream patched whole at the KV-shared last layer does not restore the clean run:
     that layer attends with keys and values computed from an earlier layer's stream, which is why
     the adapter declares it in image_injection_layers."""
-    model = checkpoint_model
     last = model.n_layers - 1
     assert _attn(model, last).is_kv_shared_layer
     assert model.family.image_injection_layers(model.config) == list(range(model.n_layers))
@@ -290,48 +260,3 @@ def test_kv_shared_layer_is_declared_as_reading_an_earlier_stream(checkpoint_mod
 
 
 # --- the conformance suite on the checkpoint attention shapes ------------------------------------
-
-def _conformance():
-    """The shared conformance module (tests/integration/test_conformance.py), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / "test_conformance.py"
-    name = "gemma4_conformance"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclass looks itself up
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-# Every conformance check but whole-stream patching: with a KV-shared last layer and per-layer
-# embeddings no layer's residual stream carries the whole run (the adapter declares every layer in
-# image_injection_layers, checked by test_kv_shared_layer_is_declared_as_reading_an_earlier_stream).
-CONFORMANCE = ["test_save_load_round_trip_gives_identical_logits", "test_every_layer_mixes_tokens_as_declared",
-               "test_layout_accounts_for_every_position", "test_capture_never_changes_logits",
-               "test_resid_post_equals_hf_hidden_states", "test_interrupted_extract_resumes_byte_identical",
-               "test_source_split_is_exact", "test_hidden_image_is_removed", "test_hidden_prompt_is_removed",
-               "test_knockout_blocks_attention_or_raises_where_layers_mix_without_a_mask",
-               "test_logit_lens_last_layer_is_the_model_output", "test_dla_terms_sum_to_the_logit_difference"]
-
-
-@pytest.fixture(scope="module")
-def conformance_subject(checkpoint_model, tmp_path_factory):
-    """As the conformance suite's ``subject`` and ``split`` fixtures, on the checkpoint shapes."""
-    conf = _conformance()
-    model = lp.load(checkpoint_model.save_pretrained(tmp_path_factory.mktemp(FAMILY)), device="cpu")
-    batch = model.prepare(images=[[random_image(40, 56, seed=1)], [random_image(72, 48, seed=2)]],
-                          prompts=PROMPTS)
-    yes, no = (model.continuation_tokens(batch, 0, answer)[0] for answer in ("yes", "no"))
-    subject = conf.Subject(model, checkpoint_model, batch, yes, no)
-    image, other = random_image(48, 48, seed=1), random_image(48, 48, seed=2)
-    split_batch = model.prepare(images=[[image], [other], [image]],
-                                prompts=[conf.PROMPT, conf.PROMPT, conf.OTHER_PROMPT])
-    split = split_batch, conf.source_split(model, split_batch, target=yes, foil=no)
-    return conf, subject, split
-
-
-@pytest.mark.parametrize("check", CONFORMANCE)
-def test_conformance_on_checkpoint_attention(check, conformance_subject, tmp_path, monkeypatch):
-    conf, subject, split = conformance_subject
-    fixtures = dict(subject=subject, split=split, tmp_path=tmp_path, monkeypatch=monkeypatch)
-    fn = getattr(conf, check)
-    fn(**{name: fixtures[name] for name in inspect.signature(fn).parameters})
