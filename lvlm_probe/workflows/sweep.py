@@ -18,11 +18,21 @@ registered both for extraction (:data:`lvlm_probe.store.executor.executors`) and
 
 A run killed at any moment and started again resumes: the stores continue after their last
 complete shard, and targets whose part exists are not probed again.
+
+A rerun into the same folder compares its inputs with the ones recorded in ``sweep.json``: the
+definition, a digest of every example's labels and (for a folder of images) of every image file.
+What decides the activations (model, data, extraction settings, the image files) must be the same,
+or the run is refused naming what changed. Anything else (probe settings, targets, analyses, the
+labels themselves) may change: the stored activations are reused and every table and figure made
+from the old labels or settings is recomputed, so a folder never reports results of labels it no
+longer has.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +110,7 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     for names in (spec.lm_hooks, spec.tower_hooks, spec.head_hooks):
         if names:
             expand(list(names), model.hook_names())  # unknown names fail before any extraction
-    _claim(out, config)
+    _claim(out, config, _provenance(images))
     acts = out / "acts"
     common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress, **_execution(config))
     lm = extract(model, images, list(spec.lm_hooks + spec.head_hooks), out=acts / "lm",
@@ -112,7 +122,7 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
 
     # every store is read once here; probes, transfer and alignment share these tensors
     features = _tower_features(towers) | {h: lm[h] for h in lm.hooks}
-    meta = lm.meta
+    meta = _current_labels(lm.meta, images)  # the store keeps the labels it was extracted with
     image_states = {h: features[h] for h in select_hooks(spec.lm_hooks, lm.hooks)}
     results = _probe(config, features, meta, out, progress)
     figures = _figure_results(results, out)
@@ -149,22 +159,82 @@ def _execution(config: SweepConfig) -> dict[str, Any]:
     return {"backend": config.backend, "ray_address": config.ray_address}
 
 
-def _claim(out: Path, config: SweepConfig) -> None:
-    """Record the definition in ``out``; refuse a folder made by another definition (the
-    execution keys aside: the results do not depend on them)."""
+# the parts of a definition that decide the activations; the rest (probes, analyses, the name, the
+# labels file) only decides what is computed from them
+EXTRACTION_KEYS = ("model", "data", "extract", "device", "dtype")
+# what a run derives from the activations and the labels: recomputed when those inputs change
+DERIVED = ("results", "results.parquet", "transfer.parquet", "alignment.parquet", "figures")
+
+
+def _claim(out: Path, config: SweepConfig, provenance: dict[str, Any]) -> None:
+    """Record the definition and the inputs' digests in ``out``.
+
+    A folder made with other activations (a different model, data, extraction or image files) is
+    refused, naming what differs. A folder made with the same activations but other probe settings,
+    analyses or labels is taken over: its derived tables and figures are deleted (before the new
+    record is written, so a run killed in between deletes them again) and recomputed.
+
+    Raises:
+        StoreError: the folder's activations came from other inputs.
+    """
     mine = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     for key in EXECUTION:
         mine.pop(key, None)
+    mine["provenance"] = provenance
     record = out / "sweep.json"
     if record.exists():
         theirs = json.loads(record.read_text())
-        if theirs != mine:
-            changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-            raise StoreError(f"{out} holds a sweep with another definition (differs in {changed}); "
-                             "choose another out, or delete the folder to start again")
-        return
+        if theirs == mine:
+            return
+        changed = [k for k in EXTRACTION_KEYS if _extraction_part(mine, k) != _extraction_part(theirs, k)]
+        images = _changed_images(theirs.get("provenance", {}).get("images"), provenance["images"])
+        if changed or images:
+            what = [f"definition keys {changed}"] if changed else []
+            what += [f"image files {images}"] if images else []
+            raise StoreError(f"{out} holds the activations of other inputs ({'; '.join(what)}); choose "
+                             "another out, or delete the folder to extract again")
+        for name in DERIVED:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(record, mine, "the sweep definition")
+
+
+def _extraction_part(definition: dict, key: str) -> Any:
+    """A definition's value for ``key`` as far as it decides the activations (the labels file of a
+    folder does not)."""
+    value = definition.get(key)
+    if key == "data" and isinstance(value, dict) and "folder" in value:
+        return {**value, "folder": {k: v for k, v in value["folder"].items() if k != "labels"}}
+    return value
+
+
+def _changed_images(old: dict | None, new: dict) -> list[str]:
+    """Names of the image files added, removed or changed since the record (at most 10 named)."""
+    old = old or {}
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    return changed[:10] + ([f"... {len(changed) - 10} more"] if len(changed) > 10 else [])
+
+
+def _provenance(rows: list) -> dict[str, Any]:
+    """Digests of what a run reads besides its definition: every example's labels, and the bytes of
+    every image file (a folder's; ShapesWorld's images follow from the definition)."""
+    labels = pd.DataFrame([_labels_of(row) for row in rows])
+    digest = hashlib.sha256(labels.to_json(orient="records", default_handler=str).encode())
+    images = {row.path.name: hashlib.sha256(row.path.read_bytes()).hexdigest()[:16]
+              for row in rows if isinstance(row, _FolderRow)}
+    return {"labels": digest.hexdigest()[:16], "images": images}
+
+
+def _current_labels(meta: pd.DataFrame, rows: list) -> pd.DataFrame:
+    """The store's example table with its label columns replaced by the dataset's current ones, in
+    the store's row order (a store keeps the labels it was extracted with)."""
+    current = pd.DataFrame([_labels_of(row) for row in rows]).set_index("id")
+    current = current.loc[meta["id"].to_numpy()].reset_index(drop=True)
+    return meta.drop(columns=[c for c in current.columns if c in meta]).assign(**current)
 
 
 def _load(config: SweepConfig):

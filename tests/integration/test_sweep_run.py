@@ -1,5 +1,6 @@
 """Sweep definitions run end to end: YAML -> stores -> probes -> tables and figures; resumes
-after kill -9; refuses a folder made by another definition; reads a user's image folder."""
+after kill -9; refuses a folder whose activations came from other inputs, and refits from the stored
+activations when only labels or probe settings change; reads a user's image folder."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 import lvlm_probe as lp
 from lvlm_probe.errors import InputError, StoreError
@@ -95,10 +97,69 @@ def test_kill9_then_rerun_gives_the_same_results(reference, tmp_path):
                                       pd.read_parquet(reference.out / table))
 
 
-def test_folder_holding_another_sweep_is_refused(reference, model, tmp_path):
-    changed = {**DEFINITION, "probes": {**DEFINITION["probes"], "C": 0.5}}
-    with pytest.raises(StoreError, match=r"another definition \(differs in \['probes'\]\)"):
+def test_folder_holding_other_activations_is_refused(reference, model, tmp_path):
+    changed = {**DEFINITION, "extract": {**DEFINITION["extract"], "head_hooks": []}}
+    with pytest.raises(StoreError, match=r"activations of other inputs \(definition keys \['extract'\]\)"):
         run_sweep(write(tmp_path / "def.yaml", changed, reference.out), model=model, progress=False)
+
+
+def _user_folder(root: Path, n: int = 96) -> dict:
+    """A folder of ShapesWorld images with a labels.csv, and a definition that probes it."""
+    rows = lp.worlds.ShapesWorld(seed=5, image_size=64).concepts(n, split="counterfactual")
+    images = root / "images"
+    images.mkdir()
+    for row in rows:
+        row["image"].save(images / f"{row['id']}.png")
+    pd.DataFrame({"file": [f"{r['id']}.png" for r in rows], "color": [r["color"] for r in rows],
+                  "kind": [r["shape"] for r in rows]}).to_csv(root / "labels.csv", index=False)
+    return {"model": "shapes-llava", "device": "cpu",
+            "data": {"folder": {"path": str(images), "labels": str(root / "labels.csv")}},
+            "extract": {"lm_hooks": ["blocks.*.hook_resid_post"], "tower_hooks": []},
+            "probes": {"targets": ["color"], "control_by": ["kind"], "n_boot": 0}}
+
+
+class _Forwards:
+    """Counts the model's forward passes (extraction runs one per batch)."""
+
+    def __init__(self, model):
+        self.n, self.model = 0, model
+
+    def __enter__(self):
+        self.handle = self.model.hf.register_forward_pre_hook(lambda *args: setattr(self, "n", self.n + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_changed_labels_are_refitted_from_the_stored_activations(model, tmp_path):
+    """The labels file changes between two runs into one folder: the second run extracts nothing
+    and reports exactly what a fresh run on the new labels reports (never the old labels' numbers)."""
+    definition = _user_folder(tmp_path)
+    first = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    assert (first.results["accuracy"] > first.results["chance"]).all()
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    labels["color"] = labels["color"].sample(frac=1.0, random_state=0).to_numpy()  # shuffled
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with _Forwards(model) as forwards:
+        again = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    assert forwards.n == 0  # the activations were reused
+    fresh = run_sweep(write(tmp_path / "b.yaml", definition, tmp_path / "fresh"), model=model, progress=False)
+    pd.testing.assert_frame_equal(again.results, fresh.results)
+    assert not again.results["accuracy"].equals(first.results["accuracy"])
+    assert pd.read_parquet(tmp_path / "out" / "results.parquet").equals(again.results)
+
+    # a probe setting alone changes: refitted, nothing extracted
+    definition["probes"] = {**definition["probes"], "C": 0.01}
+    with _Forwards(model) as forwards:
+        refit = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    assert forwards.n == 0 and not refit.results["accuracy"].equals(again.results["accuracy"])
+
+    # an image file changes: refused by name (its stored activations are another image's)
+    changed = sorted((tmp_path / "images").iterdir())[3]
+    Image.new("RGB", (64, 64), "white").save(changed)
+    with pytest.raises(StoreError, match=rf"image files \['{changed.name}'\]"):
+        run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
 
 
 def test_definition_errors(tmp_path):
