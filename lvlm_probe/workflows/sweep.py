@@ -246,7 +246,8 @@ def _load(config: SweepConfig):
 def _datasets(config: SweepConfig) -> tuple[list[dict], list[dict] | None]:
     data = config.data
     if isinstance(data, FolderData):
-        return _folder_rows(data), None
+        spec = config.probes
+        return _folder_rows(data, required=(*spec.targets, *spec.control_by)), None
     from ..worlds import ShapesWorld
 
     world = ShapesWorld(seed=data.seed, image_size=data.image_size)
@@ -255,7 +256,17 @@ def _datasets(config: SweepConfig) -> tuple[list[dict], list[dict] | None]:
     return images, texts if config.has_text else None
 
 
-def _folder_rows(data: FolderData) -> list:
+def _folder_rows(data: FolderData, required: tuple[str, ...] = ()) -> list:
+    """One row per image file of the folder, with its labels from the labels file.
+
+    Every problem of the labels file is found before any model is loaded and reported at once,
+    each with its file name and CSV line: rows naming files that are not in the folder, images
+    without a row or with several, and blank cells in the columns the probes need (``required``).
+    Labels are read as text, so a column never mixes types.
+
+    Raises:
+        InputError: naming every problem found.
+    """
     root = Path(data.path)
     if not root.is_dir():
         raise InputError(f"data.folder.path {str(root)!r} is not a folder")
@@ -264,12 +275,41 @@ def _folder_rows(data: FolderData) -> list:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}")
     labels = pd.DataFrame({"file": [p.name for p in files]})
     if data.labels:
-        table = pd.read_csv(data.labels)
+        if not Path(data.labels).is_file():
+            raise InputError(f"data.folder.labels {data.labels!r} is not a file")
+        table = pd.read_csv(data.labels, dtype=str, keep_default_na=False)
         if "file" not in table:
             raise InputError(f"{data.labels} needs a 'file' column; it has {list(table.columns)}")
+        _check_label_rows(data.labels, table, [p.name for p in files], required)
         labels = labels.merge(table, on="file", how="left")
     return [_FolderRow(path, data.prompt, {k: v for k, v in label.items() if k != "file"})
             for path, (_, label) in zip(files, labels.iterrows())]
+
+
+def _check_label_rows(source: str, table: pd.DataFrame, files: list[str], required: tuple[str, ...]) -> None:
+    """Raise one InputError listing every mismatch between a labels file and its image folder."""
+    line = table.index + 2  # the CSV's line: a header line, then one line per row
+    problems = []
+    present = set(files)
+    for name, at in zip(table["file"], line):
+        if name not in present:
+            problems.append(f"line {at}: {name!r} is not an image in the folder")
+    counts = table["file"].value_counts()
+    for name in files:
+        if name not in counts:
+            problems.append(f"{name!r} has no row")
+        elif counts[name] > 1:
+            lines = ", ".join(str(at) for at in line[table["file"] == name])
+            problems.append(f"{name!r} has {counts[name]} rows (lines {lines})")
+    for column in (c for c in required if c in table):
+        for name, at in zip(table["file"][table[column].str.strip() == ""], line[table[column].str.strip() == ""]):
+            problems.append(f"line {at}: {name!r} has no {column!r}")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        hint = ""
+        if any("is not an image in the folder" in p for p in problems):
+            hint = f" (the folder's images: {', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+        raise InputError(f"{source} does not match its image folder{hint}:\n  " + "\n  ".join(shown))
 
 
 @dataclass(frozen=True)

@@ -223,3 +223,25 @@ def test_folder_of_user_images(model, tmp_path):
     assert store.ids == sorted(r["id"] for r in rows)  # files in name order
     assert (store.meta["prompt"] == "Describe the image.").all()
     assert len(run.results) == model.n_layers and (run.results["accuracy"] > run.results["chance"]).all()
+
+
+def test_label_file_problems_are_all_reported_before_loading_the_model(tmp_path):
+    """Rows naming files the folder lacks (.jpg for .png), an image without a row, one with two,
+    and a blank target cell: one error names them all with their CSV lines, before any model is
+    loaded (the definition's model name would fail to load)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (8, 8), "red").save(images / f"{name}.png")
+    (tmp_path / "labels.csv").write_text("file,color\na.png,red\nb.jpg,blue\nc.png,\nd.png,red\nd.png,blue\n")
+    definition = {"model": "tiny:not-a-family", "device": "cpu",
+                  "data": {"folder": {"path": str(images), "labels": str(tmp_path / "labels.csv")}},
+                  "probes": {"targets": ["color"], "control_by": []}}
+    with pytest.raises(InputError) as err:
+        run_sweep(write(tmp_path / "def.yaml", definition, tmp_path / "out"), progress=False)
+    message = str(err.value)
+    for problem in ("line 3: 'b.jpg' is not an image in the folder", "'b.png' has no row",
+                    "'d.png' has 2 rows (lines 5, 6)", "line 4: 'c.png' has no 'color'",
+                    "the folder's images: a.png, b.png, c.png"):
+        assert problem in message, message
+    assert not (tmp_path / "out").exists()
