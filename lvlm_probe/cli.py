@@ -1,13 +1,17 @@
 """The ``lvlm-probe`` command. It only parses arguments and calls the library."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
+
+from .errors import InputError, LVLMProbeError
 
 
 # The command line is an application: quiet transformers' per-load progress bars there (never in
@@ -18,9 +22,43 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Interpretability diagnostics for vision-language models.")
+class _Application(typer.Typer):
+    """The command line: a user's mistake (an :class:`~lvlm_probe.errors.LVLMProbeError`, a file
+    that is missing or cannot be written) prints as one short message with exit code 2, its
+    traceback only with ``--debug``; Ctrl-C says that rerunning the same command resumes."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        argv = list(kwargs.pop("args", None) or sys.argv[1:])
+        debug = "--debug" in argv
+        argv = [a for a in argv if a != "--debug"]
+        try:
+            return super().__call__(*args, args=argv, standalone_mode=False, **kwargs)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+        except typer.TyperException as usage:  # bad options: the parser's own message and exit code
+            usage.show()
+            sys.exit(usage.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            err_console.print("interrupted: nothing written so far is lost; run the same command "
+                              "again to resume where it stopped")
+            sys.exit(130)
+        except USER_ERRORS as err:
+            if debug:
+                raise
+            err_console.print(f"error: {escape(str(err))}", highlight=False)
+            err_console.print("(run with --debug for the traceback)", style="dim")
+            sys.exit(2)
+
+
+# What a user can cause and fix: bad input, a model or file that cannot be read, a folder that
+# cannot be written. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (LVLMProbeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+app = _Application(add_completion=False, no_args_is_help=True,
+                   help="Interpretability diagnostics for vision-language models (--debug: show "
+                        "tracebacks of errors).")
 console = Console(width=max(Console().width, 120))  # tables stay readable when piped
+err_console = Console(stderr=True, width=max(Console().width, 120))
 
 
 @app.command("families")
@@ -151,6 +189,17 @@ def attribute(
     from .viz import save_figure
     from .workflows.attribution_run import world_attribution
 
+    # every user input is checked before the model loads and the attribution runs
+    if not world:
+        if image is None or prompt is None or target is None:
+            raise typer.BadParameter("one-prompt mode needs --image, --prompt and --target (or use --world N)")
+        if not image.is_file():
+            raise InputError(f"--image {str(image)!r} is not a file")
+        if out.is_dir() or not out.parent.is_dir():
+            raise InputError(f"--out {str(out)!r} must be a file path in an existing folder (e.g. map.png), "
+                             "for the image map")
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file; with --world it is the folder to write into")
     _quiet_transformers()
     lvlm = _load(model, device, dtype)
     if world:
@@ -159,8 +208,6 @@ def attribute(
         console.print(_table(summary.round(3).reset_index(), title="Mean split per outcome"))
         console.print(f"written to {out}")
         return
-    if image is None or prompt is None or target is None:
-        raise typer.BadParameter("one-prompt mode needs --image, --prompt and --target (or use --world N)")
     from PIL import Image
 
     batch = lvlm.prepare(images=[Image.open(image).convert("RGB")], prompts=[prompt])

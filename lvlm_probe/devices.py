@@ -61,6 +61,15 @@ def resolve_device(device: str | torch.device | None, *, default: str | torch.de
     if device is None:
         device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise InputError(f"unknown device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:1'") from err
+    if resolved.type == "cuda":
+        # fail here with the value received, not deep inside torch ("Found no NVIDIA driver")
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} needs CUDA, which this machine does not have (torch "
+                             "finds no GPU); use device 'cpu', or leave the device unset to pick one")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
+    return resolved

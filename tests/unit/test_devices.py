@@ -35,3 +35,10 @@ def test_devices_resolve_with_their_default():
     assert resolve_device(None).type == expected
     with pytest.raises(InputError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_names_the_value():
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(InputError, match=rf"device '{name}' needs CUDA, which this machine does not have"):
+            resolve_device(name)
