@@ -25,7 +25,7 @@ def _quiet_transformers() -> None:
 class _Application(typer.Typer):
     """The command line: a user's mistake (an :class:`~lvlm_probe.errors.LVLMProbeError`, a file
     that is missing or cannot be written) prints as one short message with exit code 2, its
-    traceback only with ``--debug``; Ctrl-C says that rerunning the same command resumes."""
+    traceback only with ``--debug``; Ctrl-C says which commands resume when run again."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         argv = list(kwargs.pop("args", None) or sys.argv[1:])
@@ -39,8 +39,8 @@ class _Application(typer.Typer):
             usage.show()
             sys.exit(usage.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            err_console.print("interrupted: nothing written so far is lost; run the same command "
-                              "again to resume where it stopped")
+            err_console.print("interrupted. `sweep` and `report` keep what they finished: the same "
+                              "command again resumes where they stopped; other commands start over")
             sys.exit(130)
         except USER_ERRORS as err:
             if debug:
