@@ -159,9 +159,11 @@ def sweep(
     changes = {k: v for k, v in (("out", out), ("device", device), ("backend", backend),
                                  ("ray_address", ray_address)) if v is not None}
     run = run_sweep(dataclasses.replace(config, **changes))
-    best = (run.results[run.results["head"].isna()].sort_values("accuracy", ascending=False)
-            .groupby("target").head(1)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity", "chance"]])
-    console.print(_table(best.round(3), title="Best layer per target"))
+    from .probing import best_layers
+
+    best = best_layers(run.results)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity",
+                                     "chance", "n_test"]]
+    console.print(_table(best.round(3), title="Best layer per target (ties: higher selectivity, then earlier)"))
     if run.transfer is not None:
         top = (run.transfer.sort_values("accuracy", ascending=False).groupby(["target", "direction"]).head(1)
                [["target", "direction", "hook", "accuracy", "chance"]])

@@ -40,6 +40,27 @@ COLUMNS = ["hook", "tower", "layer", "head", "target", "accuracy", "ci_low", "ci
 HEAD_HOOKS = (".hook_z", ".hook_result", ".hook_q", ".hook_k", ".hook_v")
 
 
+# the order of the towers in a forward pass, for "earliest layer"
+TOWERS = ("vision", "qformer", "projector", "lm")
+
+
+def best_layers(results: pd.DataFrame) -> pd.DataFrame:
+    """Per target, the per-layer probe (not per-head) with the highest accuracy; ties go to the
+    higher selectivity, then to the earliest layer in the forward pass (vision tower, Q-Former,
+    projector, language model), so equal numbers always give the same answer.
+
+    Args:
+        results: a table of :func:`sweep` rows (``COLUMNS``), several targets allowed.
+    """
+    layers = results[results["head"].isna()].assign(
+        _tower=lambda t: t["tower"].map({name: k for k, name in enumerate(TOWERS)}).fillna(len(TOWERS)),
+        _layer=lambda t: t["layer"].fillna(-1),
+        _selectivity=lambda t: t["selectivity"].fillna(float("-inf")))
+    ordered = layers.sort_values(["target", "accuracy", "_selectivity", "_tower", "_layer"],
+                                 ascending=[True, False, False, True, True], kind="stable")
+    return ordered.groupby("target", sort=False).head(1).drop(columns=["_tower", "_layer", "_selectivity"])
+
+
 def tower_of(hook: str) -> tuple[str, int | None]:
     """(tower, layer) of a canonical hook name: ``vision.blocks.3...`` -> ("vision", 3)."""
     prefix = hook.split(".", 1)[0]

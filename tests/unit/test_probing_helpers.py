@@ -198,3 +198,23 @@ def test_bootstrap_is_seeded_shared_across_probes_and_clusters():
         bootstrap_ci(clustered, groups=scene[:10])
     with pytest.raises(InputError, match="alpha must be in"):
         bootstrap_ci(row, alpha=1.5)
+
+
+def test_best_layer_ties_break_by_selectivity_then_earliest_layer():
+    from lvlm_probe.probing import best_layers
+
+    def row(hook, tower, layer, acc, sel, target="color", head=None):
+        return dict(hook=hook, tower=tower, layer=layer, head=head, target=target, accuracy=acc,
+                    selectivity=sel)
+
+    rows = [row("blocks.3.hook_resid_post", "lm", 3, 0.9, 0.2), row("blocks.2.hook_resid_post", "lm", 2, 0.9, 0.2),
+            row("blocks.1.hook_resid_post", "lm", 1, 0.9, 0.1), row("vision.blocks.5.hook_resid_post", "vision", 5, 0.8, 0.5),
+            row("blocks.0.attn.hook_z", "lm", 0, 1.0, 0.9, head=0),  # heads are not layers
+            row("vision.blocks.4.hook_resid_post", "vision", 4, 0.7, 0.1, target="size"),
+            row("blocks.0.hook_resid_post", "lm", 0, 0.7, 0.1, target="size")]
+    table = pd.DataFrame(rows)
+    for shuffled in (table, table.iloc[::-1], table.sample(frac=1.0, random_state=1)):
+        best = best_layers(shuffled).set_index("target")["hook"]
+        # equal accuracy: higher selectivity wins (layer 1 out); equal both: the earlier layer
+        assert best["color"] == "blocks.2.hook_resid_post"
+        assert best["size"] == "vision.blocks.4.hook_resid_post"  # the vision tower runs first
