@@ -187,7 +187,9 @@ def _claim(out: Path, config: SweepConfig, provenance: dict[str, Any]) -> None:
         if theirs == mine:
             return
         changed = [k for k in EXTRACTION_KEYS if _extraction_part(mine, k) != _extraction_part(theirs, k)]
-        images = _changed_images(theirs.get("provenance", {}).get("images"), provenance["images"])
+        # a folder recorded before digests were kept: its images cannot be compared, only refitted
+        images = (_changed_images(theirs["provenance"]["images"], provenance["images"])
+                  if "provenance" in theirs else [])
         if changed or images:
             what = [f"definition keys {changed}"] if changed else []
             what += [f"image files {images}"] if images else []

@@ -3,6 +3,7 @@ after kill -9; refuses a folder whose activations came from other inputs, and re
 activations when only labels or probe settings change; reads a user's image folder."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -138,6 +139,13 @@ def test_changed_labels_are_refitted_from_the_stored_activations(model, tmp_path
     definition = _user_folder(tmp_path)
     first = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
     assert (first.results["accuracy"] > first.results["chance"]).all()
+    # a folder recorded without digests (an older run) is taken over and refitted, not refused
+    record = tmp_path / "out" / "sweep.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "provenance"}))
+    with _Forwards(model) as forwards:
+        rerun = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    assert forwards.n == 0 and "provenance" in json.loads(record.read_text())
+    pd.testing.assert_frame_equal(rerun.results, first.results)
     labels = pd.read_csv(tmp_path / "labels.csv")
     labels["color"] = labels["color"].sample(frac=1.0, random_state=0).to_numpy()  # shuffled
     labels.to_csv(tmp_path / "labels.csv", index=False)
