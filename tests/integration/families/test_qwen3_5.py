@@ -2,7 +2,9 @@
 ``image_grid_thw`` and laid row-major over exactly that image's ``<|image_pad|>`` run, as the
 model's interleaved M-RoPE sees it), its chat template (thinking mode), no DeepStack, and the hybrid
 language model: Gated DeltaNet layers mix tokens without an attention mask, so hiding positions
-must cut them out of those layers too (masking keys alone leaks the hidden image)."""
+must cut them out of those layers too (masking keys alone leaks the hidden image). Qwen3.5-MoE runs
+every check too, and its MoE blocks' ``hook_mlp_out`` is checked against the gated shared expert
+plus the router's top-k experts."""
 from __future__ import annotations
 
 import re
@@ -18,7 +20,8 @@ from lvlm_probe.attribution import dla, knockout
 from lvlm_probe.errors import InputError, LayoutError
 from lvlm_probe.hooks import attention
 
-FAMILY = "qwen3_5"
+# Qwen3.5-MoE has the same layout, template and hybrid language model: every check runs on both
+FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 PROMPT = "Is there a red heart?"
 OTHER_PROMPT = "Is the blue star above the green circle? Answer yes or no."
 # (height, width) of three images of different aspect ratios (tall, wide, very wide).
@@ -30,9 +33,9 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return lp.zoo.tiny(FAMILY, device="cpu")
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return lp.zoo.tiny(request.param, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +241,7 @@ def test_linear_attention_sees_the_visible_sequence_alone(model, pictures):
 def test_knockout_over_linear_attention_raises(model, pictures):
     batch = model.prepare(images=[pictures[0]], prompts=PROMPT)
     linear = model.family.unmasked_mixing_layers(model.config)
-    with pytest.raises(InputError, match=re.escape(f"{FAMILY}'s layers {linear}") + ".*without an attention mask"):
+    with pytest.raises(InputError, match=re.escape(f"{model.family.name}'s layers {linear}") + ".*without an attention mask"):
         knockout(model, batch, target="yes", layers=linear)
     with pytest.raises(lp.LVLMProbeError, match="some queries only"):
         with attention.removing([model.module(f"{model.family.lm_layers}.{linear[0]}.linear_attn")],
@@ -251,3 +254,36 @@ def test_dla_raises_the_declared_reason(model, pictures):
     yes = model.answer_token_ids(batch, ["yes"], first_token=True)[0, 0].item()
     with pytest.raises(InputError, match=re.escape(model.family.nonlinear_writes)):
         dla(model, batch, target=yes)
+
+
+# --- mixture of experts ------------------------------------------------------------------------
+
+def test_mlp_out_is_the_shared_and_routed_experts_sum(pictures):
+    """hook_mlp_out equals the shared expert scaled by its sigmoid gate plus the top-k experts,
+    recomputed from the router's logits (the first output of ``mlp.gate``) and weighted by their
+    renormalised probabilities; the tokens do not all pick the same experts."""
+    model = lp.zoo.tiny("qwen3_5_moe", device="cpu")
+    batch = model.prepare(images=[[pictures[0]], [pictures[2], pictures[1]]],
+                          prompts=[PROMPT, OTHER_PROMPT])
+    text = model.config.text_config
+    names = [f"blocks.{layer}.{hook}" for layer in range(model.n_layers)
+             for hook in ("hook_resid_mid", "hook_mlp_out")]
+    with torch.no_grad(), model.capture(names) as cache:
+        model.forward(batch)
+    with torch.no_grad():
+        for layer, block in enumerate(model.module(model.family.lm_layers)):
+            x = block.post_attention_layernorm(cache[f"blocks.{layer}.hook_resid_mid"])
+            flat = x.reshape(-1, x.shape[-1])
+            logits = block.mlp.gate(flat)[0]
+            assert logits.shape == (flat.shape[0], text.num_experts)
+            top, chosen = logits.float().softmax(-1).topk(text.num_experts_per_tok, dim=-1)
+            top = top / top.sum(-1, keepdim=True)
+            assert chosen.unique().numel() > text.num_experts_per_tok
+            experts = block.mlp.experts
+            out = torch.sigmoid(block.mlp.shared_expert_gate(flat)) * block.mlp.shared_expert(flat)
+            for k in range(text.num_experts_per_tok):
+                gate, up = torch.einsum("nd,nfd->nf", flat, experts.gate_up_proj[chosen[:, k]]).chunk(2, -1)
+                hidden = experts.act_fn(gate) * up
+                out += top[:, k, None] * torch.einsum("nf,ndf->nd", hidden, experts.down_proj[chosen[:, k]])
+            torch.testing.assert_close(cache[f"blocks.{layer}.hook_mlp_out"].reshape(flat.shape), out,
+                                       atol=1e-5, rtol=1e-4)
