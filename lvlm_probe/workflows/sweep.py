@@ -21,11 +21,19 @@ complete shard, and targets whose part exists are not probed again.
 
 A rerun into the same folder compares its inputs with the ones recorded in ``sweep.json``: the
 definition, a digest of every example's labels and (for a folder of images) of every image file.
-What decides the activations (model, data, extraction settings, the image files) must be the same,
-or the run is refused naming what changed. Anything else (probe settings, targets, analyses, the
-labels themselves) may change: the stored activations are reused and every table and figure made
-from the old labels or settings is recomputed, so a folder never reports results of labels it no
-longer has.
+What decides the activations (model, data folder or world, extraction settings) must be the same,
+or the run is refused naming what changed. Image files may change, be added or be removed: the
+stores are cut back to the shards before the first changed file (in file-name order; see
+:func:`lvlm_probe.store.rewind`) and the extraction resumes from there, so only that part is
+extracted again (:attr:`SweepRun.changed_images` names the files). Anything else (probe settings,
+targets, analyses, the labels themselves) may change: the stored activations are reused. Either
+way every table and figure made from the old inputs or settings is recomputed, so a folder never
+reports results of labels or images it no longer has.
+
+Every table and figure records what it came from: ``results.parquet`` in its metadata
+(``pd.read_parquet(...).attrs["provenance"]``), each PNG in its text chunks
+(``PIL.Image.open(...).text``): the digests of the labels, of the image files and of the model
+(:attr:`SweepRun.provenance`).
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from ..errors import InputError, StoreError
 from ..fileio import write_json, write_parquet
 from ..hooks.names import expand
 from ..probing.sweeps import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
-from ..store import extract
+from ..store import extract, rewind
 from ..viz import save_figure
 from .sweep_config import FolderData, SweepConfig, check_backend, load_config
 
@@ -62,7 +70,15 @@ METRICS = {
 
 @dataclass(frozen=True)
 class SweepRun:
-    """What a run produced: tables and the paths of its figures."""
+    """What a run produced: tables and the paths of its figures.
+
+    Attributes:
+        provenance: the digests the tables and figures were computed from: ``labels`` (every
+            example's labels), ``images`` (every image file of a folder; None for ShapesWorld data,
+            whose images follow from the definition) and ``model`` (the store's model fingerprint).
+        changed_images: the image files (at most 10 named) found changed, added or removed since
+            the folder's last run, whose part of the activations this run extracted again.
+    """
 
     out: Path
     results: pd.DataFrame
@@ -70,6 +86,8 @@ class SweepRun:
     alignment: pd.DataFrame | None
     cka: pd.DataFrame | None
     figures: dict[str, Path]
+    provenance: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    changed_images: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: bool = True) -> SweepRun:
@@ -110,8 +128,9 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     for names in (spec.lm_hooks, spec.tower_hooks, spec.head_hooks):
         if names:
             expand(list(names), model.hook_names())  # unknown names fail before any extraction
-    _claim(out, config, _provenance(images))
+    provenance = _provenance(images)
     acts = out / "acts"
+    changed = _claim(out, config, provenance)
     common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress, **_execution(config))
     lm = extract(model, images, list(spec.lm_hooks + spec.head_hooks), out=acts / "lm",
                  positions=spec.positions, reduce=spec.reduce, **common)
@@ -124,8 +143,9 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     features = _tower_features(towers) | {h: lm[h] for h in lm.hooks}
     meta = _current_labels(lm.meta, images)  # the store keeps the labels it was extracted with
     image_states = {h: features[h] for h in select_hooks(spec.lm_hooks, lm.hooks)}
-    results = _probe(config, features, meta, out, progress)
-    figures = _figure_results(results, out)
+    digests = _digests(provenance, lm.fingerprint["digest"])
+    results = _probe(config, features, meta, out, progress, digests)
+    figures = _figure_results(results, out, digests)
     transfer_table = alignment_table = cka_table = None
     if config.transfer:
         transfer_table = _cached(out / "transfer.parquet", lambda: pd.concat(
@@ -136,17 +156,18 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
                                       value=transfer_table["accuracy"])
         figures["transfer"] = save_figure(
             viz.alignment_curves(lines, ylabel="transfer accuracy", chance=float(lines["chance"].max())),
-            out / "figures" / "transfer.png")
+            out / "figures" / "transfer.png", metadata=_png_text(digests))
     if config.alignment:
         alignment_table = _cached(out / "alignment.parquet", lambda: _alignment(config, image_states, meta, text))
-        figures["alignment"] = save_figure(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png")
+        figures["alignment"] = save_figure(viz.alignment_curves(alignment_table), out / "figures" / "alignment.png",
+                                           metadata=_png_text(digests))
     if towers is not None:
         cka_table = _cached(out / "cka_vision_lm.parquet", lambda: _cka_map(features))
         if cka_table is not None and len(cka_table):
             grid = cka_table.pivot(index="layer_a", columns="layer_b", values="value")
             figures["cka"] = save_figure(viz.layer_map(grid.to_numpy(), title="linear CKA, vision tower x LM"),
-                                   out / "figures" / "cka_vision_lm.png")
-    return SweepRun(out, results, transfer_table, alignment_table, cka_table, figures)
+                                         out / "figures" / "cka_vision_lm.png", metadata=_png_text(digests))
+    return SweepRun(out, results, transfer_table, alignment_table, cka_table, figures, digests, changed)
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -166,13 +187,16 @@ EXTRACTION_KEYS = ("model", "data", "extract", "device", "dtype")
 DERIVED = ("results", "results.parquet", "transfer.parquet", "alignment.parquet", "figures")
 
 
-def _claim(out: Path, config: SweepConfig, provenance: dict[str, Any]) -> None:
-    """Record the definition and the inputs' digests in ``out``.
+def _claim(out: Path, config: SweepConfig, provenance: dict[str, Any]) -> list[str]:
+    """Record the definition and the inputs' digests in ``out``; returns the image files changed
+    since the recorded run.
 
-    A folder made with other activations (a different model, data, extraction or image files) is
-    refused, naming what differs. A folder made with the same activations but other probe settings,
-    analyses or labels is taken over: its derived tables and figures are deleted (before the new
-    record is written, so a run killed in between deletes them again) and recomputed.
+    A folder made with other activations (a different model, data, or extraction settings) is
+    refused, naming what differs. A folder whose image files changed is cut back to the shards
+    before the first changed file, so the extraction resumes there. A folder made with other probe
+    settings, analyses or labels is taken over. In both cases its derived tables and figures are
+    deleted and recomputed. Stores are rewound and derived files deleted before the new record is
+    written, so a run killed in between does the same again.
 
     Raises:
         StoreError: the folder's activations came from other inputs.
@@ -185,24 +209,28 @@ def _claim(out: Path, config: SweepConfig, provenance: dict[str, Any]) -> None:
     if record.exists():
         theirs = json.loads(record.read_text())
         if theirs == mine:
-            return
+            return []
         changed = [k for k in EXTRACTION_KEYS if _extraction_part(mine, k) != _extraction_part(theirs, k)]
+        if changed:
+            raise StoreError(f"{out} holds the activations of other inputs (definition keys {changed}); "
+                             "choose another out, or delete the folder to extract again")
         # a folder recorded before digests were kept: its images cannot be compared, only refitted
-        images = (_changed_images(theirs["provenance"]["images"], provenance["images"])
-                  if "provenance" in theirs else [])
-        if changed or images:
-            what = [f"definition keys {changed}"] if changed else []
-            what += [f"image files {images}"] if images else []
-            raise StoreError(f"{out} holds the activations of other inputs ({'; '.join(what)}); choose "
-                             "another out, or delete the folder to extract again")
+        old = theirs["provenance"]["images"] if "provenance" in theirs else provenance["images"]
+        first, images = _first_change(old, provenance["images"])
+        if images:
+            for store in sorted((out / "acts").glob("*")):
+                rewind(store, first)
         for name in DERIVED:
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+    else:
+        images = []
     out.mkdir(parents=True, exist_ok=True)
     write_json(record, mine, "the sweep definition")
+    return images
 
 
 def _extraction_part(definition: dict, key: str) -> Any:
@@ -214,11 +242,31 @@ def _extraction_part(definition: dict, key: str) -> Any:
     return value
 
 
-def _changed_images(old: dict | None, new: dict) -> list[str]:
-    """Names of the image files added, removed or changed since the record (at most 10 named)."""
-    old = old or {}
+def _first_change(old: dict | None, new: dict | None) -> tuple[int, list[str]]:
+    """Where the image files first differ from the recorded ones, in the folder's (file-name)
+    order, which is the stores' example order: the index of the first example whose activations
+    are stale, and the names of the files added, removed or changed (at most 10 named)."""
+    old, new = old or {}, new or {}
     changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
-    return changed[:10] + ([f"... {len(changed) - 10} more"] if len(changed) > 10 else [])
+    names = sorted(new, key=lambda name: Path(name))
+    first = next((i for i, name in enumerate(names) if name in changed), len(names))
+    # a removed file shifts every example after it: the first survivor after it is stale too
+    first = min([first] + [sum(1 for name in names if Path(name) < Path(gone)) for gone in changed if gone not in new])
+    return first, changed[:10] + ([f"... {len(changed) - 10} more"] if len(changed) > 10 else [])
+
+
+def _digests(provenance: dict[str, Any], model: str) -> dict[str, str | None]:
+    """The digests a run's tables and figures record: labels, image files (one digest over every
+    file's name and digest; None without image files) and the model's fingerprint."""
+    images = provenance["images"]
+    combined = (hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()[:16]
+                if images else None)
+    return {"labels": provenance["labels"], "images": combined, "model": model}
+
+
+def _png_text(digests: dict[str, str | None]) -> dict[str, str]:
+    """The digests as PNG text chunks (``lvlm_probe.<name>``)."""
+    return {f"lvlm_probe.{k}": str(v) for k, v in digests.items()}
 
 
 def _provenance(rows: list) -> dict[str, Any]:
@@ -362,7 +410,8 @@ def _tower_features(towers) -> dict[str, torch.Tensor]:
     return features
 
 
-def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, progress: bool) -> pd.DataFrame:
+def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, progress: bool,
+           digests: dict[str, str | None]) -> pd.DataFrame:
     spec = config.probes
     per_layer = {h: x for h, x in features.items() if not h.endswith(HEAD_HOOKS)}
     per_head = {h: x for h, x in features.items() if h.endswith(HEAD_HOOKS)}
@@ -381,6 +430,7 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
             return pd.concat(tables, ignore_index=True).assign(target=target)
         parts.append(_cached(out / "results" / f"{target}.parquet", run))
     results = pd.concat(parts, ignore_index=True)
+    results.attrs["provenance"] = dict(digests)  # kept in the Parquet file's metadata
     write_parquet(out / "results.parquet", results, "the sweep's results")
     return results
 
@@ -423,13 +473,14 @@ def _cached(path: Path, compute) -> pd.DataFrame:
     return table
 
 
-def _figure_results(results: pd.DataFrame, out: Path) -> dict[str, Path]:
+def _figure_results(results: pd.DataFrame, out: Path, digests: dict[str, str | None]) -> dict[str, Path]:
     figures = {}
     chance = results.groupby("target")["chance"].first()
+    text = _png_text(digests)
     for target, part in results.groupby("target"):
         figures[f"{target}_layers"] = save_figure(viz.layer_curves(part, chance=float(chance[target])),
-                                            out / "figures" / f"{target}_layers.png")
+                                                  out / "figures" / f"{target}_layers.png", metadata=text)
         if part["head"].notna().any():
             figures[f"{target}_heads"] = save_figure(viz.head_heatmap(part, target=target),
-                                               out / "figures" / f"{target}_heads.png")
+                                                     out / "figures" / f"{target}_heads.png", metadata=text)
     return figures

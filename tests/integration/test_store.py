@@ -368,6 +368,30 @@ def test_full_disk_then_resume(llava, questions, tmp_path, monkeypatch, fail_at)
     assert store.ids == reference.ids and torch.equal(store.stack(RESID), reference.stack(RESID))
 
 
+def test_rewind_then_resume_recomputes_only_the_cut_shards(llava, questions, tmp_path):
+    """rewind keeps the shards wholly before its cut; the same call then extracts the rest (and only
+    the rest) from the dataset as it is now: the store equals a fresh extraction of that dataset."""
+    args = dict(hooks=RESID, batch_size=2, shard_size=4, progress=False)
+    lp.extract(llava, questions, out=tmp_path / "s", **args)
+    changed = [dict(q.to_dict()) for q in questions]
+    changed[6]["image"] = changed[0]["image"]  # example 6 (shard 1) now shows another image
+    fresh = lp.extract(llava, changed, out=tmp_path / "fresh", **args)
+    assert lp.store.rewind(tmp_path / "s", 6) == 4  # shard 1 straddles the cut: it goes too
+    store = lp.ActivationStore.open(tmp_path / "s")
+    assert len(store) == 4 and not store.complete
+    assert lp.store.rewind(tmp_path / "s", 6) == 4  # again: nothing more to cut
+    forwards = []
+    handle = llava.hf.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        store = lp.extract(llava, changed, out=tmp_path / "s", **args)
+    finally:
+        handle.remove()
+    assert len(forwards) == (len(questions) - 4) // 2  # the batches of shards 1 and 2 only
+    assert store.complete and store_files(tmp_path / "s") == store_files(tmp_path / "fresh")
+    assert torch.equal(store.stack(RESID), fresh.stack(RESID))
+    assert lp.store.rewind(tmp_path / "none", 0) == 0  # no store there: nothing to cut
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(reduce="last"), "reduce: the store has 'mean', this call 'last'"),
     (dict(hooks="blocks.0.hook_resid_post"), "hooks: the store has"),

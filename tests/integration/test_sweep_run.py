@@ -163,11 +163,34 @@ def test_changed_labels_are_refitted_from_the_stored_activations(model, tmp_path
         refit = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
     assert forwards.n == 0 and not refit.results["accuracy"].equals(again.results["accuracy"])
 
-    # an image file changes: refused by name (its stored activations are another image's)
-    changed = sorted((tmp_path / "images").iterdir())[3]
+    # an image file changes and another is removed: the stores are cut back to before the first of
+    # them and extracted again from there; every table equals a fresh run's on the new folder
+    files = sorted((tmp_path / "images").iterdir())
+    changed, removed = files[3], files[-1]
     Image.new("RGB", (64, 64), "white").save(changed)
-    with pytest.raises(StoreError, match=rf"image files \['{changed.name}'\]"):
-        run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    removed.unlink()
+    labels[labels["file"] != removed.name].to_csv(tmp_path / "labels.csv", index=False)
+    with _Forwards(model) as forwards:
+        redone = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    assert redone.changed_images == sorted([changed.name, removed.name])
+    assert forwards.n == -(-(len(files) - 1) // 16)  # one shard: every batch of the new folder
+    fresh = run_sweep(write(tmp_path / "b.yaml", definition, tmp_path / "fresh2"), model=model, progress=False)
+    pd.testing.assert_frame_equal(redone.results, fresh.results)
+    assert redone.provenance == fresh.provenance and redone.provenance["images"] != refit.provenance["images"]
+    assert redone.provenance["labels"] != refit.provenance["labels"] and redone.provenance["model"] == refit.provenance["model"]
+
+
+def test_tables_and_figures_record_the_digests_they_came_from(model, tmp_path):
+    definition = _user_folder(tmp_path, n=48)
+    run = run_sweep(write(tmp_path / "a.yaml", definition, tmp_path / "out"), model=model, progress=False)
+    store = lp.ActivationStore.open(tmp_path / "out" / "acts" / "lm")
+    assert run.provenance["model"] == store.fingerprint["digest"] == lp.store.fingerprint(model)["digest"]
+    assert set(run.provenance) == {"labels", "images", "model"} and all(run.provenance.values())
+    assert pd.read_parquet(tmp_path / "out" / "results.parquet").attrs["provenance"] == run.provenance
+    for path in run.figures.values():
+        text = Image.open(path).text
+        assert {k.removeprefix("lvlm_probe."): v for k, v in text.items() if k.startswith("lvlm_probe.")} \
+            == run.provenance, path.name
 
 
 def test_definition_errors(tmp_path):
@@ -214,21 +237,11 @@ def test_bad_definitions_fail_before_any_extraction(model, tmp_path):
 
 
 def test_folder_of_user_images(model, tmp_path):
-    world = lp.worlds.ShapesWorld(seed=5, image_size=64)
-    rows = world.concepts(96, split="counterfactual")
-    images = tmp_path / "images"
-    images.mkdir()
-    for row in rows:
-        row["image"].save(images / f"{row['id']}.png")
-    pd.DataFrame({"file": [f"{r['id']}.png" for r in rows], "color": [r["color"] for r in rows],
-                  "kind": [r["shape"] for r in rows]}).to_csv(tmp_path / "labels.csv", index=False)
-    definition = {"model": "shapes-llava", "device": "cpu",
-                  "data": {"folder": {"path": str(images), "labels": str(tmp_path / "labels.csv")}},
-                  "extract": {"lm_hooks": ["blocks.*.hook_resid_post"], "tower_hooks": []},
-                  "probes": {"targets": ["color"], "control_by": ["kind"], "n_boot": 0}}
+    definition = _user_folder(tmp_path)
     run = run_sweep(write(tmp_path / "def.yaml", definition, tmp_path / "out"), model=model, progress=False)
     store = lp.ActivationStore.open(tmp_path / "out" / "acts" / "lm")
-    assert store.ids == sorted(r["id"] for r in rows)  # files in name order
+    names = sorted(p.stem for p in (tmp_path / "images").iterdir())
+    assert store.ids == names and names == sorted(pd.read_csv(tmp_path / "labels.csv")["file"].str[:-4])
     assert (store.meta["prompt"] == "Describe the image.").all()
     assert len(run.results) == model.n_layers and (run.results["accuracy"] > run.results["chance"]).all()
 
