@@ -67,7 +67,10 @@ def _weights(hf: torch.nn.Module) -> str:
             continue  # empty, or meta without values anywhere: only its name and shape count
         flat = param.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, min(SAMPLES, flat.numel()), device=flat.device)
-        sample = flat[index.round().long()].cpu().contiguous()
+        # float32 positions above 2**24 round: the last may land one past the end (a 32064 x 4096
+        # embedding does), so clamp it; kept in float32 so existing stores keep their fingerprints
+        index = index.round().long().clamp_(max=flat.numel() - 1)
+        sample = flat[index].cpu().contiguous()
         # bytes through uint8, as numpy has no bfloat16
         h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

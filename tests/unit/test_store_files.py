@@ -57,3 +57,21 @@ def test_manifest_round_trip_and_bad_labels(tmp_path):
         manifest.read_record(tmp_path / "junk.parquet")
     with pytest.raises(InputError, match=r"columns \['shard', 'layout'\]"):
         manifest.check_columns({"id": "a", "shard": 1, "layout": "x"}, 4)
+
+
+def test_weight_fingerprint_of_a_tensor_past_float32_exact_integers():
+    """Sample positions are computed in float32; past 2**24 elements the last one rounds up past the
+    end (a 32064 x 4096 embedding, LLaVA-1.5's, is such a tensor): it is clamped to the last
+    element, and the sample still sees a change there."""
+    import torch
+
+    from lvlm_probe.store.fingerprints import _weights
+
+    n = 2**24 + 4  # float32(n - 1) == n
+    assert int(torch.tensor(float(n - 1), dtype=torch.float32).item()) == n
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16))
+    before = _weights(module)
+    with torch.no_grad():
+        module.weight[-1] = 1.0
+    assert _weights(module) != before
