@@ -27,7 +27,7 @@ never straddle shards (a shard's last batch is cut short), so a resumed run form
 batches of an uninterrupted one with the same sizes, and its files are byte-identical. A full disk removes the partial file and raises
 :class:`~lvlm_probe.StoreError`; complete shards stay. Anything an interruption cannot produce (a
 checksum mismatch, a missing tensor file under a manifest, a gap) is reported as damage, never
-silently repaired or read. :func:`~lvlm_probe.store.rewind.rewind` cuts a store back to its
+silently repaired or read. :func:`~lvlm_probe.store.rewinding.rewind` cuts a store back to its
 first examples by the same rules (last shard first, manifest before tensor file), so the same
 call then recomputes the rest.
 
@@ -63,7 +63,7 @@ from __future__ import annotations
 from .executor import Executor, ExtractionPlan, LocalExecutor, executors
 from .extraction import extract
 from .fingerprints import fingerprint
-from .rewind import rewind
+from .rewinding import rewind
 from .store import ActivationStore, Shard
 from .writer import ShardWriter, StagedShard, stage_shard
 
