@@ -1,6 +1,7 @@
 """The ``lvlm-probe`` command. It only parses arguments and calls the library."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,14 @@ class _Application(typer.Typer):
         debug = "--debug" in argv
         argv = [a for a in argv if a != "--debug"]
         try:
-            return super().__call__(*args, args=argv, standalone_mode=False, **kwargs)
+            code = super().__call__(*args, args=argv, standalone_mode=False, **kwargs)
         except typer.Exit as done:
             sys.exit(done.exit_code)
         except typer.TyperException as usage:  # bad options: the parser's own message and exit code
             usage.show()
             sys.exit(usage.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            err_console.print("interrupted. `sweep` and `report` keep what they finished: the same "
-                              "command again resumes where they stopped; other commands start over")
+            err_console.print(INTERRUPTED)
             sys.exit(130)
         except USER_ERRORS as err:
             if debug:
@@ -48,7 +48,18 @@ class _Application(typer.Typer):
             err_console.print(f"error: {escape(str(err))}", highlight=False)
             err_console.print("(run with --debug for the traceback)", style="dim")
             sys.exit(2)
+        # Outside standalone mode typer turns Ctrl-C (KeyboardInterrupt) into a returned 130 and
+        # any Exit into its returned code; the commands themselves return None.
+        if code == 130:
+            err_console.print(INTERRUPTED)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+        return code
 
+
+# Ctrl-C's message (exit code 130, the shell's for SIGINT): what was kept and how to go on.
+INTERRUPTED = ("interrupted. `sweep`, `report` and `zoo train` keep what they finished: rerunning the "
+               "same command resumes where it stopped; other commands start over")
 
 # What a user can cause and fix: bad input, a model or file that cannot be read, a folder that
 # cannot be written. Anything else is a bug and keeps its traceback.
@@ -99,6 +110,9 @@ def layout(
     """Show where image, prompt and template tokens sit for one prompt."""
     from PIL import Image
 
+    missing = [str(p) for p in image if not p.is_file()]
+    if missing:
+        raise InputError(f"--image {', '.join(map(repr, missing))}: not a file; expected image files")
     lvlm = _load(model, device, dtype)
     batch = lvlm.prepare(images=[[Image.open(p) for p in image]], prompts=[prompt])
     lay = batch.layouts[0]
@@ -151,14 +165,21 @@ def sweep(
     With ``--backend ray`` both the extraction and the probe fits run on Ray workers."""
     import dataclasses
 
+    from .devices import resolve_device
     from .workflows.sweep import run_sweep
-    from .workflows.sweep_config import load_config
+    from .workflows.sweep_config import FolderData, check_folder, load_config
 
     _quiet_transformers()
     config = load_config(definition)
     changes = {k: v for k, v in (("out", out), ("device", device), ("backend", backend),
                                  ("ray_address", ray_address)) if v is not None}
-    run = run_sweep(dataclasses.replace(config, **changes))
+    config = dataclasses.replace(config, **changes)
+    # the inputs and the output location are checked before the model loads
+    if isinstance(config.data, FolderData):
+        check_folder(config.data)
+    resolve_device(config.device)  # a device this machine lacks (the template's cuda) fails here
+    check_out_folder(Path(config.out), "--out" if out is not None else f"out (in {definition})")
+    run = run_sweep(config)
     from .probing import best_layers
 
     best = best_layers(run.results)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity",
@@ -212,7 +233,8 @@ def attribute(
         return
     from PIL import Image
 
-    batch = lvlm.prepare(images=[Image.open(image).convert("RGB")], prompts=[prompt])
+    # prepare composites transparency on white (with a warning); convert("RGB") would drop it
+    batch = lvlm.prepare(images=[Image.open(image)], prompts=[prompt])
     split = source_split(lvlm, batch, target, foil=foil)
     console.print(_table(split.shares().round(4), title="Source split"))
     save_figure(image_map(lvlm, batch, target, foil=foil, method=method).plot(0), out)
@@ -235,6 +257,9 @@ def report(
     from .report import write_report
     from .worlds import ShapesWorld
 
+    check_out_folder(out, "--out")
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"--folder {str(folder)!r} is not a folder; expected a ShapesWorld export folder")
     lvlm = _load(model, device, dtype)
     world = folder if folder is not None else ShapesWorld(seed=seed, image_size=64)
     result = write_report(lvlm, out, name=model, world=world, n=n, maps=maps).result
@@ -268,6 +293,7 @@ def zoo_train(
 
     if name != NAME:
         raise typer.BadParameter(f"unknown reference model {name!r}; expected {NAME!r}")
+    check_out_folder(out, "--out")
     path = train_lib.train(out, device=device)
     console.print(f"saved to {path}")
 
@@ -291,6 +317,27 @@ def zoo_eval(
     console.print(_table(table, title=f"{model}: accuracy on fresh questions (world seed {seed})"))
     for key, value in evaluation.prior_figures(results).items():
         console.print(f"{key}: {value:.3f}")
+
+
+def check_out_folder(out: Path, option: str) -> None:
+    """Raise an InputError, before any computation, where ``out`` cannot be the folder a command
+    writes into: an existing file, or a location this user cannot write (the folder itself when
+    it exists, else its nearest existing parent, where it would be created).
+
+    Args:
+        out: the output folder as given (relative to the working directory).
+        option: how the user gave it, for the message (``"--out"``, ``"out (in x.yaml)"``).
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} {str(out)!r} is a file; expected a folder to write into (created "
+                         "if missing): choose another path or move the file")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{option} {str(out)!r} cannot be created: {str(existing)!r} is a file, not a "
+                         "folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {str(out)!r} cannot be written: {str(existing)!r} is not writable "
+                         "by this user; choose a folder you can write, e.g. under your home")
 
 
 def _table(frame, title: str | None = None) -> Table:

@@ -11,10 +11,10 @@ from .batched import BatchedProbes, fit_many
 from .controls import control_labels, type_overlap
 from .probe import LinearProbe
 from .splits import group_split
-from .stats import AccuracyCI, bootstrap_ci
+from .stats import AccuracyCI, bootstrap_ci, wilson_ci
 from .sweeps import best_layers, sweep, transfer
 
 __all__ = [
     "LinearProbe", "fit_many", "BatchedProbes", "group_split", "control_labels", "type_overlap",
-    "bootstrap_ci", "AccuracyCI", "sweep", "transfer", "best_layers",
+    "bootstrap_ci", "wilson_ci", "AccuracyCI", "sweep", "transfer", "best_layers",
 ]

@@ -33,10 +33,14 @@ from ..store.executor import Backend, Registry
 from .batched import fit_many
 from .controls import control_labels, type_overlap
 from .splits import group_split
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci, wilson_ci
 
 COLUMNS = ["hook", "tower", "layer", "head", "target", "accuracy", "ci_low", "ci_high",
-           "control_accuracy", "selectivity", "chance", "n_train", "n_test"]
+           "control_accuracy", "selectivity", "selectivity_ci_low", "selectivity_ci_high", "chance",
+           "n_train", "n_test"]
+# Below this many test examples a sweep warns: a 95% Wilson interval is then at least about
+# +-0.15 wide around 75% accuracy, too wide to rank neighbouring layers.
+SMALL_TEST = 30
 HEAD_HOOKS = (".hook_z", ".hook_result", ".hook_q", ".hook_k", ".hook_v")
 
 
@@ -198,7 +202,8 @@ def sweep(
     Args:
         source: an :class:`~lvlm_probe.ActivationStore` (reduced: ``[N, d]`` or ``[N, head, d]``
             per hook) or a dict ``{hook: array [N, d]}``.
-        target: a column of ``store.meta``, or the label array. Examples without a label are left out.
+        target: a column of ``store.meta``, or the label array (a named ``pd.Series`` gives the
+            table's ``target`` column and the warnings its name). Examples without a label are left out.
         hooks: names or ``*`` patterns among the source's hooks.
         heads: one probe per head for per-head hooks (``attn.hook_z``, ``hook_result``, ...).
         control: also fit the control task and report selectivity.
@@ -211,7 +216,7 @@ def sweep(
         test_size: fraction of groups held out.
         C: inverse L2 strength, as scikit-learn's.
         seed: for the split, the control labels and the bootstrap.
-        n_boot: bootstrap resamples (by group) for the 95% confidence interval of accuracy.
+        n_boot: bootstrap resamples (by group) for the 95% interval of selectivity (0: none).
         standardize: standardise features per probe on the training set (layers differ in scale).
         device: where to fit (default: the activations' device).
         max_iter: optimiser iterations per probe.
@@ -225,7 +230,15 @@ def sweep(
 
     Returns:
         DataFrame with ``COLUMNS``, one row per probe; ``chance`` is the majority-class accuracy
-        on the test set.
+        on the test set. ``ci_low, ci_high`` is the 95% Wilson score interval of accuracy
+        (:func:`~lvlm_probe.probing.stats.wilson_ci`, with the test groups' design effect), which
+        does not collapse at 100%; ``selectivity_ci_low, selectivity_ci_high`` a cluster bootstrap
+        of selectivity (paired: probe and control on the same resamples), NaN without a control,
+        with ``n_boot=0``, or where every resample gives the same value (then with a warning).
+
+    Warns:
+        UserWarning: once per call, when the test set has fewer than ``SMALL_TEST`` (30) examples,
+            naming ``n_test``; when some selectivity intervals are degenerate.
 
     Raises:
         InputError: for an unknown target, hook pattern or column, unusable labels, or an
@@ -242,7 +255,9 @@ def sweep(
         groups = "id"
     get, available, labels, group_values, meta = _source(source, target, groups)
     chosen = select_hooks(hooks, available)
-    name = target if isinstance(target, str) else "target"
+    # a column name, or a label array's own name (a pandas Series has one); the table's target column
+    named = isinstance(target, str) or isinstance(getattr(target, "name", None), str)
+    name = target if isinstance(target, str) else (target.name if named else "target")
     codes, classes = encode_labels(labels, f"target {name!r}")
     keep = np.flatnonzero(codes >= 0)
     group_values = keep if group_values is None else np.asarray(group_values)[keep]
@@ -263,10 +278,30 @@ def sweep(
                           "so control accuracy is near chance by construction; choose a control_by "
                           "that recurs across scenes", stacklevel=2)
     chance = float(np.bincount(codes[test], minlength=len(classes)).max() / len(test))
+    if len(test) < SMALL_TEST:
+        about = f"target {name!r}: " if named else ""
+        warnings.warn(f"{about}only {len(test)} test examples (n_test < {SMALL_TEST}); "
+                      "accuracies this close to a handful of images have wide intervals (see ci_low, "
+                      "ci_high) and neighbouring layers cannot be ranked; label more images or raise "
+                      "test_size", UserWarning, stacklevel=2)
     job = HookJob(y, y_control, train, test, test_groups, n_boot, seed, name, chance, heads,
                   dict(C=C, standardize=standardize, device=device, max_iter=max_iter))
     parts = executor.run(SweepPlan(job, chosen, get, source, options))
-    return _typed(pd.DataFrame([row for part in parts for row in part], columns=COLUMNS))
+    table = _typed(pd.DataFrame([row for part in parts for row in part], columns=COLUMNS))
+    if control and n_boot:
+        _warn_degenerate(table, len(test), stacklevel=3)
+    return table
+
+
+def _warn_degenerate(table: pd.DataFrame, n_test: int, stacklevel: int) -> None:
+    """One warning naming the probes whose selectivity bootstrap was degenerate (NaN bounds)."""
+    flat = table[table["selectivity_ci_low"].isna()]
+    if len(flat):
+        names = [f"{h}" + ("" if pd.isna(k) else f"[head {k}]") for h, k in zip(flat["hook"], flat["head"])]
+        warnings.warn(f"selectivity interval is degenerate (every bootstrap resample of the {n_test} "
+                      f"test examples gives the same value) for {names[:5]}"
+                      f"{' ...' if len(names) > 5 else ''}; their selectivity_ci_low/high are NaN",
+                      UserWarning, stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)
@@ -292,15 +327,20 @@ class HookJob:
     def rows(self, get: Any, hook: str) -> list[dict[str, Any]]:
         """The result rows of one hook's probes (one per layer, or per head)."""
         x, head_ids = _features(get, hook, self.heads)
-        accuracy, low, high = _fit_and_score(x, self.y, self.train, self.test, self.test_groups,
-                                             self.n_boot, self.seed, **self.fit)
-        ctrl = (_fit_and_score(x, self.y_control, self.train, self.test, self.test_groups, 0, self.seed,
-                               **self.fit)[0]
-                if self.y_control is not None else np.full(len(head_ids), np.nan))
+        correct = _correct(x, self.y, self.train, self.test, **self.fit)
+        accuracy, low, high = (v.numpy() for v in wilson_ci(correct, groups=self.test_groups))
+        none = np.full(len(head_ids), np.nan)
+        ctrl, sel_low, sel_high = none, none, none
+        if self.y_control is not None:
+            control = _correct(x, self.y_control, self.train, self.test, **self.fit)
+            ctrl = control.double().mean(1).cpu().numpy()
+            if self.n_boot:
+                sel_low, sel_high = _selectivity_ci(correct, control, self.n_boot, self.seed, self.test_groups)
         tower, layer = tower_of(hook)
         return [dict(hook=hook, tower=tower, layer=layer, head=head, target=self.target,
                      accuracy=accuracy[p], ci_low=low[p], ci_high=high[p], control_accuracy=ctrl[p],
-                     selectivity=accuracy[p] - ctrl[p], chance=self.chance, n_train=len(self.train),
+                     selectivity=accuracy[p] - ctrl[p], selectivity_ci_low=sel_low[p],
+                     selectivity_ci_high=sel_high[p], chance=self.chance, n_train=len(self.train),
                      n_test=len(self.test))
                 for p, head in enumerate(head_ids)]
 
@@ -366,16 +406,23 @@ def _types_full(types: Any, keep: np.ndarray, n: int) -> np.ndarray:
     return full
 
 
-def _fit_and_score(x, y, train, test, test_groups, n_boot, seed, **fit):
-    """(accuracy [P], ci_low [P], ci_high [P]) of probes fitted on ``train`` rows, scored on ``test``."""
+def _correct(x, y, train, test, **fit) -> Tensor:
+    """``[P, m]`` whether each probe, fitted on the ``train`` rows, is right on each ``test`` row."""
     train_t, test_t = torch.as_tensor(train), torch.as_tensor(test)
     probes = fit_many(x[:, train_t], y[train_t], **fit)
-    correct = probes.correct(x[:, test_t], y[test_t])
-    if n_boot:
-        accuracy, low, high = bootstrap_ci(correct, n_boot=n_boot, seed=seed, groups=test_groups)
-        return accuracy.numpy(), low.numpy(), high.numpy()
-    accuracy = correct.double().mean(1).cpu().numpy()
-    return accuracy, np.full_like(accuracy, np.nan), np.full_like(accuracy, np.nan)
+    return probes.correct(x[:, test_t], y[test_t]).cpu()
+
+
+def _selectivity_ci(correct: Tensor, control: Tensor, n_boot: int, seed: int,
+                    groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[P]`` bounds of the paired cluster bootstrap of selectivity: the per-example difference
+    of the probe's and the control's right answers, resampled by test group. Degenerate intervals
+    are NaN; the caller warns once for the whole sweep."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, low, high = bootstrap_ci(correct.double() - control.double(), n_boot=n_boot, seed=seed,
+                                    groups=groups)
+    return low.numpy(), high.numpy()
 
 
 def transfer(
@@ -413,11 +460,14 @@ def transfer(
         both: also the reverse direction.
         center: standardise each source with its own mean and scale (see above).
         names: what to call the two sources in the ``direction`` column.
+        n_boot, seed: not used (``ci_low, ci_high`` is the closed-form Wilson score interval);
+            accepted so that existing calls keep working.
 
     Returns:
         DataFrame with ``hook, tower, layer, target, direction, accuracy, ci_low, ci_high,
         within_accuracy, chance, n_train, n_test``; ``within_accuracy`` is the probe's accuracy on
-        its own training source, an upper reference.
+        its own training source, an upper reference; ``ci_low, ci_high`` the 95% Wilson score
+        interval of ``accuracy``.
 
     Raises:
         InputError: when the sources share no hook or their labels share no value.
@@ -455,10 +505,7 @@ def transfer(
                               device=device, max_iter=max_iter)
             correct = probes.correct(xb[None], torch.as_tensor(yb[b_rows]))
             within = float(probes.accuracy(xa[None], torch.as_tensor(ya[a_rows]))[0])
-            if n_boot:
-                accuracy, low, high = (float(v[0]) for v in bootstrap_ci(correct, n_boot=n_boot, seed=seed))
-            else:
-                accuracy, low, high = float(correct.double().mean()), np.nan, np.nan
+            accuracy, low, high = (float(v[0]) for v in wilson_ci(correct))
             tower, layer = tower_of(hook)
             rows.append(dict(hook=hook, tower=tower, layer=layer, target=target, direction=direction,
                              accuracy=accuracy, ci_low=low, ci_high=high, within_accuracy=within,

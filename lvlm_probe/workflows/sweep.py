@@ -57,7 +57,7 @@ from ..hooks.names import expand
 from ..probing.sweeps import HEAD_HOOKS, encode_labels, select_hooks, sweep, tower_of, transfer
 from ..store import extract, rewind
 from ..viz import save_figure
-from .sweep_config import FolderData, SweepConfig, check_backend, load_config
+from .sweep_config import FolderData, SweepConfig, check_backend, check_folder, load_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # image-vs-text alignment metrics a definition may ask for
@@ -128,6 +128,8 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     for names in (spec.lm_hooks, spec.tower_hooks, spec.head_hooks):
         if names:
             expand(list(names), model.hook_names())  # unknown names fail before any extraction
+    if spec.tower_hooks:
+        _check_whole(model, images[0], list(spec.tower_hooks))
     provenance = _provenance(images)
     acts = out / "acts"
     changed = _claim(out, config, provenance)
@@ -287,6 +289,29 @@ def _current_labels(meta: pd.DataFrame, rows: list) -> pd.DataFrame:
     return meta.drop(columns=[c for c in current.columns if c in meta]).assign(**current)
 
 
+def _check_whole(model: Any, row: Any, patterns: list[str]) -> None:
+    """Tower hooks are stored whole, one row per example: check on the first example, before
+    anything is extracted, that the model gives them that shape (NaViT-style towers pack the
+    patches of every image of a batch into one sequence instead).
+
+    Raises:
+        InputError: naming the hook, its shape for one image, and the setting to change.
+    """
+    example = row.to_dict() if hasattr(row, "to_dict") else row
+    batch = model.prepare(images=[example["image"]], prompts=[example["prompt"]])
+    names = expand(patterns, model.hook_names())
+    with torch.no_grad(), model.capture(names) as cache:
+        model.forward(batch)
+    for name in names:
+        shape = tuple(cache[name].shape)
+        if shape[0] != 1:
+            raise InputError(
+                f"extract.tower_hooks: {name} has shape {shape} for one image; this model packs its "
+                "images' patches into one sequence, so its tower states cannot be stored one row per "
+                "example. Set extract.tower_hooks: [] (the language model's image positions still "
+                "carry the image)")
+
+
 def _load(config: SweepConfig):
     from ..zoo import from_name
 
@@ -317,16 +342,13 @@ def _folder_rows(data: FolderData, required: tuple[str, ...] = ()) -> list:
     Raises:
         InputError: naming every problem found.
     """
+    check_folder(data)
     root = Path(data.path)
-    if not root.is_dir():
-        raise InputError(f"data.folder.path {str(root)!r} is not a folder")
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}")
     labels = pd.DataFrame({"file": [p.name for p in files]})
     if data.labels:
-        if not Path(data.labels).is_file():
-            raise InputError(f"data.folder.labels {data.labels!r} is not a file")
         table = pd.read_csv(data.labels, dtype=str, keep_default_na=False)
         if "file" not in table:
             raise InputError(f"{data.labels} needs a 'file' column; it has {list(table.columns)}")
@@ -376,7 +398,8 @@ class _FolderRow:
         return self.path.stem
 
     def to_dict(self) -> dict:
-        image = Image.open(self.path).convert("RGB")
+        image = Image.open(self.path)
+        image.load()  # read now (the file may change); its mode stays: prepare composites transparency
         return {"id": self.id, "scene": self.id, "image": image, "prompt": self.prompt, **self.labels}
 
 
@@ -423,7 +446,7 @@ def _probe(config: SweepConfig, features: dict, meta: pd.DataFrame, out: Path, p
             kw = dict(control=types is not None, control_by=types, control_design=spec.control_design,
                       groups=groups, C=spec.C, test_size=spec.test_size, seed=spec.seed,
                       n_boot=spec.n_boot, **_execution(config))
-            labels = meta[target].to_numpy()
+            labels = meta[target]  # a named Series: sweep's warnings name the target
             tables = [sweep(per_layer, labels, hooks=list(per_layer), **kw)]
             if per_head:
                 tables.append(sweep(per_head, labels, hooks=list(per_head), heads=True, **kw))

@@ -3,10 +3,20 @@
 A definition names the model, the data, what to extract and what to probe; see
 ``probes/shapes_objects.yaml`` for every key with a comment. Unknown keys are errors (a typo must
 not silently fall back to a default).
+
+``model`` takes every name a model has elsewhere (:func:`lvlm_probe.zoo.from_name`):
+``tiny:<family>``, a shipped checkpoint (``shapes-llava``), a local folder or a hub id.
+
+Paths: the inputs a definition names (``data.folder.path``, ``data.folder.labels``) are read
+relative to the definition's own folder, so a definition kept next to its images works from any
+working directory; :func:`load_config` turns them into absolute paths, and a missing one is named
+with its resolved path and this rule (:func:`check_folder`). ``out`` is an output location like
+every ``--out`` of the command line: relative to the working directory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,8 @@ class WorldData:
 @dataclass(frozen=True)
 class FolderData:
     """A user's images: every image file in ``path`` (sorted), one prompt for all, and optional
-    labels from a CSV with a ``file`` column (file names relative to ``path``)."""
+    labels from a CSV with a ``file`` column (file names relative to ``path``). In a definition,
+    relative ``path`` and ``labels`` are read from the definition's folder."""
 
     path: str
     prompt: str = "Describe the image."
@@ -118,14 +129,47 @@ def check_backend(backend: Any, ray_address: str | None) -> tuple[Executor, Swee
     return extraction, sweeping, sweep_executors.check(sweeping, options)
 
 
+RELATIVE_RULE = "relative paths in a sweep definition are read from the definition's folder"
+
+
+def _from_definition(value: str | None, definition: Path) -> str | None:
+    """An input path of a definition, absolute: a relative one is joined to the definition's
+    folder (not the working directory). ``~`` is the user's home, as in a shell."""
+    if value is None:
+        return None
+    expanded = os.path.expanduser(str(value))
+    return os.path.abspath(os.path.join(definition.parent, expanded))
+
+
+def check_folder(data: FolderData) -> None:
+    """Raise an InputError naming a folder or labels file of ``data`` that does not exist, with
+    its resolved path and the rule that resolved it; so a sweep fails on a wrong path before any
+    model is loaded.
+
+    Raises:
+        InputError: ``data.path`` is not a folder, or ``data.labels`` is not a file.
+    """
+    if not Path(data.path).is_dir():
+        raise InputError(f"data.folder.path {data.path!r} is not a folder ({RELATIVE_RULE}); "
+                         "expected the folder that holds the images")
+    if data.labels is not None and not Path(data.labels).is_file():
+        raise InputError(f"data.folder.labels {data.labels!r} is not a file ({RELATIVE_RULE}); "
+                         "expected a CSV with a 'file' column")
+
+
 def load_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep definition.
 
-    Relative ``out`` and ``data.path`` are resolved against the current directory, as a user
-    running ``lvlm-probe sweep probes/x.yaml`` from the project expects.
+    ``data.folder.path`` and ``data.folder.labels`` are read relative to the definition's folder
+    and returned absolute (a definition stored next to its images runs from any directory);
+    ``out`` stays relative to the working directory, as every ``--out`` of the command line.
+    ``model`` is any name :func:`lvlm_probe.zoo.from_name` takes, ``tiny:<family>`` included.
+    Whether the folder exists is checked when the sweep runs (:func:`check_folder`), so a
+    template with placeholder paths still reads.
 
     Raises:
-        InputError: for a missing file, invalid YAML, unknown or missing keys.
+        InputError: for a missing file, invalid YAML, unknown or missing keys, a ``model`` that
+            is not a non-empty string.
 
     Example:
         >>> config = load_config("probes/shapes_objects.yaml")
@@ -148,6 +192,14 @@ def load_config(path: str | Path) -> SweepConfig:
         raise InputError(f"{path}: data must hold exactly one of 'world' or 'folder', got {data!r}")
     kind, spec = next(iter(data.items()))
     data_obj = _build(WorldData if kind == "world" else FolderData, spec, f"{path}: data.{kind}")
+    if isinstance(data_obj, FolderData):
+        if not isinstance(data_obj.path, str) or not data_obj.path.strip():
+            raise InputError(f"{path}: data.folder.path must be a folder's path, got {data_obj.path!r}")
+        data_obj = replace(data_obj, path=_from_definition(data_obj.path, path),
+                           labels=_from_definition(data_obj.labels, path))
+    if not isinstance(raw["model"], str) or not raw["model"].strip():
+        raise InputError(f"{path}: model must be a name such as 'tiny:<family>', a shipped checkpoint, a folder "
+                         f"or a hub id; got {raw['model']!r}")
     raw.setdefault("name", path.stem)
     raw.setdefault("out", f"runs/{raw['name']}")
     extract = _build(ExtractSpec, raw.pop("extract", None), f"{path}: extract")

@@ -3,6 +3,7 @@ activations of ShapesWorld scenes, whose colours are the ground truth."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -207,3 +208,51 @@ def test_transfer_above_chance_in_the_language_model(concept_stores):
     images, texts, _ = concept_stores
     results = probing.transfer(texts, images, "color", hooks="blocks.*.hook_resid_post", n_boot=0, both=False)
     assert results["accuracy"].max() > results["chance"].iloc[0] + 0.1
+
+
+def test_accuracy_intervals_are_wilson_and_selectivity_intervals_a_bootstrap():
+    """Accuracy: the Wilson interval of k right of n_test (examples their own groups); selectivity:
+    a paired bootstrap around it; n_boot=0 drops only the bootstrap. No small-test warning at
+    150 test examples."""
+    from lvlm_probe.probing.stats import wilson_ci
+
+    layers, labels, types, _ = planted()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = probing.sweep(layers, labels, control_by=types, groups=None, seed=0, n_boot=300)
+    assert not [w for w in caught if "n_test <" in str(w.message)]
+    for row in results.itertuples():
+        k = round(row.accuracy * row.n_test)
+        reference = wilson_ci(np.r_[np.ones(k), np.zeros(row.n_test - k)])
+        assert (row.ci_low, row.ci_high) == pytest.approx((float(reference.low), float(reference.high)))
+        assert row.selectivity_ci_low < row.selectivity < row.selectivity_ci_high
+    no_boot = probing.sweep(layers, labels, control_by=types, groups=None, seed=0, n_boot=0)
+    pd.testing.assert_series_equal(no_boot["ci_low"], results["ci_low"])
+    assert no_boot[["selectivity_ci_low", "selectivity_ci_high"]].isna().all().all()
+
+
+def test_degenerate_selectivity_intervals_are_nan_with_one_warning():
+    """Features that name each example's type: the probe and the control are both always right,
+    so every resample gives selectivity 0 and no interval can be drawn."""
+    rng = np.random.default_rng(4)
+    types = np.repeat(np.arange(20), 10)
+    features = 4.0 * np.eye(20)[types] + 0.01 * rng.normal(size=(200, 20))
+    layers = {f"blocks.{k}.hook_resid_post": features for k in range(2)}
+    with pytest.warns(UserWarning, match=r"selectivity interval is degenerate .* for \['blocks.0.hook_resid_post', "
+                                         r"'blocks.1.hook_resid_post'\]"):
+        results = probing.sweep(layers, types % 2, control_by=types, groups=None, n_boot=100)
+    assert (results["accuracy"] == 1).all() and (results["selectivity"] == 0).all()
+    assert results["selectivity_ci_low"].isna().all() and (results["ci_low"] < 1).all()
+
+
+def test_transfer_intervals_are_wilson_even_without_a_bootstrap():
+    from lvlm_probe.probing.stats import wilson_ci
+
+    layers, labels, _, _ = planted()
+    half = len(labels) // 2
+    a = {h: x[:half] for h, x in layers.items()}
+    b = {h: x[half:] for h, x in layers.items()}
+    row = probing.transfer((a, labels[:half]), (b, labels[half:]), "target", n_boot=0, both=False).iloc[-1]
+    k = round(row["accuracy"] * row["n_test"])
+    reference = wilson_ci(np.r_[np.ones(k), np.zeros(row["n_test"] - k)])
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((float(reference.low), float(reference.high)))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from lvlm_probe.errors import ImageTypeError, InputError
-from lvlm_probe.inputs import normalize, to_pil
+from lvlm_probe.inputs import has_alpha, normalize, to_pil
 from lvlm_probe.model import resolve_dtype
 
 
@@ -44,3 +44,41 @@ def test_dtypes():
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype(None) is torch.float32
     assert resolve_dtype(torch.float16) is torch.float16
+
+
+def test_one_prompt_string_pairs_with_one_image_only():
+    img = np.zeros((4, 4, 3), dtype=np.uint8)
+    for one in (img, [img]):  # an image, or a list of one, with one string: one example
+        images, prompts = normalize(one, "q")
+        assert [len(x) for x in images] == [1] and prompts == ["q"]
+    images, _ = normalize([[img, img]], "q")  # the explicit spelling of one two-image example
+    assert [len(x) for x in images] == [2]
+    with pytest.raises(InputError, match=r"prompts is one string \('q'\) but images holds 3 entries.*"
+                                         r"images=\[\[\.\.\.\]\].*prompts=\['q'\] \* 3"):
+        normalize([img, img, img], "q")
+
+
+def test_transparent_pixels_become_white_whatever_the_image_type():
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)  # transparent black ...
+    rgba[0, 0] = (10, 20, 30, 255)  # ... but one opaque pixel
+    white_but_one = np.full((2, 3, 3), 255, dtype=np.uint8)
+    white_but_one[0, 0] = (10, 20, 30)
+    palette = Image.new("P", (3, 2), 0)
+    palette.info["transparency"] = 0  # palette index 0 (black) is transparent
+    for image in (rgba, Image.fromarray(rgba), Image.fromarray(rgba).convert("LA"), palette):
+        assert has_alpha(image)
+    assert np.array_equal(np.asarray(to_pil(rgba)), white_but_one)
+    assert np.array_equal(np.asarray(to_pil(Image.fromarray(rgba))), white_but_one)
+    assert (np.asarray(to_pil(palette)) == 255).all()
+    assert not has_alpha(rgba[:, :, :3]) and not has_alpha(Image.new("RGB", (2, 2)))
+
+
+def test_normalize_warns_once_for_blank_prompts_and_transparent_images():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    with pytest.warns(UserWarning) as caught:
+        normalize([rgba, rgba, None], ["", "a question", " \t"])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("prompt(s) [0, 2] are empty or blank")
+    assert messages[1].startswith("images[0], images[1] have transparency")
+    assert "composited on white (255, 255, 255)" in messages[1]

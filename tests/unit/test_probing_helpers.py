@@ -8,6 +8,7 @@ import torch
 
 from lvlm_probe.errors import InputError
 from lvlm_probe.probing import bootstrap_ci, control_labels, group_split, type_overlap
+from lvlm_probe.probing.stats import wilson_ci
 
 # ---- group_split --------------------------------------------------------------------------------
 
@@ -218,3 +219,48 @@ def test_best_layer_ties_break_by_selectivity_then_earliest_layer():
         # equal accuracy: higher selectivity wins (layer 1 out); equal both: the earlier layer
         assert best["color"] == "blocks.2.hook_resid_post"
         assert best["size"] == "vision.blocks.4.hook_resid_post"  # the vision tower runs first
+
+
+# ---- wilson_ci ----------------------------------------------------------------------------------
+
+def test_wilson_interval_equals_scipys_and_never_collapses():
+    from scipy.stats import binomtest
+
+    cases = [(10, 10), (0, 7), (15, 20), (3, 50), (1, 1)]
+    correct = [np.r_[np.ones(k), np.zeros(n - k)] for k, n in cases]
+    for (k, n), row in zip(cases, correct):
+        reference = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        acc, low, high = wilson_ci(row)
+        assert float(acc) == k / n
+        assert (float(low), float(high)) == pytest.approx((reference.low, reference.high), abs=1e-12)
+        assert float(high - low) > 0  # 10 of 10 right is [0.72, 1], not [1, 1]
+    batch = wilson_ci(np.stack([correct[0], np.r_[np.ones(5), np.zeros(5)]]), alpha=0.1)
+    assert batch.low.shape == (2,)
+    assert float(batch.low[0]) == pytest.approx(binomtest(10, 10).proportion_ci(0.9, "wilson").low)
+
+
+def test_wilson_with_groups_counts_effective_examples():
+    rng = np.random.default_rng(2)
+    row = rng.random(60) < 0.7
+    singletons = wilson_ci(row, groups=np.arange(60))
+    assert torch.allclose(torch.stack(singletons[1:]), torch.stack(wilson_ci(row)[1:]))
+    # answers constant within scenes of 6: 60 examples weigh as 10 scenes
+    scenes = np.repeat(np.arange(10), 6)
+    per_scene = rng.random(10) < 0.7
+    clustered = wilson_ci(np.repeat(per_scene, 6), groups=scenes)
+    torch.testing.assert_close(torch.stack(clustered[1:]), torch.stack(wilson_ci(per_scene)[1:]))
+    # at 100% the clustering cannot be estimated: the cautious size, the number of scenes
+    torch.testing.assert_close(wilson_ci(np.ones(60), groups=scenes).low, wilson_ci(np.ones(10)).low)
+    with pytest.raises(InputError, match="wilson_ci needs right/wrong values"):
+        wilson_ci(np.array([0.5, 1.0]))
+    with pytest.raises(InputError, match=r"groups must be \[m\] = \[60\]"):
+        wilson_ci(row, groups=scenes[:10])
+
+
+def test_a_degenerate_bootstrap_is_nan_with_a_warning():
+    varied = np.random.default_rng(3).random(30) < 0.6
+    with pytest.warns(UserWarning, match=r"degenerate for probe\(s\) \[1\]: every one of the 200 "
+                                         r"resamples of the 30 test examples gives the same value 1\.000"):
+        acc, low, high = bootstrap_ci(np.stack([varied, np.ones(30)]), n_boot=200)
+    assert torch.isnan(low[1]) and torch.isnan(high[1]) and float(acc[1]) == 1.0
+    assert bool(low[0] < acc[0] < high[0])  # the other probe keeps its interval
