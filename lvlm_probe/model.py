@@ -155,9 +155,12 @@ class LVLM:
         """Process images and prompts into model inputs with a token layout per example.
 
         Args:
-            images: for one prompt, an image or a list of images; for a list of prompts, one entry
-                per prompt (an image, a list of images, or None). Images are PIL images, numpy
-                arrays ``[H, W, 3]`` or tensors ``[3, H, W]``.
+            images: for a list of prompts, one entry per prompt (an image, a list of images, or
+                None); for one prompt string, one image (or a list of one). Images are PIL images,
+                numpy arrays ``[H, W, 3|4]`` or tensors ``[3, H, W]``; transparency is composited
+                on white. Several images with one prompt string are refused: write one example
+                with two images ``images=[[a, b]], prompts=["q"]``, two examples
+                ``images=[a, b], prompts=["q", "q"]``.
             prompts: a prompt or a list of prompts; each is placed in the checkpoint's chat
                 template after its images, ending with the assistant's turn.
 
@@ -165,15 +168,21 @@ class LVLM:
             A :class:`Batch`; ``batch.inputs`` is exactly what the HF model receives.
 
         Raises:
-            InputError: mismatched counts, a missing image where the family needs one, or more
-                images than the family takes.
+            InputError: mismatched counts, one prompt string with several images, a missing image
+                where the family needs one, or more images than the family takes.
             ImageTypeError: an image of an unsupported type.
+
+        Warns:
+            UserWarning: an empty or blank prompt; an image with transparency (composited on
+                white); an image smaller than the vision tower's patch (the processor upsamples
+                it, so the model sees an interpolated blur), naming its size and the patch's.
 
         Example:
             >>> batch = model.prepare(images=[img], prompts=["Is there a red heart?"])
             >>> batch.layouts[0].positions("image")
         """
         images, prompts = normalize(images, prompts)
+        self._check_image_sizes(images)
         fam = self.family
         for i, imgs in enumerate(images):
             if fam.requires_image and not imgs:
@@ -213,6 +222,29 @@ class LVLM:
                 inputs[key] = value.to(self.dtype)
         inputs = fam.model_inputs(inputs)  # what the model needs beyond the processor's output
         return Batch(inputs=inputs, layouts=layouts, prompts=prompts, texts=texts, images=images)
+
+    def _patch_size(self) -> int | None:
+        """The vision tower's patch side in pixels (``vision_config.patch_size``), or None where
+        the config does not state one as a number."""
+        size = getattr(getattr(self.config, "vision_config", None), "patch_size", None)
+        if isinstance(size, (list, tuple)) and size and all(isinstance(v, int) for v in size):
+            size = max(size)
+        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+    def _check_image_sizes(self, images: list[list]) -> None:
+        """Warn once for images narrower or lower than one patch: the processor resizes them up,
+        so the model sees interpolated pixels, never more detail than the image has."""
+        patch = self._patch_size()
+        if patch is None:  # a tower without a stated patch size: nothing to compare with
+            return
+        small = [f"images[{i}][{j}] ({img.width}x{img.height} px)" for i, imgs in enumerate(images)
+                 for j, img in enumerate(imgs) if img.width < patch or img.height < patch]
+        if small:
+            warnings.warn(f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''} "
+                          f"{'is' if len(small) == 1 else 'are'} smaller than the vision tower's "
+                          f"{patch}x{patch} px patch: the processor upsamples it, so the model sees "
+                          "an interpolated blur, not more detail; use images of at least one patch "
+                          "per side", UserWarning, stacklevel=3)
 
     def _layout(self, inputs, i: int, images: list[list], prompt: str) -> TokenLayout:
         ids = inputs["input_ids"][i]
@@ -378,7 +410,9 @@ class LVLM:
         if len(tokens) > 1 and not first_token:
             pieces = self.tokenizer.convert_ids_to_tokens(tokens)
             words = answer.split()
-            hint = f"score its first word, {words[0]!r}, " if len(words) > 1 else ""
+            # suggest the first word only where it is one token itself, so the hint always works
+            single = len(words) > 1 and len(self.continuation_tokens(batch, i, words[0])) == 1
+            hint = f"score its first word, {words[0]!r}, " if single else ""
             raise InputError(f"example {i}: {what} {answer!r} is {len(tokens)} tokens {pieces} after the "
                              f"prompt; one token is required ({hint}pass a token id, e.g. {tokens[0]} for "
                              f"{pieces[0]!r}, or ask explicitly for its first token where offered: "
