@@ -80,7 +80,7 @@ def fit_hooks(job: Any, features: str | dict[str, Any], hooks: list[str]) -> lis
     else:
         arrays = {h: v if torch.is_tensor(v) else _tensor(np.asarray(v)) for h, v in features.items()}
         get = arrays.__getitem__
-    return [job.rows(get, hook) for hook in hooks]
+    return job.rows_many(get, hooks)
 
 
 def _tensor(array: Any) -> Any:

@@ -42,6 +42,9 @@ COLUMNS = ["hook", "tower", "layer", "head", "target", "accuracy", "ci_low", "ci
 # +-0.15 wide around 75% accuracy, too wide to rank neighbouring layers.
 SMALL_TEST = 30
 HEAD_HOOKS = (".hook_z", ".hook_result", ".hook_q", ".hook_k", ".hook_v")
+# the most training-feature bytes (float32, with their standardised copy) one batched fit holds;
+# a sweep with more is fitted in chunks of probes (the results do not depend on the chunks)
+FIT_BYTES = 2 << 30
 
 
 # the order of the towers in a forward pass, for "earliest layer"
@@ -193,7 +196,9 @@ def sweep(
 ) -> pd.DataFrame:
     """Fit one probe per (hook, layer[, head]) for one target and report held-out accuracy.
 
-    All probes of a hook are fitted together by :func:`~lvlm_probe.probing.fit_many`. The split is
+    All probes of the call are fitted together by :func:`~lvlm_probe.probing.fit_many`: one
+    batched optimisation per feature width (the layers of a tower, the heads of a layer), with the
+    control-task probes beside the target probes, chunked only by a memory bound (``FIT_BYTES``). The split is
     by group (a scene is never in both train and test). The control task (Hewitt & Liang 2019)
     gives each type (``control_by``, by default the object type ``shape, color, size``, which
     recurs across scenes) a random label, balanced within each of the type's attributes so that
@@ -326,23 +331,49 @@ class HookJob:
 
     def rows(self, get: Any, hook: str) -> list[dict[str, Any]]:
         """The result rows of one hook's probes (one per layer, or per head)."""
-        x, head_ids = _features(get, hook, self.heads)
-        correct = _correct(x, self.y, self.train, self.test, **self.fit)
+        return self.rows_many(get, [hook])[0]
+
+    def rows_many(self, get: Any, hooks: list[str]) -> list[list[dict[str, Any]]]:
+        """Each hook's result rows, every probe of the hooks fitted together.
+
+        The probes of all hooks of one feature width (the layers of a tower, the heads of a layer)
+        and, beside them, their control-task probes on the same feature matrices (shared, not
+        copied) are one batched optimisation, cut into chunks only to keep a chunk's training
+        features under ``FIT_BYTES``. The probes of :func:`~lvlm_probe.probing.fit_many` are
+        independent, so each equals its own fit up to solver tolerance. Intervals of every probe
+        come from one vectorised pass (the same bootstrap draws for all).
+        """
+        features = [_features(get, hook, self.heads) for hook in hooks]
+        slots = [(k, p) for k, (x, _) in enumerate(features) for p in range(len(x))]
+        tasks = [self.y] if self.y_control is None else [self.y, self.y_control]
+        by_width: dict[int, list[tuple[int, int]]] = {}
+        for k, p in slots:
+            by_width.setdefault(features[k][0].shape[-1], []).append((k, p))
+        right: dict[tuple[int, tuple[int, int]], Tensor] = {}  # (task, slot) -> [m] right answers
+        for members in by_width.values():
+            matrices = [features[k][0][p] for k, p in members]
+            correct = _correct_many(matrices, tasks, self.train, self.test, **self.fit)
+            for t in range(len(tasks)):
+                for i, slot in enumerate(members):
+                    right[t, slot] = correct[t * len(members) + i]
+        correct = torch.stack([right[0, s] for s in slots])
         accuracy, low, high = (v.numpy() for v in wilson_ci(correct, groups=self.test_groups))
-        none = np.full(len(head_ids), np.nan)
+        none = np.full(len(slots), np.nan)
         ctrl, sel_low, sel_high = none, none, none
         if self.y_control is not None:
-            control = _correct(x, self.y_control, self.train, self.test, **self.fit)
-            ctrl = control.double().mean(1).cpu().numpy()
+            control = torch.stack([right[1, s] for s in slots])
+            ctrl = control.double().mean(1).numpy()
             if self.n_boot:
                 sel_low, sel_high = _selectivity_ci(correct, control, self.n_boot, self.seed, self.test_groups)
-        tower, layer = tower_of(hook)
-        return [dict(hook=hook, tower=tower, layer=layer, head=head, target=self.target,
-                     accuracy=accuracy[p], ci_low=low[p], ci_high=high[p], control_accuracy=ctrl[p],
-                     selectivity=accuracy[p] - ctrl[p], selectivity_ci_low=sel_low[p],
-                     selectivity_ci_high=sel_high[p], chance=self.chance, n_train=len(self.train),
-                     n_test=len(self.test))
-                for p, head in enumerate(head_ids)]
+        rows: list[list[dict[str, Any]]] = [[] for _ in hooks]
+        for i, (k, p) in enumerate(slots):
+            tower, layer = tower_of(hooks[k])
+            rows[k].append(dict(hook=hooks[k], tower=tower, layer=layer, head=features[k][1][p],
+                                target=self.target, accuracy=accuracy[i], ci_low=low[i], ci_high=high[i],
+                                control_accuracy=ctrl[i], selectivity=accuracy[i] - ctrl[i],
+                                selectivity_ci_low=sel_low[i], selectivity_ci_high=sel_high[i],
+                                chance=self.chance, n_train=len(self.train), n_test=len(self.test)))
+        return rows
 
 
 @dataclass(frozen=True)
@@ -375,12 +406,13 @@ class SweepExecutor(Backend, ABC):
 
 
 class LocalSweepExecutor(SweepExecutor):
-    """This process, one hook after another."""
+    """This process: every hook's probes in one batched fit per feature width
+    (:meth:`HookJob.rows_many`)."""
 
     name = "local"
 
     def run(self, plan: SweepPlan) -> list[list[dict[str, Any]]]:
-        return [plan.job.rows(plan.features, hook) for hook in plan.hooks]
+        return plan.job.rows_many(plan.features, plan.hooks)
 
 
 sweep_executors: Registry[SweepExecutor] = Registry(SweepExecutor)
@@ -406,11 +438,19 @@ def _types_full(types: Any, keep: np.ndarray, n: int) -> np.ndarray:
     return full
 
 
-def _correct(x, y, train, test, **fit) -> Tensor:
-    """``[P, m]`` whether each probe, fitted on the ``train`` rows, is right on each ``test`` row."""
+def _correct_many(matrices: list[Tensor], tasks: list[Tensor], train: np.ndarray, test: np.ndarray,
+                  **fit) -> Tensor:
+    """``[T * P, m]`` whether each probe, fitted on the ``train`` rows, is right on each ``test``
+    row: one probe per (task, feature matrix), task-major; all in one :func:`fit_many` call."""
     train_t, test_t = torch.as_tensor(train), torch.as_tensor(test)
-    probes = fit_many(x[:, train_t], y[train_t], **fit)
-    return probes.correct(x[:, test_t], y[test_t]).cpu()
+    fitted = [m[train_t] for m in matrices]
+    tested = [m[test_t] for m in matrices]
+    n, d = fitted[0].shape
+    # one chunk's features in float32, and the standardised copy of them
+    chunk = max(1, FIT_BYTES // (2 * 4 * n * d))
+    probes = fit_many(fitted * len(tasks), torch.stack([y[train_t] for y in tasks for _ in matrices]),
+                      chunk_size=chunk, **fit)
+    return probes.correct(tested * len(tasks), torch.stack([y[test_t] for y in tasks for _ in matrices])).cpu()
 
 
 def _selectivity_ci(correct: Tensor, control: Tensor, n_boot: int, seed: int,

@@ -49,6 +49,28 @@ def test_sweep_finds_the_planted_signal():
     assert set(results["tower"]) == {"lm"}
 
 
+def test_batched_sweep_equals_one_sweep_per_hook():
+    """sweep fits every probe of a call together (all hooks of one width, the control probes beside
+    them); each probe's numbers equal those of a sweep of its hook alone, with its own control
+    fit, across widths (two towers of different widths) and per-head hooks."""
+    layers, labels, types, scenes = planted()
+    narrow, _, _, _ = planted(d=6, seed=1)
+    rng = np.random.default_rng(2)
+    sources = {**layers, "vision.blocks.0.hook_resid_post": narrow["blocks.2.hook_resid_post"],
+               "vision.blocks.1.hook_resid_post": narrow["blocks.1.hook_resid_post"]}
+    heads = {"blocks.1.attn.hook_z": np.stack([layers["blocks.2.hook_resid_post"][:, :8],
+                                               rng.normal(size=(len(labels), 8))], axis=1)}
+    kw = dict(control_by=types, groups=scenes, seed=3, n_boot=200)
+    for arrays, extra in ((sources, {}), (heads, {"heads": True})):
+        together = probing.sweep(arrays, labels, hooks=list(arrays), **kw, **extra)
+        alone = pd.concat([probing.sweep(arrays, labels, hooks=[hook], **kw, **extra) for hook in arrays],
+                          ignore_index=True)
+        assert together[["hook", "head"]].equals(alone[["hook", "head"]])
+        # every probe reaches its own solution (the batch shares only the products), and the
+        # selectivity bootstrap uses the same draws for every probe
+        pd.testing.assert_frame_equal(together, alone)
+
+
 def test_per_head_probes():
     layers, labels, types, scenes = planted(d=8)
     # heads 0 and 2 of a [N, head, d] hook carry the signal, head 1 is noise
