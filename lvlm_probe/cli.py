@@ -182,6 +182,10 @@ def sweep(
     run = run_sweep(config)
     from .probing import best_layers
 
+    if run.changed_images:
+        console.print(f"image files changed since the last run, extracted again from the first: "
+                      f"{', '.join(run.changed_images)}")
+
     best = best_layers(run.results)[["target", "hook", "accuracy", "ci_low", "ci_high", "selectivity",
                                      "chance", "n_test"]]
     console.print(_table(best.round(3), title="Best layer per target (ties: higher selectivity, then earlier)"))
