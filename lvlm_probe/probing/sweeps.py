@@ -534,18 +534,30 @@ def transfer(
         if not set(ya[a_rows]) & set(yb[b_rows]):
             raise InputError(f"the sources' {target!r} labels share no value")
         chance = float(np.bincount(yb[b_rows]).max() / len(b_rows))
+        pairs = {}
         for hook in common:
             xa, xb = get_a(hook)[a_rows], get_b(hook)[b_rows]
             if xa.ndim != 2 or xb.ndim != 2:
                 raise InputError(f"{hook}: transfer needs [N, d] per source, got {tuple(xa.shape)} "
                                  f"and {tuple(xb.shape)}")
-            if center:
-                xa, xb = _standardized(xa), _standardized(xb)
-            probes = fit_many(xa[None], torch.as_tensor(ya[a_rows]), C=C, standardize=not center,
+            pairs[hook] = (_standardized(xa), _standardized(xb)) if center else (xa, xb)
+        # the hooks of one width are fitted in one batched optimisation (independent probes)
+        by_width: dict[int, list[str]] = {}
+        for hook, (xa, _) in pairs.items():
+            by_width.setdefault(xa.shape[-1], []).append(hook)
+        found = {}
+        for hooks_of_width in by_width.values():
+            train_x = [pairs[h][0] for h in hooks_of_width]
+            test_x = [pairs[h][1] for h in hooks_of_width]
+            probes = fit_many(train_x, torch.as_tensor(ya[a_rows]), C=C, standardize=not center,
                               device=device, max_iter=max_iter)
-            correct = probes.correct(xb[None], torch.as_tensor(yb[b_rows]))
-            within = float(probes.accuracy(xa[None], torch.as_tensor(ya[a_rows]))[0])
-            accuracy, low, high = (float(v[0]) for v in wilson_ci(correct))
+            correct = probes.correct(test_x, torch.as_tensor(yb[b_rows]))
+            within = probes.accuracy(train_x, torch.as_tensor(ya[a_rows]))
+            accuracy, low, high = wilson_ci(correct)
+            for p, hook in enumerate(hooks_of_width):
+                found[hook] = (float(accuracy[p]), float(low[p]), float(high[p]), float(within[p]))
+        for hook in common:
+            accuracy, low, high, within = found[hook]
             tower, layer = tower_of(hook)
             rows.append(dict(hook=hook, tower=tower, layer=layer, target=target, direction=direction,
                              accuracy=accuracy, ci_low=low, ci_high=high, within_accuracy=within,

@@ -178,6 +178,14 @@ def test_transfer_from_arrays_equals_transfer_from_tuples():
     results = probing.transfer((a, labels[:half]), (b, labels[half:]), "target", n_boot=0, both=False)
     strong = results.set_index("layer").loc[2, "accuracy"]
     assert strong > 0.95  # same distribution on both sides: transfer is ordinary generalisation
+    # every hook's probe fitted in one batch equals its own transfer, in both directions
+    for center in (True, False):
+        together = probing.transfer((a, labels[:half]), (b, labels[half:]), "target", center=center)
+        alone = pd.concat([probing.transfer((a, labels[:half]), (b, labels[half:]), "target", hooks=[hook],
+                                            center=center) for hook in layers], ignore_index=True)
+        key = ["direction", "hook"]
+        pd.testing.assert_frame_equal(together.sort_values(key, ignore_index=True),
+                                      alone.sort_values(key, ignore_index=True))
 
 
 # The reference model's targets for probing (see the probing issue's notes for the figures).
