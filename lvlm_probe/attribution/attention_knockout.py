@@ -19,11 +19,11 @@ from matplotlib.figure import Figure
 from ..errors import InputError
 from ..hooks import attention
 from .groups import GROUPS, group_mask, repeat_inputs
-from .results import AttributionTable, decoded, legacy_calls
+from .results import AttributionTable, decoded, legacy_calls, number
 from .targets import Answer, target_ids
 
 
-@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ shows the table
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ summarises it
 class KnockoutCurve(AttributionTable):
     """The information-flow curve of :func:`knockout`.
 
@@ -37,6 +37,14 @@ class KnockoutCurve(AttributionTable):
     source: str = "image"
     dest: str = "last"
     window: int = 1
+
+    def _summary(self) -> list[str]:
+        """The blocked edge and the window whose knockout lowers p(target) most, on average."""
+        parts = [f"{self.source} -> {self.dest}, window {self.window}"]
+        if len(self.table):
+            mean = self.table.groupby("layer")["relative_change"].mean()
+            parts.append(f"largest mean drop at layer {mean.idxmin()}: relative change {number(mean.min())}")
+        return parts
 
     def figure(self) -> Figure:
         """The relative change of the target's probability per window: each example (thin) and

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .groups import group_mask
-from .results import AttributionResult, legacy_calls, moved_to_keywords
+from .results import AttributionResult, count, legacy_calls, moved_to_keywords, number
 from .targets import Answer, target_ids
 
 SOURCES = ("image", "prompt", "template")
@@ -83,7 +83,7 @@ def check_linear_writes(model, method: str) -> None:
                          "attention and MLP writes that add linearly to the residual stream)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # AttributionResult.__repr__ prints a summary
 class DirectLogitAttribution(AttributionResult):
     """Terms of each example's target logit (difference), one row per term.
 
@@ -103,6 +103,18 @@ class DirectLogitAttribution(AttributionResult):
         """The terms, one row per (example, term), with each example's ``target`` and ``foil``."""
         answers = self.answers()[["example", "target", "foil"]]
         return self.terms.merge(answers, on="example", how="left")
+
+    def _summary(self) -> list[str]:
+        """The size of the decomposition, the mean logit (difference) and the mean credit of each
+        group of :meth:`by_source`."""
+        heads = self.terms[self.terms["component"] == "head"]
+        size = count(len(self.terms), "term")
+        if len(heads):
+            size += f" over {heads['layer'].nunique()} layers x {heads['head'].nunique()} heads"
+        what = "logit difference" if self.foils else "logit"
+        groups = self.by_source().mean()
+        credit = " ".join(f"{name} {number(value)}" for name, value in groups.items() if name != "total")
+        return [size, f"mean {what} {number(self.logit.float().mean())}", f"mean credit {credit}"]
 
     def by_source(self) -> pd.DataFrame:
         """Per example: the heads' credit by source group, MLPs, embedding and biases, and total."""

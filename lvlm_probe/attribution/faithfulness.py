@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 
 from ..errors import InputError
 from .image_maps import ImageMap, _Score, features, image_map
-from .results import AttributionTable, legacy_calls, moved_to_keywords, seeded
+from .results import AttributionTable, legacy_calls, moved_to_keywords, number, seeded
 from .targets import Answer, target_ids
 
 
-@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ shows the table
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ summarises it
 class DeletionInsertion(AttributionTable):
     """Deletion and insertion curves (:func:`deletion_insertion`).
 
@@ -35,6 +35,15 @@ class DeletionInsertion(AttributionTable):
     """
 
     map_method: str = ""
+
+    def _summary(self) -> list[str]:
+        """Each curve's mean score over its steps and examples (the area under it, per step)."""
+        parts = [f"map {self.map_method!r}"]
+        if len(self.table):
+            mean = self.table[["deletion", "random_deletion", "insertion", "random_insertion"]].mean()
+            parts.append(f"mean score deletion {number(mean['deletion'])} (random {number(mean['random_deletion'])})"
+                         f", insertion {number(mean['insertion'])} (random {number(mean['random_insertion'])})")
+        return parts
 
     def figure(self) -> Figure:
         """Mean deletion and insertion curves over the examples, with the random-order references."""
@@ -53,7 +62,7 @@ class DeletionInsertion(AttributionTable):
         return fig
 
 
-@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ shows the table
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)  # AttributionTable.__repr__ summarises it
 class RandomizationCheck(AttributionTable):
     """The model-randomisation check (:func:`randomization_check`).
 
@@ -63,6 +72,14 @@ class RandomizationCheck(AttributionTable):
     """
 
     map_method: str = ""
+
+    def _summary(self) -> list[str]:
+        """The rank correlations' mean and range (near zero: the map depends on the model)."""
+        parts = [f"map {self.map_method!r}"]
+        if len(self.table):
+            rho = self.table["spearman"]
+            parts.append(f"mean Spearman {number(rho.mean())} (min {number(rho.min())}, max {number(rho.max())})")
+        return parts
 
     def figure(self) -> Figure:
         """The rank correlation per example (near zero: the map depends on the model)."""

@@ -5,7 +5,11 @@ returns an :class:`AttributionResult`: besides its own scores, the scored target
 example (decoded strings and token ids), the examples' token layouts (hence their prompts, tokens
 and image grids) and the method's name; ``to_frame()`` gives a tidy DataFrame (one row per
 measurement) and ``plot()`` a matplotlib Figure whose title names the question, the target (and
-foil) and the method (it never calls ``plt.show``).
+foil) and the method (it never calls ``plt.show``). Printed (``repr`` and ``str``), a result is
+one short line in the library's one format (:func:`summary_repr`): the class, the method, the
+examples, the target and foil, then its key numbers, e.g. ``SourceSplit(method='source_split',
+2 examples, target 'yes' vs foil 'no'; ...; mean shares prior 0.10 prompt 0.20 image 0.70)``;
+never a tensor, the tokenizer or a whole table.
 
 Results whose measurements are one table (:func:`~lvlm_probe.attribution.knockout`,
 :func:`~lvlm_probe.attribution.deletion_insertion`,
@@ -78,6 +82,37 @@ class AttributionResult:
         """A Figure of the result (never shown: display or save it)."""
         raise NotImplementedError(f"{type(self).__name__} does not define plot()")
 
+    # -- how it prints ----------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        """A short summary: the class, the method, the examples and the scored answers, then the
+        result's key numbers (:meth:`_summary`); never a tensor or the tokenizer, so ``print``
+        and a notebook cell stay readable. Dataclass subclasses keep it only with ``repr=False``
+        (or a ``__repr__`` of their own), which the summary test checks for every result type."""
+        return summary_repr(type(self).__name__, self._summary_head(), *([part] for part in self._summary()))
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def _summary_head(self) -> list[str]:
+        """``method='...'``, the number of examples and the scored target (and foil)."""
+        head = [f"method={self.method!r}", count(self.n_examples, "example")]
+        if self.targets is not None:
+            answer = _one_or_many("target", "targets", [t.strip() for t in self.targets], sep=" ")
+            if self.foils is not None:
+                answer += " vs " + _one_or_many("foil", "foils", [f.strip() for f in self.foils], sep=" ")
+            head.append(answer)
+        return head
+
+    def _summary(self) -> list[str]:
+        """The result's key numbers, each a short phrase printed after a semicolon (subclasses
+        add theirs)."""
+        return []
+
+    @property
+    def n_examples(self) -> int:
+        """How many examples the result covers."""
+        return len(self.targets) if self.targets is not None else len(self.layouts)
+
     # -- helpers for subclasses -----------------------------------------------------------------------
     def answers(self) -> pd.DataFrame:
         """One row per example: ``example``, ``prompt``, ``target``, ``foil`` (None without)."""
@@ -121,12 +156,33 @@ class AttributionResult:
         fig.suptitle(self.title(examples, method, width=width), fontsize=fontsize)
 
 
-def _one_or_many(one: str, many: str, values: list[str]) -> str:
+def _one_or_many(one: str, many: str, values: list[str], sep: str = ": ") -> str:
     """``Q: 'text'`` when every shown example has the same value, else a count and the first."""
     distinct = list(dict.fromkeys(values))
     if len(distinct) == 1:
-        return f"{one}: {distinct[0]!r}"
-    return f"{many}: {len(distinct)} distinct, e.g. {distinct[0]!r}"
+        return f"{one}{sep}{distinct[0]!r}"
+    return f"{many}{sep}{len(distinct)} distinct, e.g. {distinct[0]!r}"
+
+
+# --- printing results --------------------------------------------------------------------------------
+
+
+def summary_repr(name: str, *groups: Sequence[str]) -> str:
+    """The one format results print in: ``Name(a, b; c, d)``, the items of a group joined by
+    commas, the groups by semicolons, empty groups left out. Results across the library (attribution,
+    benchmarks, circuits) use it, so a printed result always reads the same way."""
+    parts = [", ".join(group) for group in groups if group]
+    return f"{name}({'; '.join(parts)})"
+
+
+def count(n: int, noun: str) -> str:
+    """``'1 example'``, ``'3 examples'``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def number(value: float) -> str:
+    """A number for a summary: three significant digits (``nan`` for a missing value)."""
+    return f"{float(value):.3g}"
 
 
 def decoded(tokenizer, ids: Tensor | None) -> list[str] | None:
@@ -147,7 +203,8 @@ class AttributionTable(AttributionResult):
     ``result.groupby(...)``, ``len(result)``, ``result.plot(x=..., y=...)``) still reach the table,
     with a ``DeprecationWarning``: call ``to_frame()`` first. Where the result is no DataFrame
     stand-in: ``pd.concat`` and ``==`` need ``to_frame()``, and a column named like one of the
-    result's fields (a knockout's ``window``) is read with ``to_frame()[name]``.
+    result's fields (a knockout's ``window``) is read with ``to_frame()[name]``; printing the result
+    shows its summary and the table's size, not the table.
 
     Attributes:
         table: the measurements (see the function that returns it for its columns).
@@ -201,18 +258,15 @@ class AttributionTable(AttributionResult):
         return True
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(method={self.method!r}, targets={_short(self.targets)}, " \
-               f"foils={_short(self.foils)})\n{self.table!r}"
+        """The summary of :class:`AttributionResult` with the table's size (the table itself:
+        ``to_frame()``)."""
+        rows, cols = self.table.shape
+        return summary_repr(type(self).__name__, self._summary_head(),
+                            [f"table {count(rows, 'row')} x {count(cols, 'column')}"],
+                            *([part] for part in self._summary()))
 
     def _repr_html_(self) -> str:
         return self.table._repr_html_()
-
-
-def _short(values: list[str] | None, k: int = 3) -> str:
-    if values is None:
-        return "None"
-    shown = ", ".join(repr(v) for v in values[:k])
-    return f"[{shown}{', ...' if len(values) > k else ''}]"
 
 
 # --- the calling convention --------------------------------------------------------------------------

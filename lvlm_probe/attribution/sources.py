@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..hooks import attention
 from ..hooks.patching import editing
 from .groups import group_mask, repeat_inputs
-from .results import AttributionResult, legacy_calls, moved_to_keywords
+from .results import AttributionResult, legacy_calls, moved_to_keywords, number
 from .targets import Answer, target_ids
 
 COALITIONS = ("full", "image", "prompt", "empty")  # players present: both, image, prompt, none
@@ -51,7 +51,7 @@ def diffusion_noise(pixels: Tensor, step: int, generator: torch.Generator) -> Te
     return alpha_bar.sqrt().to(pixels.dtype) * pixels + (1 - alpha_bar).sqrt().to(pixels.dtype) * noise
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # AttributionResult.__repr__ prints a summary
 class SourceSplit(AttributionResult):
     """The split of a batch's target scores; every tensor is ``[batch]`` (float32, on the CPU).
 
@@ -82,6 +82,15 @@ class SourceSplit(AttributionResult):
         for source in ("prior", "prompt", "image"):
             table[f"{source}_share"] = table[source].abs() / total
         return table
+
+    def _summary(self) -> list[str]:
+        """The ablation, the mean of each value over the examples and the mean share of each
+        source (examples without credit have no share and are left out of its mean)."""
+        table = self.shares()
+        unit = "log-odds" if self.foils else "log-probability"
+        values = " ".join(f"{source} {number(table[source].mean())}" for source in ("prior", "prompt", "image", "full"))
+        shares = " ".join(f"{source} {table[f'{source}_share'].mean():.2f}" for source in ("prior", "prompt", "image"))
+        return [f"ablation {self.ablation!r}", f"mean {unit} {values}", f"mean shares {shares}"]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (example, source): ``example``, ``target``, ``foil``, ``source`` (prior,

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..attribution.results import count, number, summary_repr
 from ..errors import InputError
 from ..worlds.vocab import SHAPES
 
@@ -75,15 +76,15 @@ def load_synonyms(path: str | os.PathLike, plurals: bool = True) -> dict[str, st
         raise InputError(f"synonym file {path} does not exist; expected lines 'category, synonym, ...'")
     table: dict[str, str] = {}
     where: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         names = [" ".join(n.lower().split()) for n in line.split(",") if n.strip()]
         if not names:
             continue
         for name in _with_plurals(names) if plurals else names:
             if name in table and table[name] != names[0]:
-                raise InputError(f"{path}: line {number} maps {name!r} to {names[0]!r}, but line "
+                raise InputError(f"{path}: line {line_number} maps {name!r} to {names[0]!r}, but line "
                                  f"{where[name]} maps it to {table[name]!r}; expected each name once")
-            table[name], where[name] = names[0], number
+            table[name], where[name] = names[0], line_number
     return table
 
 
@@ -115,7 +116,7 @@ def _truth_set(truth: Any, synonyms: Mapping[str, str]) -> set[str]:
     return {synonyms.get(str(t).lower(), str(t).lower()) for t in truth}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class ChairResult:
     """CHAIR of a set of captions.
 
@@ -136,6 +137,21 @@ class ChairResult:
     def __getitem__(self, key: str) -> Any:
         """``result["chair_i"]`` as well as ``result.chair_i``."""
         return getattr(self, key)
+
+    def __repr__(self) -> str:
+        numbers = self.summary()
+        return summary_repr("ChairResult", [count(numbers["captions"], "caption"), count(numbers["mentions"], "mention"),
+                                            f"{numbers['hallucinated']} hallucinated"],
+                            [f"CHAIR_i {number(self.chair_i)}", f"CHAIR_s {number(self.chair_s)}",
+                             f"recall {number(numbers['recall'])}"])
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per caption (a copy of :attr:`captions`): ``caption``, ``text``, ``mentions``,
+        ``hallucinated``, ``truth``, ``missed``; the mentions themselves are :attr:`mentions`."""
+        return self.captions.copy()
 
     def summary(self) -> dict[str, float]:
         """The two scores with counts and object recall (share of true objects mentioned)."""

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attribution import source_split
+from ..attribution.results import count, summary_repr
 from ..errors import InputError
 from ..probing import fit_many, group_split
 from .stages import Stages
@@ -306,7 +307,7 @@ def decodability_table(decoded: pd.DataFrame, answers: pd.DataFrame,
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class Diagnosis:
     """The diagnosis of a benchmark run.
 
@@ -328,6 +329,23 @@ class Diagnosis:
     probes: pd.DataFrame
     decoded: pd.DataFrame
     decodability: pd.DataFrame
+
+    def __repr__(self) -> str:
+        causes = self.errors["cause"].value_counts() if len(self.errors) else pd.Series(dtype=int)
+        counting = self.probes[self.probes["counts"]] if len(self.probes) else self.probes
+        return summary_repr(
+            "Diagnosis", [count(len(self.errors), "error"), f"{int(self.errors['decodable'].sum())} decodable"],
+            ["causes " + ", ".join(f"{cause} {int(causes.get(cause, 0))}" for cause in CAUSES)],
+            [count(len(self.probes), "probe"), f"{len(counting)} above chance"])
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per diagnosed error (a copy of :attr:`errors`): the question (``id``,
+        ``level``, ``kind``, ``split``, ``prompt``, ``gold``), ``answer``, ``p_answer``, the
+        source split, ``decodable``, ``decoded_at`` and ``cause``."""
+        return self.errors.copy()
 
     def summary(self) -> dict[str, Any]:
         """The tables as JSON-ready records."""

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..attribution.results import count, number, summary_repr
 from ..errors import InputError
 from ..worlds.evaluation import CAPTION_PROMPT
 from .answers import batches, first_word
@@ -121,7 +122,7 @@ def chair_table(captions: pd.DataFrame, typical: dict[str, str] | None = None) -
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class Misalignment:
     """The benchmark's tables (all tidy DataFrames).
 
@@ -145,12 +146,42 @@ class Misalignment:
     questions: list | None = None
     settings: dict | None = None
 
+    def __repr__(self) -> str:
+        answers = self.answers
+        head = [count(len(answers), "question")]
+        if len(answers):
+            head.append(f"accuracy {number(answers['correct'].mean())}")
+        groups = [_accuracy_by(answers, column) for column in ("level", "split") if column in answers]
+        captions = [count(len(self.captions), "caption")]
+        overall = self.chair[self.chair["split"] == "all"] if len(self.chair) else self.chair
+        if len(overall):
+            captions.append(f"CHAIR_i {number(overall['chair_i'].iloc[0])}")
+        diagnosis = [f"diagnosis of {count(len(self.diagnosis.errors), 'error')}"] if self.diagnosis is not None \
+            else ["not diagnosed"]
+        return summary_repr("Misalignment", head, *[[g] for g in groups if g], captions, diagnosis)
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per question (a copy of :attr:`answers`, see :func:`answer_questions`); the
+        per-level, POPE and CHAIR tables are :attr:`levels`, :attr:`pope` and :attr:`chair`."""
+        return self.answers.copy()
+
     def summary(self) -> dict[str, Any]:
         """The numbers of every table as JSON-ready records (what the report's JSON holds)."""
         out = {"levels": records(self.levels), "pope": records(self.pope), "chair": records(self.chair)}
         if self.diagnosis is not None:
             out.update(self.diagnosis.summary())
         return out
+
+
+def _accuracy_by(answers: pd.DataFrame, column: str) -> str:
+    """``'accuracy by level: attribute 0.6 object 0.9'`` (empty without answers)."""
+    if not len(answers):
+        return ""
+    means = answers.groupby(column, sort=True)["correct"].mean()
+    return f"accuracy by {column}: " + " ".join(f"{key} {number(value)}" for key, value in means.items())
 
 
 def run_settings(model, world_or_folder: Any, **counts: Any) -> dict[str, Any]:

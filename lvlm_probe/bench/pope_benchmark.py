@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from ..attribution.results import count, number, summary_repr
 from ..errors import InputError
 from .answers import first_word
 
@@ -180,13 +181,29 @@ class PopeQuestion:
         return {"level": "object", "kind": "exist", "pope": self.pope, "line": self.line}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class QuestionFile:
     """The valid questions of a file and the problems of its other lines."""
 
     path: Path
     questions: list[PopeQuestion]
     problems: list[LineProblem]
+
+    def __repr__(self) -> str:
+        modes = pd.Series([q.pope for q in self.questions], dtype=object).value_counts().sort_index()
+        return summary_repr("QuestionFile", [repr(str(self.path)), count(len(self.questions), "question"),
+                                             count(len(self.problems), "malformed line")],
+                            [f"{mode} {n}" for mode, n in modes.items()])
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per valid question: ``id``, ``image``, ``prompt``, ``answer``, ``pope``,
+        ``line`` (1-based, in the file)."""
+        return pd.DataFrame([dict(id=q.id, image=str(q.image_path), prompt=q.prompt, answer=q.answer, pope=q.pope,
+                                  line=q.line) for q in self.questions],
+                            columns=["id", "image", "prompt", "answer", "pope", "line"])
 
     def report(self) -> str:
         """Every problem on its own line, or an empty string for a clean file."""
@@ -279,7 +296,7 @@ def read_questions(path: str | os.PathLike, images: str | os.PathLike | None = N
     return QuestionFile(path, questions, problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class PopeResult:
     """POPE on a model.
 
@@ -293,6 +310,30 @@ class PopeResult:
     metrics: pd.DataFrame
     answers: pd.DataFrame
     problems: list[LineProblem]
+
+    def overall(self) -> dict[str, Any]:
+        """The metrics over every question (the ``all`` row, or the only mode's row)."""
+        rows = self.metrics[self.metrics["pope"] == "all"] if len(self.metrics) > 1 else self.metrics
+        return rows.iloc[0].to_dict()
+
+    def __repr__(self) -> str:
+        head = [count(len(self.answers), "question")]
+        if self.problems:
+            head.append(count(len(self.problems), "malformed line"))
+        overall = self.overall()
+        scores = [f"accuracy {number(overall['accuracy'])}", f"f1 {number(overall['f1'])}",
+                  f"yes ratio {number(overall['yes_ratio'])}"]
+        modes = self.metrics[self.metrics["pope"] != "all"] if len(self.metrics) > 1 else self.metrics.iloc[:0]
+        by_mode = ["accuracy by mode " + " ".join(f"{m} {number(a)}" for m, a in zip(modes["pope"], modes["accuracy"]))]
+        return summary_repr("PopeResult", head, scores, by_mode if len(modes) else [])
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per question (a copy of :attr:`answers`): ``id``, the question's labels
+        (``pope``, ...), ``prompt``, ``gold``, ``output``, ``answer``, ``correct``."""
+        return self.answers.copy()
 
 
 def pope(model, questions: Any, *, images: str | os.PathLike | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..attribution.results import count, summary_repr
 from ..fileio import write_json, write_parquet
 
 DONE = "done.json"
@@ -38,6 +39,26 @@ class Stages:
         self.folder = Path(folder) if folder is not None else None
         # normalised through JSON, so values compare as they are stored
         self.settings = json.loads(json.dumps(settings or {}, sort_keys=True, default=str))
+
+    def __repr__(self) -> str:
+        if self.folder is None:
+            return summary_repr("Stages", ["no folder: every stage computed, none kept"])
+        table = self.to_frame()
+        return summary_repr("Stages", [repr(str(self.folder)), count(len(table), "stage") + " on disk",
+                                       f"{int(table['done'].sum())} finished with these settings"],
+                            [f"settings {', '.join(self.settings) or 'none'}"])
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per stage folder on disk, by name: ``stage``, ``done`` (finished under these
+        settings: :meth:`done`), ``tables`` (the parquet tables it holds)."""
+        folders = sorted(p for p in self.folder.iterdir() if p.is_dir()) \
+            if self.folder is not None and self.folder.is_dir() else []
+        return pd.DataFrame([dict(stage=f.name, done=self.done(f.name),
+                                  tables=sorted(t.stem for t in f.glob("*.parquet"))) for f in folders],
+                            columns=["stage", "done", "tables"])
 
     def done(self, name: str) -> bool:
         """Whether stage ``name`` finished in an earlier run with the same settings."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from einops import einsum, rearrange, reduce, repeat
 from jaxtyping import Float, Int
@@ -23,13 +24,14 @@ from torch import Tensor
 
 from ..attribution.direct_logit import FinalNorm
 from ..attribution.lens import unembed
+from ..attribution.results import count, number, summary_repr
 from ..attribution.sources import SourceSplit, source_split
 from ..attribution.targets import Answer, target_ids
 from ..errors import InputError
 from ..inputs import Batch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class Snapshot:
     """Cached views of one example (``S`` positions, ``L`` layers, ``H`` heads).
 
@@ -65,6 +67,33 @@ class Snapshot:
     split: SourceSplit | None
     prompt: str = ""
     no_writes: str | None = None
+
+    def __repr__(self) -> str:
+        groups = pd.Series(self.groups).value_counts()
+        size = [count(len(self.tokens), "position"), f"{int(groups.get('image', 0))} image",
+                f"{count(self.n_layers, 'layer')} x {count(self.n_heads, 'head')}"]
+        if self.grid is not None:
+            size.append(f"grid {self.grid.shape[0]}x{self.grid.shape[1]}")
+        answer = [f"target {self.target.strip()!r}" + (f" vs foil {self.foil.strip()!r}" if self.foil is not None else "")]
+        split = [] if self.split is None else [
+            "split " + " ".join(f"{name} {number(getattr(self.split, name)[0])}"
+                                for name in ("prior", "prompt", "image", "full"))]
+        writes = [f"no writes ({self.no_writes})"] if self.writes is None else []
+        return summary_repr("Snapshot", size, answer, split, writes)
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, position): ``layer``, ``position``, ``token`` (the input token),
+        ``group`` (image, prompt, template, pad), ``lens_token`` and ``lens_prob`` (the logit
+        lens's top token and its probability there)."""
+        n_layers, n_pos = self.lens_probs.shape
+        return pd.DataFrame({
+            "layer": np.repeat(np.arange(n_layers), n_pos), "position": np.tile(np.arange(n_pos), n_layers),
+            "token": self.tokens * n_layers, "group": self.groups * n_layers,
+            "lens_token": [t for row in self.lens_tokens for t in row],
+            "lens_prob": self.lens_probs.reshape(-1).numpy()})
 
     @property
     def n_layers(self) -> int:
@@ -119,7 +148,7 @@ def snapshot(model, batch: Batch, example: int = 0, target: Answer | None = None
     if not isinstance(example, int) or not 0 <= example < len(batch):
         raise InputError(f"example must be an index in [0, {len(batch)}), got {example!r}")
     images = batch.images[example]
-    one = model.prepare(images=images or None, prompts=batch.prompts[example])
+    one = model.prepare(images=[images] if images else None, prompts=[batch.prompts[example]])
     layout = one.layouts[0]
     L = model.n_layers
     names = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_v", "blocks.*.hook_resid_post"]

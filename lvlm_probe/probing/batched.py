@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
@@ -118,7 +119,7 @@ def _bounds(P: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
     return ((s, min(s + step, P)) for s in range(0, P, step))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # __repr__ below prints a summary
 class BatchedProbes:
     """``P`` fitted linear probes (see :func:`fit_many`); all tensors live on ``device``.
 
@@ -147,6 +148,25 @@ class BatchedProbes:
 
     def __len__(self) -> int:
         return self.coef_.shape[0]
+
+    def __repr__(self) -> str:
+        """A short summary (the library's result format: ``Name(a, b; c, d)``), never the weights."""
+        P, _, d = self.coef_.shape
+        scaled = "standardized" if self.mean_ is not None else "raw features"
+        fit = (f"{int(self.converged_.sum())} of {P} converged, at most {int(self.n_iter_.max())} iterations, "
+               f"largest gradient {float(self.grad_norm_.max()):.3g}") if P else "no probes"
+        return (f"BatchedProbes({P} probe{'' if P == 1 else 's'}, {len(self.classes_)} classes, {d} features, "
+                f"{scaled}, {self.device.type}; {fit})")
+
+    def __str__(self) -> str:
+        return repr(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per probe: ``probe`` (its index: the layer or head it was fitted on),
+        ``n_iter``, ``grad_norm``, ``converged``."""
+        return pd.DataFrame({"probe": np.arange(len(self)), "n_iter": self.n_iter_.cpu().numpy(),
+                             "grad_norm": self.grad_norm_.cpu().double().numpy(),
+                             "converged": self.converged_.cpu().numpy()})
 
     @property
     def device(self) -> torch.device:
