@@ -65,8 +65,10 @@ class ImageLayout:
 
     Attributes:
         index: the image's index within its example.
-        grids: the grids its tokens form; the first spatial grid covering the whole image at the
-            finest resolution is the one heatmaps use (``grid``).
+        grids: the grids its tokens form; the finest spatial grid covering the whole image is the
+            one heatmaps use by default (``grid``). A grid always has at least one row and one
+            column: a family that computes a grid with a zero side (LLaVA-NeXT's tiles of a very
+            thin image) leaves it out, since it holds no token, and ``main`` then falls back.
         separators: named positions that are image tokens but not grid cells (row ends).
         size: the original image's ``(height, width)`` in pixels.
         attended: for images that do not enter the sequence as patches (``queries``,
@@ -81,6 +83,32 @@ class ImageLayout:
     main: str | None = None
     attended: dict[str, tuple[int, int]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a zero-sided grid has no cells, so nothing is lost by leaving it out; keeping it would make
+        # every consumer handle an empty grid (a map of no cells, a panel of no pixels)
+        kept = tuple(g for g in self.grids if min(g.shape) > 0)
+        if len(kept) != len(self.grids):
+            object.__setattr__(self, "grids", kept)
+            if self.main is not None and all(g.name != self.main for g in kept):
+                object.__setattr__(self, "main", None)
+
+    @property
+    def grid_names(self) -> list[str]:
+        """The names of the image's grids, in order (e.g. ``["base", "tiles"]``)."""
+        return [g.name for g in self.grids]
+
+    def grid_named(self, name: str) -> ImageGrid:
+        """The grid called ``name``.
+
+        Raises:
+            LayoutError: if the image has no grid of that name (the message lists the ones it has).
+        """
+        for g in self.grids:
+            if g.name == name:
+                return g
+        have = ", ".join(f"{g.name} {g.shape[0]}x{g.shape[1]}" for g in self.grids) or "none"
+        raise LayoutError(f"image {self.index} has no grid {name!r}; its grids: {have}")
+
     @property
     def positions(self) -> Int[Tensor, " n"]:
         """All sequence positions of this image, sorted."""
@@ -91,7 +119,10 @@ class ImageLayout:
 
     @property
     def grid(self) -> ImageGrid | None:
-        """The grid heatmaps are drawn on (None when the image has no spatial grid in the sequence)."""
+        """The grid heatmaps are drawn on by default: the family's ``main`` grid (the finest spatial
+        grid covering the whole image, e.g. LLaVA-NeXT's tiles), else the spatial grid with the
+        most cells (LLaVA-NeXT's base grid where its tiles grid has a zero side); None when the
+        image has no spatial grid in the sequence."""
         if self.main is not None:
             return next(g for g in self.grids if g.name == self.main)
         spatial = [g for g in self.grids if g.spatial]
@@ -168,7 +199,7 @@ class TokenLayout:
         lines = []
         for img in self.images:
             parts = [f"{g.name} {g.shape[0]}x{g.shape[1]}" for g in img.grids]
-            parts += [f"{len(p)} {name}" for name, p in img.separators.items()]
+            parts += [f"{len(p)} {name}" for name, p in img.separators.items() if len(p)]
             parts += [f"attends {name} {r}x{c}" for name, (r, c) in img.attended.items()]
             lines.append(" + ".join(parts))
         return "\n".join(lines)

@@ -11,7 +11,9 @@ the tiles of the best-fitting resolution in ``image_grid_pinpoints``. The model'
   read row by row with one ``image_newline`` token after each row.
 
 So an image is a ``base`` grid, a ``tiles`` grid (the heatmap grid) and one ``newline`` separator
-per tile row.
+per tile row. A very thin image (e.g. 3 x 200 pixels) can crop to tile rows of no columns (or no
+rows): the model then packs only newline tokens after the base features, and the layout has the
+base grid alone (no grid has a zero side) with those newlines as separators.
 """
 from __future__ import annotations
 
@@ -100,6 +102,8 @@ class LlavaNext(Family):
         if tiles is None:  # only the base image, followed by a single newline
             return ImageLayout(index=index, grids=(base,), separators={"newline": rest}, main="base")
         rows, cols = tiles
+        if rows == 0 or cols == 0:  # cropped away: only the rows' newlines follow the base features
+            return ImageLayout(index=index, grids=(base,), separators={"newline": rest}, main="base")
         # Each tile row is followed by its newline: [rows, cols + 1] with the newline last.
         table = rearrange(rest, "(r c) -> r c", r=rows, c=cols + 1)
         grid = grid_from_run(table[:, :cols].reshape(-1), rows, cols, name="tiles")

@@ -4,6 +4,12 @@
 maps of a few wrong answers, and writes ``report.html`` (tables, figures embedded as PNG, captions
 saying what each shows) and ``report.json``. Every stage is kept under ``out/stages``; a rerun
 after an interruption reuses the finished stages and writes the same report.
+
+The JSON's tables are the library's tables under the library's column names; the wrong answers
+(``errors``) are the diagnosis's table with its source split named as
+:func:`~lvlm_probe.attribution.source_split` names it (``prior``, ``prompt``, ``image``, ``full``)
+and the question's text as ``question`` (:func:`lvlm_probe.viz.bench.source_columns`), the names
+the HTML's figures and example captions use too.
 """
 from __future__ import annotations
 
@@ -71,6 +77,11 @@ def example_maps(model, questions: list, chosen: pd.DataFrame, method: str, prog
     return pd.DataFrame(rows, columns=["id", "question", "gold", "answer", "cause", "split", "png"])
 
 
+def _cause_colours() -> str:
+    """How the figures colour the causes, for captions (e.g. ``red: prior override``)."""
+    return ", ".join(f"{color.removeprefix('tab:')}: {cause}" for cause, color in figures.CAUSE_COLORS.items())
+
+
 def _split_examples(errors: pd.DataFrame, k: int = 36) -> pd.DataFrame:
     """Up to ``k`` errors with a split: counterfactual-colour questions first, grouped by cause."""
     colour = (errors["split"] == "counterfactual") & errors["kind"].isin(["color", "color_yesno"])
@@ -119,7 +130,7 @@ def _figure(fig, caption: str, alt: str) -> str:
 
 def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[str, Any]) -> list[str]:
     d = result.diagnosis
-    levels, errors = result.levels, d.errors
+    levels, errors = result.levels, figures.source_columns(d.errors)
     total, wrong = int(levels["n"].sum()), int(levels["errors"].sum())
     cf_colour = d.kinds[(d.kinds["split"] == "counterfactual") & (d.kinds["kind"].isin(["color", "color_yesno"]))]
     by_cause = cf_colour.groupby("cause")["n"].sum().reindex(list(CAUSES)).fillna(0).astype(int)
@@ -161,7 +172,8 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         f"<p>On counterfactual-colour questions ({int(by_cause.sum())} errors): "
         + ", ".join(f"{c} {n}" for c, n in by_cause.items()) + ".</p>",
         markup.table(d.causes, "causes"),
-        _figure(figures.cause_bars(d.causes), "Errors per split and level, stacked by cause.", "error causes"),
+        _figure(figures.cause_bars(d.causes), f"Errors per split and level, stacked by cause ({_cause_colours()}).",
+                "error causes"),
         "<p>The same per question kind:</p>",
         markup.table(d.kinds, "cause_kinds"),
         "<p>How often the asked concept is decodable by a counting probe, for right and for wrong "
@@ -185,10 +197,9 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
                 "Mean prior, prompt and image credit of the wrong answers per cause and level: "
                 "positive credit pushed towards the wrong answer.", "mean source split per cause"),
         _figure(figures.split_bars(_split_examples(errors)),
-                "Prior, prompt and image credit of single wrong answers, counterfactual-colour "
-                "questions first, grouped by cause (label: answer/gold, coloured by cause: orange "
-                "prior override, purple knows but doesn't say, grey perception failure); black "
-                "tick: the full log-odds.", "source split of single errors"),
+                "Prior (grey), prompt (orange) and image (blue) credit of single wrong answers, "
+                "counterfactual-colour questions first, grouped by cause (label: answer/gold, coloured "
+                f"by cause: {_cause_colours()}); black tick: the full log-odds.", "source split of single errors"),
         "<h2>Example heatmaps</h2>",
         f"<p>Image maps ({markup.esc(settings['map_method'])}) of the wrong answer's log-odds against the "
         "gold one: red cells and words pushed towards the wrong answer, blue towards the gold one.</p>",
@@ -247,7 +258,7 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
                     map_method=map_method, folder=None if seed is not None else str(world))
     summary = result.summary()
     document = {"model": name, "settings": settings, **{k: summary[k] for k in TABLES},
-                "probes": summary["probes"], "errors": records(result.diagnosis.errors),
+                "probes": summary["probes"], "errors": records(figures.source_columns(result.diagnosis.errors)),
                 "examples": records(shown.drop(columns="png"))}
     html_path, json_path = out / "report.html", out / "report.json"
     atomic_write(json_path, json.dumps(document, indent=1, sort_keys=True).encode(), "report.json")

@@ -3,6 +3,13 @@ curves and the source split of wrong answers.
 
 Each function takes a tidy table of :func:`lvlm_probe.bench.misalignment` and returns a matplotlib
 Figure (built without pyplot, so no backend is chosen). :func:`png_bytes` renders one for embedding.
+
+Causes and sources have colours of their own: a source (prior, prompt, image) keeps the colour
+:meth:`SourceSplit.plot <lvlm_probe.attribution.SourceSplit.plot>` gives it, and no cause reuses
+one, so a bar coloured as the prompt never reads as a cause. Tables of the wrong answers' source
+split use the library's names (:func:`source_columns`): ``prior``, ``prompt``, ``image``, ``full``
+as :func:`~lvlm_probe.attribution.source_split` names its credits, ``question`` for the question's
+text.
 """
 from __future__ import annotations
 
@@ -14,9 +21,23 @@ from matplotlib.figure import Figure
 
 from .layers import require
 
-CAUSE_COLORS = {"prior override": "tab:orange", "knows but doesn't say": "tab:purple",
-                "perception failure": "tab:gray"}
-SOURCE_COLORS = {"prior": "0.6", "prompt_credit": "tab:orange", "image": "tab:blue"}
+# the colours SourceSplit.plot gives the sources
+SOURCE_COLORS = {"prior": "0.6", "prompt": "tab:orange", "image": "tab:blue"}
+# hues far from grey, orange and blue (RGB distance above 0.3), so a cause never reads as a source
+CAUSE_COLORS = {"prior override": "tab:red", "knows but doesn't say": "darkviolet",
+                "perception failure": "tab:olive"}
+# the diagnosis's column names -> the library's (source_split's credits; the question's text)
+LIBRARY_NAMES = {"prompt": "question", "prompt_credit": "prompt"}
+
+
+def source_columns(errors: pd.DataFrame) -> pd.DataFrame:
+    """The diagnosis's table of wrong answers under the library's column names: the prompt's
+    credit ``prompt_credit`` becomes ``prompt`` (as :func:`~lvlm_probe.attribution.source_split`
+    names it) and the question's text ``prompt`` becomes ``question``. A table already under
+    those names is returned unchanged."""
+    if "prompt_credit" not in errors:
+        return errors
+    return errors.rename(columns=LIBRARY_NAMES)
 
 
 def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
@@ -70,7 +91,7 @@ def pope_bars(pope: pd.DataFrame) -> Figure:
 
 
 def cause_bars(causes: pd.DataFrame) -> Figure:
-    """Errors per split and level stacked by cause (counts)."""
+    """Errors per split and level stacked by cause (counts; colours: :data:`CAUSE_COLORS`)."""
     require(causes, ["split", "level", "cause", "n"], "cause_bars")
     groups = list(dict.fromkeys(causes["split"] + "\n" + causes["level"]))
     fig = Figure(figsize=(max(5.0, 1.1 * len(groups) + 2), 3.2))
@@ -121,17 +142,18 @@ def emergence_curves(probes: pd.DataFrame) -> Figure:
 
 def split_bars(errors: pd.DataFrame, first: int = 30) -> Figure:
     """Source split of wrong answers (log-odds of the wrong answer against the gold one): stacked
-    prior, prompt and image credit per error, positive up, negative down; coloured tick: its cause."""
-    require(errors, ["prior", "prompt_credit", "image", "full", "cause"], "split_bars")
+    prior, prompt and image credit per error, positive up, negative down; coloured tick: its cause
+    (the diagnosis's table, or the same under the library's names: :func:`source_columns`)."""
+    errors = source_columns(errors)
+    require(errors, ["prior", "prompt", "image", "full", "cause"], "split_bars")
     table = errors.dropna(subset=["full"]).head(first).reset_index(drop=True)
     fig = Figure(figsize=(max(5.0, 0.28 * len(table) + 2), 3.4))
     ax = fig.subplots()
     up, down = np.zeros(len(table)), np.zeros(len(table))
-    labels = {"prior": "prior", "prompt_credit": "prompt", "image": "image"}
     for source, color in SOURCE_COLORS.items():
         values = table[source].to_numpy(float)
         ax.bar(range(len(table)), values, bottom=np.where(values >= 0, up, down), color=color,
-               label=labels[source], width=0.7)
+               label=source, width=0.7)
         up, down = up + np.maximum(values, 0), down + np.minimum(values, 0)
     ax.scatter(range(len(table)), table["full"], color="black", marker="_", s=120, zorder=3, label="full")
     ax.axhline(0, color="0.3", lw=0.8)
@@ -146,19 +168,20 @@ def split_bars(errors: pd.DataFrame, first: int = 30) -> Figure:
 
 
 def split_means(errors: pd.DataFrame) -> Figure:
-    """Mean prior, prompt and image credit of the wrong answers per cause, one panel per level."""
-    require(errors, ["level", "prior", "prompt_credit", "image", "cause"], "split_means")
+    """Mean prior, prompt and image credit of the wrong answers per cause, one panel per level
+    (the diagnosis's table, or the same under the library's names: :func:`source_columns`)."""
+    errors = source_columns(errors)
+    require(errors, ["level", "prior", "prompt", "image", "cause"], "split_means")
     table = errors.dropna(subset=["full"])
     levels = [lv for lv in ("object", "attribute", "relation") if lv in set(table["level"])]
     fig = Figure(figsize=(3.3 * max(len(levels), 1), 3.0))
     axes = np.atleast_1d(fig.subplots(1, max(len(levels), 1), sharey=True))
-    labels = {"prior": "prior", "prompt_credit": "prompt", "image": "image"}
     causes = [c for c in CAUSE_COLORS]
     for ax, level in zip(axes, levels):
         means = table[table["level"] == level].groupby("cause")[list(SOURCE_COLORS)].mean().reindex(causes)
         width = 0.26
         for k, (source, color) in enumerate(SOURCE_COLORS.items()):
-            ax.bar(np.arange(len(causes)) + (k - 1) * width, means[source], width, color=color, label=labels[source])
+            ax.bar(np.arange(len(causes)) + (k - 1) * width, means[source], width, color=color, label=source)
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks(range(len(causes)), [c.replace(" but ", "\nbut ").replace(" ", "\n", 1) if c.startswith("p")
                                            else c.replace(" but ", "\nbut ") for c in causes], fontsize=7)

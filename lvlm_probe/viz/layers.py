@@ -7,10 +7,12 @@ built as ``matplotlib.figure.Figure`` objects, not through pyplot, so no backend
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from ..errors import InputError
@@ -27,6 +29,46 @@ def require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     if missing:
         raise InputError(f"{what} needs columns {list(columns)}; the table lacks {missing} "
                          f"(it has {list(df.columns)})")
+
+
+def _span(values: pd.Series, spec: str = "") -> str:
+    """One value, or ``low-high`` where the rows differ (e.g. n_test per hook)."""
+    values = values.dropna()
+    if values.empty:
+        return "?"
+    low, high = values.min(), values.max()
+    if spec == "" and float(low).is_integer() and float(high).is_integer():
+        low, high = int(low), int(high)
+    return f"{low:{spec}}" if low == high else f"{low:{spec}}-{high:{spec}}"
+
+
+def sample_title(table: pd.DataFrame, width: int | None = None) -> str:
+    """What a sweep's figure was measured on, per target: ``color: n train 32, test 8, chance
+    0.33`` (the parts the table has columns for; targets separated by ``;``), wrapped at ``width``
+    characters when given.
+
+    A figure of accuracies means little without its test size (10 test images make 1.000 common)
+    and its chance level, so every sweep figure carries them.
+    """
+    if "target" not in table:
+        return ""
+    parts = []
+    for target, part in table.groupby("target", sort=True):
+        bits = []
+        if {"n_train", "n_test"} <= set(part):
+            bits.append(f"n train {_span(part['n_train'])}, test {_span(part['n_test'])}")
+        if "chance" in part and part["chance"].notna().any():
+            bits.append(f"chance {_span(part['chance'], '.2f')}")
+        parts.append(f"{target}: {', '.join(bits)}" if bits else str(target))
+    text = "; ".join(parts)
+    return textwrap.fill(text, width=width) if width else text
+
+
+def _suptitle(fig: Figure, what: str, table: pd.DataFrame, fontsize: float = 9) -> None:
+    """``what | target: n train, test, chance`` as the figure's title, wrapped to its width."""
+    about = sample_title(table)
+    width = max(30, int(fig.get_figwidth() * 72 / (0.6 * fontsize)) - 6)  # characters per line
+    fig.suptitle(textwrap.fill(f"{what} | {about}" if about else what, width=width), fontsize=fontsize)
 
 
 def tower_axis(df: pd.DataFrame) -> pd.DataFrame:
@@ -59,11 +101,15 @@ def layer_curves(results: pd.DataFrame, chance: float | None = None) -> Figure:
     """Probe accuracy (with its confidence band) and control accuracy against layer, through the
     vision tower, projector and language model; selectivity below. One colour per target.
 
+    The title names each target with its train and test sizes and chance level (from the
+    ``n_train``, ``n_test`` and ``chance`` columns, where the table has them).
+
     Args:
         results: a sweep's table (columns tower, layer, target, accuracy, and optionally
-            ci_low, ci_high, control_accuracy, selectivity). Per-head rows (non-null ``head``)
-            are left out: see :func:`head_heatmap`.
-        chance: draws a dotted line at this accuracy when given.
+            ci_low, ci_high, control_accuracy, selectivity, chance, n_train, n_test). Per-head
+            rows (non-null ``head``) are left out: see :func:`head_heatmap`.
+        chance: draws a dotted line at this accuracy when given; else each target's ``chance``
+            column, where present, in the target's colour.
 
     Returns:
         A Figure with one or two axes (the second when selectivity is present).
@@ -90,6 +136,9 @@ def layer_curves(results: pd.DataFrame, chance: float | None = None) -> Figure:
                          label=f"{target} (control)")
         if with_selectivity:
             axes[1].plot(part["x"], part["selectivity"], marker=".", color=line.get_color(), label=f"{target}")
+        if chance is None and "chance" in part and part["chance"].notna().any():
+            axes[0].axhline(float(part["chance"].dropna().iloc[0]), ls=":", color=line.get_color(),
+                            label=f"{target} (chance)")
     if chance is not None:
         axes[0].axhline(chance, ls=":", color="0.4", label="chance")
     axes[0].set_ylabel("probe accuracy")
@@ -100,6 +149,7 @@ def layer_curves(results: pd.DataFrame, chance: float | None = None) -> Figure:
     for ax in axes:
         _tower_spans(ax, placed)
     _ticks(axes[-1], placed)
+    _suptitle(fig, "probe accuracy per layer", rows)
     fig.tight_layout()
     return fig
 
@@ -113,16 +163,29 @@ def _ticks(ax, placed: pd.DataFrame) -> None:
     ax.set_xlabel("layer")
 
 
-def head_heatmap(results: pd.DataFrame, target: str | None = None, value: str = "selectivity") -> Figure:
+# The level each value is read against, and what it means there: a diverging scale is white at
+# it, so a head's colour says at once whether it beats that level.
+REFERENCES = {"accuracy": "chance", "control_accuracy": "chance", "selectivity": "zero"}
+
+
+def head_heatmap(results: pd.DataFrame, target: str | None = None, value: str = "selectivity",
+                 chance: float | None = None) -> Figure:
     """A layer x head heatmap of one value of a per-head sweep.
+
+    Accuracies are drawn on a diverging scale centred on chance (white: chance, red above, blue
+    below), selectivity on one centred on zero (accuracy equal to the control task's); the colour
+    bar is labelled and marks that level with a black line. Other values use a sequential scale.
+    The title names the target, its train and test sizes and chance.
 
     Args:
         results: a sweep's table with per-head rows (non-null ``head``).
         target: which target to show; may be omitted when the table has one.
         value: the column to colour by (``"accuracy"``, ``"selectivity"``, ...).
+        chance: the chance accuracy; default: the table's ``chance`` column for the target.
 
     Raises:
-        InputError: without per-head rows, for an unknown value column, or an ambiguous target.
+        InputError: without per-head rows, for an unknown value column, an ambiguous target, or
+            an accuracy heatmap without a chance level (no ``chance`` column and no ``chance=``).
     """
     require(results, ["layer", "head", "target", value], "head_heatmap")
     rows = results[results["head"].notna()]
@@ -136,24 +199,62 @@ def head_heatmap(results: pd.DataFrame, target: str | None = None, value: str = 
     if rows.empty:
         raise InputError(f"no per-head rows for target {target!r}; the table has {targets}")
     grid = rows.pivot_table(index="layer", columns="head", values=value, aggfunc="mean").sort_index()
-    fig = Figure(figsize=(0.35 * grid.shape[1] + 2.5, 0.3 * grid.shape[0] + 1.5))
+    level, label = _reference(rows, value, chance)
+    fig = Figure(figsize=(0.35 * grid.shape[1] + 3.2, 0.3 * grid.shape[0] + 2.0))
     ax = fig.subplots()
-    image = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis")
+    data = grid.to_numpy(dtype=float)
+    if level is None:
+        image = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis")
+    else:
+        image = ax.imshow(data, aspect="auto", origin="lower", cmap="RdBu_r", norm=_centred(data, level))
     ax.set_xticks(range(grid.shape[1]), [str(int(h)) for h in grid.columns], fontsize=7)
     ax.set_yticks(range(grid.shape[0]), [str(int(la)) for la in grid.index], fontsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{target}: {value} per head", fontsize=9)
-    fig.colorbar(image, ax=ax, label=value)
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(label, fontsize=8)
+    if level is not None:
+        bar.ax.axhline(level, color="black", lw=1.5)
+    ax.set_title(textwrap.fill(f"{value} per head | {sample_title(rows)}",
+                               max(30, int(fig.get_figwidth() * 72 / (0.6 * 8)) - 10)), fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def alignment_curves(table: pd.DataFrame, ylabel: str = "alignment", chance: float | None = None) -> Figure:
+def _reference(rows: pd.DataFrame, value: str, chance: float | None) -> tuple[float | None, str]:
+    """The level a value is read against (chance for accuracies, 0 for selectivity; None for
+    other values) and the colour bar's label."""
+    kind = REFERENCES.get(value)
+    if kind == "zero":
+        return 0.0, f"{value} (accuracy - control accuracy; white, black line: 0)"
+    if kind is None:
+        return None, value
+    if chance is None:
+        if "chance" not in rows or rows["chance"].isna().all():
+            raise InputError(f"head_heatmap of {value!r} marks chance, but the table has no 'chance' column "
+                             "and no chance= was given; pass chance=")
+        chance = float(rows["chance"].dropna().iloc[0])
+    return chance, f"{value} (white, black line: chance {chance:.2f})"
+
+
+def _centred(data: np.ndarray, level: float) -> TwoSlopeNorm:
+    """A diverging norm white at ``level`` that spans the data (and a little either side of
+    ``level`` when every value is on one side of it)."""
+    finite = data[np.isfinite(data)]
+    low = float(finite.min()) if finite.size else level
+    high = float(finite.max()) if finite.size else level
+    pad = 1e-3 * max(1.0, abs(level))
+    return TwoSlopeNorm(vcenter=level, vmin=min(low, level - pad), vmax=max(high, level + pad))
+
+
+def alignment_curves(table: pd.DataFrame, ylabel: str = "alignment", chance: float | None = None,
+                     title: str | None = None) -> Figure:
     """Alignment against layer, one line per metric (columns layer, metric, value; optional tower).
 
     Also draws transfer accuracies (one line per direction, ``ylabel="transfer accuracy"``), with a
-    dotted line at ``chance`` when given.
+    dotted line at ``chance`` when given. The title is ``title``, else ``ylabel`` with each
+    target's train and test sizes and chance where the table has those columns (transfer tables
+    do).
 
     Example:
         >>> alignment_curves(lp.alignment.alignment_curve(image_states, text_states, metric="cka"))
@@ -174,6 +275,10 @@ def alignment_curves(table: pd.DataFrame, ylabel: str = "alignment", chance: flo
         ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    else:
+        _suptitle(fig, f"{ylabel} per layer", table)
     fig.tight_layout()
     return fig
 

@@ -3,8 +3,10 @@
 ``world_attribution`` asks a model colour questions about counterfactual scenes (objects in an
 atypical colour), scores the true colour against the shape's typical one, and splits that score
 among prior, prompt and image; errors that name the typical colour are the prior overriding the
-image, and their split shows it. It writes ``split.parquet`` (one row per question, with the
-model's answer and the outcome), ``split.png`` and a few image maps.
+image, and their split shows it. It writes ``split.parquet`` (one row per question: the split's
+columns, the ``question``, the model's answer and the outcome), ``split.png`` and a few image maps
+(``map_<i>.png``, each stating its model, question, target, explained value and the model's own
+answer, which its PNG text chunks also hold).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, map
     split = source_split(model, batch, [q.answer for q in questions], foil=[q.typical_color for q in questions])
     said = [s.split()[0].strip(".").lower() if s else "" for s in model.generate(batch, max_new_tokens=2)]
     table = split.shares().assign(
-        prompt_text=[q.prompt for q in questions], answer=[q.answer for q in questions],
+        question=[q.prompt for q in questions], answer=[q.answer for q in questions],
         typical=[q.typical_color for q in questions], said=said,
         outcome=["right" if s == q.answer else "typical" if s == q.typical_color else "other"
                  for s, q in zip(said, questions)])
@@ -55,5 +57,5 @@ def world_attribution(model, out: str | Path, n: int = 60, seed: int = 1000, map
         small = model.prepare(images=[q.image for q in picked], prompts=[q.prompt for q in picked])
         result = image_map(model, small, [q.answer for q in picked], method=method)
         for i in range(len(picked)):
-            save_figure(result.plot(i), out / f"map_{i}.png")
+            save_figure(result.plot(i), out / f"map_{i}.png", metadata=result.metadata(i))
     return table

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pandas as pd
+from PIL import Image
 from typer.testing import CliRunner
 
 import lvlm_probe as lp
@@ -18,6 +19,12 @@ def test_dataset_and_single_prompt_modes(tmp_path):
     assert ((table["prior"] + table["prompt"] + table["image"] - table["full"]).abs() < 1e-4).all()
     for name in ("split.png", "map_0.png", "map_3.png"):
         assert (tmp_path / "world" / name).read_bytes()[:4] == b"\x89PNG"
+    # each map says what it explains, in its PNG text too: model, question (the table's column of
+    # that name), target and the model's own answer
+    stored = Image.open(tmp_path / "world" / "map_0.png").text
+    assert stored["model"] == "shapes-llava" and stored["method"] == "attention"
+    assert stored["question"] == table["question"][0] and stored["target"] == table["answer"][0]
+    assert float(stored["log p(target)"]) <= 0 and 0 < float(stored["model answer probability"]) <= 1
 
     question = lp.worlds.ShapesWorld(seed=1000, image_size=64).questions(1, level="attribute", kind="color")[0]
     question.image.save(tmp_path / "scene.png")

@@ -11,6 +11,7 @@ import sys
 import time
 from html.parser import HTMLParser
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -107,6 +108,10 @@ def test_self_contained_document_with_headings_and_captioned_figures(report, pag
     assert len(examples) == 2
     for example, caption in zip(examples, page.captions[-2:]):
         assert caption.startswith(example["question"]) and f"answered: {example['answer']}" in caption
+    # the captions name the causes' colours, which are not the sources' (grey, orange, blue)
+    assert any("red: prior override, darkviolet: knows but doesn't say, olive: perception failure" in c
+               for c in page.captions)
+    assert not any("orange prior override" in c for c in page.captions)
 
 
 def strict(constant):
@@ -124,6 +129,17 @@ def test_json_numbers_are_the_tables_numbers(report, page):
             assert cells == [cell(float("nan") if record[c] is None else record[c]) for c in header]
     result = report.result
     assert sum(r["errors"] for r in numbers["levels"]) == len(result.diagnosis.errors)
+    # the wrong answers under the library's names: source_split's credits, the question's text
+    errors = result.diagnosis.errors
+    assert "prompt_credit" not in numbers["errors"][0]
+    for record, (_, row) in zip(numbers["errors"], errors.iterrows()):
+        assert record["question"] == row["prompt"] and record["id"] == row["id"]
+        for credit, column in (("prior", "prior"), ("prompt", "prompt_credit"), ("image", "image")):
+            assert (record[credit] is None) == pd.isna(row[column])
+            assert record[credit] is None or record[credit] == pytest.approx(row[column])
+    by_id = {r["id"]: r for r in numbers["errors"]}
+    for example in numbers["examples"]:
+        assert example["question"] == by_id[example["id"]]["question"]
     assert {p["kind"] for p in numbers["probes"]} == set(result.diagnosis.probes.kind)
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 from lvlm_probe.bench.chair_metric import chair
 from lvlm_probe.report import html as markup
 from lvlm_probe.report.run import _marked, pick_examples
+from lvlm_probe.viz.bench import CAUSE_COLORS, SOURCE_COLORS, source_columns
 
 
 def test_cells_and_tables_escape_and_format():
@@ -41,3 +42,16 @@ def test_examples_take_causes_in_turn_counterfactual_colour_first():
     picked = pick_examples(errors, 4)
     # c has no split; b before a (counterfactual colour first); then knows (f before e), then perception
     assert list(picked.id) == ["b", "f", "d", "a"]
+
+
+def test_error_tables_take_the_librarys_names():
+    """The diagnosis's ``prompt`` (question text) and ``prompt_credit`` become ``question`` and
+    ``prompt`` (source_split's name of the prompt's credit); a renamed table stays as it is."""
+    errors = pd.DataFrame({"id": ["a"], "prompt": ["What colour?"], "prior": [0.1], "prompt_credit": [0.7],
+                           "image": [-0.2], "full": [0.6], "prompt_share": [0.7]})
+    renamed = source_columns(errors)
+    assert list(renamed.columns) == ["id", "question", "prior", "prompt", "image", "full", "prompt_share"]
+    assert renamed["question"][0] == "What colour?" and renamed["prompt"][0] == 0.7
+    assert source_columns(renamed) is renamed
+    assert list(SOURCE_COLORS) == ["prior", "prompt", "image"]
+    assert not set(CAUSE_COLORS.values()) & set(SOURCE_COLORS.values())

@@ -20,7 +20,8 @@ def sweep_table(heads: bool = False) -> pd.DataFrame:
                     rows.append(dict(hook=f"{tower}.{layer}", tower=tower,
                                      layer=None if tower == "projector" else layer, head=head,
                                      target=target, accuracy=acc, ci_low=acc - 0.05, ci_high=acc + 0.05,
-                                     control_accuracy=0.3, selectivity=acc - 0.3))
+                                     control_accuracy=0.3, selectivity=acc - 0.3,
+                                     chance=0.25 if target == "color" else 0.5, n_train=48, n_test=12))
     return pd.DataFrame(rows)
 
 
