@@ -207,6 +207,8 @@ def attribute(
     target: str = typer.Option(None, help="the answer to explain (one token)"),
     foil: str = typer.Option(None, help="the alternative answer, for log-odds"),
     method: str = typer.Option("ig", help="image map: ig, ablation, shapley, attention"),
+    grid: str = typer.Option(None, help="grid of a multi-grid image to map (default: the finest covering "
+                                        "the whole image)"),
     world: int = typer.Option(0, help="dataset mode: this many ShapesWorld colour questions"),
     device: str = typer.Option(None),
     dtype: str = typer.Option(None),
@@ -241,7 +243,10 @@ def attribute(
     batch = lvlm.prepare(images=[Image.open(image)], prompts=[prompt])
     split = source_split(lvlm, batch, target, foil=foil)
     console.print(_table(split.shares().round(4), title="Source split"))
-    save_figure(image_map(lvlm, batch, target, foil=foil, method=method).plot(0), out)
+    maps = image_map(lvlm, batch, target, foil=foil, method=method, grid=grid)
+    save_figure(maps.plot(0), out, metadata=maps.metadata(0))
+    if maps.answer_differs(0):
+        console.print(f"[yellow]{escape(maps.mismatch(0))}[/yellow]")
     console.print(f"image map: {out}")
 
 

@@ -145,7 +145,7 @@ def deletion_insertion(model, batch, target: Answer | list[Answer], *, foil: Ans
     rng = np.random.default_rng(seed)
     rows = []
     for i, layout in enumerate(batch.layouts):
-        feats = features(layout)
+        feats = features(layout, maps.grid)  # the cells of the grid the map scored
         score = _Score(model, batch, i, ids[i], bool(foils), feats)
         first = [k for k, (img, _, _) in enumerate(feats.cells) if img == feats.cells[0][0]]
         values = maps.grids[i][0].reshape(-1)

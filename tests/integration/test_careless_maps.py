@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import lvlm_probe as lp
-from lvlm_probe.attribution import image_map
+from lvlm_probe.attribution import deletion_insertion, image_map
 from lvlm_probe.attribution.image_maps import _Score, features
 from lvlm_probe.errors import InputError, LayoutError
 from lvlm_probe.layout import ImageGrid, ImageLayout, grid_from_run
@@ -94,6 +94,9 @@ def test_default_maps_the_tiles_and_base_can_be_chosen(next_model):
     title = base.plot(0).axes[0].get_title()
     assert "grid 'base' 4x4" in title and "visible throughout: tiles 6x8, 6 newline" in title
     assert set(base.to_frame().query("kind == 'cell'")["grid"]) == {"base"}
+    # faithfulness curves of the base map delete the base grid's cells (16), not the tiles'
+    curves = deletion_insertion(next_model, batch, target, maps=base, random_orders=1).to_frame()
+    assert curves["step"].tolist() == list(range(17)) and curves["fraction"].iloc[1] == 1 / 16
 
 
 def test_a_grid_with_a_zero_side_is_no_grid():

@@ -34,6 +34,15 @@ def test_dataset_and_single_prompt_modes(tmp_path):
                                  "--out", str(tmp_path / "one.png")])
     assert result.exit_code == 0, result.output
     assert "Source split" in result.output and (tmp_path / "one.png").exists()
+    assert Image.open(tmp_path / "one.png").text["target"] == question.answer
+    # a target the model does not answer: the map is drawn, and the command says so
+    wrong = next(c for c in ("red", "green", "blue", "yellow") if c != question.answer)
+    result = runner.invoke(app, ["attribute", "--model", "shapes-llava", "--device", "cpu",
+                                 "--image", str(tmp_path / "scene.png"), "--prompt", question.prompt,
+                                 "--target", wrong, "--method", "attention", "--out", str(tmp_path / "two.png")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"not the target '{wrong}'" in said and "an answer the model does not give" in said
     result = runner.invoke(app, ["attribute", "--model", "shapes-llava", "--device", "cpu",
                                  "--out", str(tmp_path / "x.png")])
     assert result.exit_code != 0 and "needs --image, --prompt and --target" in result.output
