@@ -122,7 +122,8 @@ def run_sweep(config: SweepConfig | str | Path, model: Any = None, progress: boo
 def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
     out = Path(config.out)
     images, texts = _datasets(config)
-    _check_labels(config, images)
+    labels = pd.DataFrame([_labels_of(row) for row in images])  # one row per example, no image opened
+    _check_labels(config, labels)
     model = model if model is not None else _load(config)
     spec = config.extract
     for names in (spec.lm_hooks, spec.tower_hooks, spec.head_hooks):
@@ -130,7 +131,7 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
             expand(list(names), model.hook_names())  # unknown names fail before any extraction
     if spec.tower_hooks:
         _check_whole(model, images[0], list(spec.tower_hooks))
-    provenance = _provenance(images)
+    provenance = _provenance(labels, images)
     acts = out / "acts"
     changed = _claim(out, config, provenance)
     common = dict(batch_size=spec.batch_size, dtype=spec.dtype, progress=progress, **_execution(config))
@@ -143,7 +144,7 @@ def _run(config: SweepConfig, model: Any, progress: bool) -> SweepRun:
 
     # every store is read once here; probes, transfer and alignment share these tensors
     features = _tower_features(towers) | {h: lm[h] for h in lm.hooks}
-    meta = _current_labels(lm.meta, images)  # the store keeps the labels it was extracted with
+    meta = _current_labels(lm.meta, labels)  # the store keeps the labels it was extracted with
     image_states = {h: features[h] for h in select_hooks(spec.lm_hooks, lm.hooks)}
     digests = _digests(provenance, lm.fingerprint["digest"])
     results = _probe(config, features, meta, out, progress, digests)
@@ -250,10 +251,11 @@ def _first_change(old: dict | None, new: dict | None) -> tuple[int, list[str]]:
     are stale, and the names of the files added, removed or changed (at most 10 named)."""
     old, new = old or {}, new or {}
     changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
-    names = sorted(new, key=lambda name: Path(name))
-    first = next((i for i, name in enumerate(names) if name in changed), len(names))
-    # a removed file shifts every example after it: the first survivor after it is stale too
-    first = min([first] + [sum(1 for name in names if Path(name) < Path(gone)) for gone in changed if gone not in new])
+    # example i is stale from the first position where the two orders name another file or bytes
+    # (an added or removed file shifts every example after it)
+    before, now = sorted(old, key=Path), sorted(new, key=Path)
+    first = next((i for i, (a, b) in enumerate(zip(before, now)) if a != b or old[a] != new[b]),
+                 min(len(before), len(now)))
     return first, changed[:10] + ([f"... {len(changed) - 10} more"] if len(changed) > 10 else [])
 
 
@@ -271,20 +273,19 @@ def _png_text(digests: dict[str, str | None]) -> dict[str, str]:
     return {f"lvlm_probe.{k}": str(v) for k, v in digests.items()}
 
 
-def _provenance(rows: list) -> dict[str, Any]:
+def _provenance(labels: pd.DataFrame, rows: list) -> dict[str, Any]:
     """Digests of what a run reads besides its definition: every example's labels, and the bytes of
     every image file (a folder's; ShapesWorld's images follow from the definition)."""
-    labels = pd.DataFrame([_labels_of(row) for row in rows])
     digest = hashlib.sha256(labels.to_json(orient="records", default_handler=str).encode())
     images = {row.path.name: hashlib.sha256(row.path.read_bytes()).hexdigest()[:16]
               for row in rows if isinstance(row, _FolderRow)}
     return {"labels": digest.hexdigest()[:16], "images": images}
 
 
-def _current_labels(meta: pd.DataFrame, rows: list) -> pd.DataFrame:
+def _current_labels(meta: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """The store's example table with its label columns replaced by the dataset's current ones, in
     the store's row order (a store keeps the labels it was extracted with)."""
-    current = pd.DataFrame([_labels_of(row) for row in rows]).set_index("id")
+    current = labels.set_index("id")
     current = current.loc[meta["id"].to_numpy()].reset_index(drop=True)
     return meta.drop(columns=[c for c in current.columns if c in meta]).assign(**current)
 
@@ -403,9 +404,8 @@ class _FolderRow:
         return {"id": self.id, "scene": self.id, "image": image, "prompt": self.prompt, **self.labels}
 
 
-def _check_labels(config: SweepConfig, rows: list) -> None:
+def _check_labels(config: SweepConfig, table: pd.DataFrame) -> None:
     """Targets and control columns exist, and every class has two examples, before extraction."""
-    table = pd.DataFrame([_labels_of(row) for row in rows])
     spec = config.probes
     for column in (*spec.targets, *spec.control_by):
         if column not in table:
