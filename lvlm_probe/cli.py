@@ -227,8 +227,8 @@ def attribute(
         if out.is_dir() or not out.parent.is_dir():
             raise InputError(f"--out {str(out)!r} must be a file path in an existing folder (e.g. map.png), "
                              "for the image map")
-    elif out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file; with --world it is the folder to write into")
+    else:
+        check_out_folder(out, "--out")  # with --world, the folder to write into
     _quiet_transformers()
     lvlm = _load(model, device, dtype)
     if world:

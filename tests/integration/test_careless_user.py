@@ -155,7 +155,8 @@ def test_sweep_out_in_a_folder_without_write_permission(capsys, tmp_path):
     assert_user_error(code, err, "is not writable by this user")
 
 
-@pytest.mark.parametrize("command", [["report", "--model", NOT_LOADED], ["zoo", "train"]])
+@pytest.mark.parametrize("command", [["report", "--model", NOT_LOADED], ["zoo", "train"],
+                                     ["attribute", "--model", NOT_LOADED, "--world", "3"]])
 def test_other_commands_check_out_first(capsys, tmp_path, command):
     taken = tmp_path / "taken"
     taken.write_text("")
