@@ -24,6 +24,13 @@ from .inputs import Batch, normalize
 from .layout import GROUPS, TokenLayout, locate_prompt
 
 
+def _last_position_only(module, args):
+    """Forward pre-hook of the unembedding: only the last position of ``[batch, seq, d]`` hidden
+    states goes in."""
+    hidden = args[0]
+    return (hidden[:, -1:], *args[1:]) if hidden.dim() == 3 else None
+
+
 class LVLM:
     """A Hugging Face vision-language model with its processor and family adapter.
 
@@ -302,7 +309,35 @@ class LVLM:
             **kwargs: passed to the HF model (e.g. ``output_hidden_states=True``).
         """
         with torch.set_grad_enabled(grad), hooks.running(batch):
-            return self.hf(**batch.inputs, **kwargs)
+            return self.run(batch.inputs, **kwargs)
+
+    def run(self, inputs: dict, *, last_position: bool = False, **kwargs: Any):
+        """Call the HF model on model inputs (``batch.inputs`` or rows built from them) and return
+        its output, without building a KV cache.
+
+        A single pass never reads the cache HF builds by default, which at 7B widths costs as much
+        memory as the activations a capture keeps (``docs/scaling.md``); ``use_cache=True`` in
+        ``kwargs`` asks for it anyway.
+
+        Args:
+            inputs: keyword arguments of the HF forward.
+            last_position: unembed the last position only (logits ``[batch, 1, vocab]``), for
+                callers that score the next token or read only hooks: the full logits are the
+                largest tensor of a pass at real vocabularies. Every hook still sees every
+                position (HF's ``logits_to_keep`` is not used: Gemma 4 skips its last layers at
+                the other positions with it). Inputs with ``labels`` (a loss over every position)
+                are unembedded in full.
+            **kwargs: passed to the HF model.
+        """
+        kwargs.setdefault("use_cache", False)
+        head = self.hf.get_output_embeddings() if last_position and "labels" not in inputs else None
+        if head is None:
+            return self.hf(**inputs, **kwargs)
+        handle = head.register_forward_pre_hook(_last_position_only)
+        try:
+            return self.hf(**inputs, **kwargs)
+        finally:
+            handle.remove()
 
     def generate(self, batch: Batch, max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
         """Greedy generation; returns the new text of each example (special tokens removed)."""
@@ -434,7 +469,7 @@ class LVLM:
             ``[batch, n_answers]`` log-probabilities (float32).
         """
         ids = self.answer_token_ids(batch, answers, first_token=first_token)
-        logits = self.forward(batch).logits[:, -1].float()
+        logits = self.forward(batch, last_position=True).logits[:, -1].float()
         return torch.log_softmax(logits, dim=-1).gather(1, ids)
 
     # --- capture ------------------------------------------------------------------------------

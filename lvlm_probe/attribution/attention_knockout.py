@@ -151,7 +151,7 @@ def knockout(
              for layer, mask in blocked.items()}
     inputs = repeat_inputs(batch.inputs, runs, model.family.packed_inputs)
     with torch.no_grad(), attention.hiding_each(masks):
-        probs = torch.softmax(model.hf(**inputs).logits[:, -1].float(), dim=-1).cpu()
+        probs = torch.softmax(model.run(inputs, last_position=True).logits[:, -1].float(), dim=-1).cpu()
     probs = probs.reshape(runs, n, -1)
     if target is None:
         ids = probs[0].argmax(-1)

@@ -181,7 +181,7 @@ def dla(model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answ
                   "blocks.*.attn.hook_pattern"]
     with model.capture(last_names, positions="last", reduce="last") as last, \
             model.capture("blocks.*.attn.hook_v") as values:
-        logits = model.forward(batch).logits[:, -1].float()
+        logits = model.forward(batch, last_position=True).logits[:, -1].float()
     logit = (logits.gather(1, ids.to(logits.device)[:, :1])[:, 0]
              - (logits.gather(1, ids.to(logits.device)[:, 1:])[:, 0] if foils else 0.0)).cpu()
 

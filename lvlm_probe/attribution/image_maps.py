@@ -391,6 +391,7 @@ def _words(layout, positions: list[Tensor], names: list[str]) -> None:
 def image_map(
     model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None,
     method: str = "ig", n_steps: int = 256, n_samples: int = 25, seed: int = 0, grid: str | None = None,
+    batch_size: int = 64,
 ) -> ImageMap:
     """Score every image cell and prompt word of each example for the target (see module docstring).
 
@@ -427,6 +428,10 @@ def image_map(
         seed: for the sampled methods (their draws never touch torch's global random state).
         grid: the name of the grid to map on every image (``layout.images[k].grid_names``, e.g.
             ``"base"``, ``"tiles"``, ``"tile_0_1"``, ``"thumbnail"``), or None for the default above.
+        batch_size: copies of the example per forward pass: the perturbed coalitions of
+            ``"ablation"``, ``"shapley"`` and ``"kernelshap"`` (one per row) and IG's integration
+            steps. Peak memory grows with it (IG also keeps each row's autograd graph); at 7B widths
+            one row costs about a forward pass's memory (``docs/scaling.md``, section 5).
 
     Returns:
         An :class:`ImageMap`, with what it explains: the model's name, the full input's score
@@ -445,6 +450,8 @@ def image_map(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; available: {METHODS}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer (rows per forward pass), got {batch_size!r}")
     if grid is not None and not isinstance(grid, str):
         raise InputError(f"grid must be a grid's name (e.g. 'base', 'tiles') or None, got {grid!r}")
     if model.family.image_mode != "tokens":
@@ -462,7 +469,7 @@ def image_map(
             raise InputError(f"image maps need a spatial grid of image tokens; example {i}: {reason} "
                              f"(layout: {layout.summary()})")
         score = _Score(model, batch, i, ids[i], bool(foils), feats)
-        values, delta = _attribute(score, method, len(feats.positions), n_steps, n_samples, seed)
+        values, delta = _attribute(score, method, len(feats.positions), n_steps, n_samples, seed, batch_size)
         per_image = [np.full(g, np.nan) for g in feats.grids]
         for (img, r, c), v in zip(feats.cells, values[: feats.n_image]):
             per_image[img][r, c] = v
@@ -562,7 +569,7 @@ class _Score:
         method evaluated the full input, as KernelSHAP's sampled coalitions may not)."""
         if self.full is None:
             with torch.no_grad():
-                self.remember(None, self.model.hf(**self.inputs(1)).logits)
+                self.remember(None, self.model.run(self.inputs(1), last_position=True).logits)
         return self.full
 
     def inputs(self, m: int) -> dict:
@@ -578,7 +585,7 @@ class _Score:
         """Remove (hide) the tokens of features whose gate is 0."""
         hidden = ((1.0 - gates.float().cpu()) @ self.member) > 0.5
         with torch.no_grad(), attention.hiding_positions(self.model, hidden.to(self.model.device)):
-            logits = self.model.hf(**self.inputs(len(gates))).logits
+            logits = self.model.run(self.inputs(len(gates)), last_position=True).logits
         self.remember(gates, logits)
         return self.score(logits).cpu()
 
@@ -604,7 +611,7 @@ class _Score:
 
         handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            logits = self.model.hf(**self.inputs(len(gates))).logits
+            logits = self.model.run(self.inputs(len(gates)), last_position=True).logits
         finally:
             handle.remove()
         self.remember(gates, logits)
@@ -615,7 +622,7 @@ class _Score:
         names = [f"blocks.{layer}.attn.hook_pattern"
                  for layer in self.model.family.self_attention_layers(self.model.config)]
         with self.model.capture(names) as cache, torch.no_grad():
-            self.remember(None, self.model.hf(**self.inputs(1)).logits)
+            self.remember(None, self.model.run(self.inputs(1), last_position=True).logits)
         return torch.stack([cache[n][0].float().mean(0) for n in names]).cpu()
 
     def attention_to(self) -> np.ndarray:
@@ -632,7 +639,8 @@ class _Score:
         return (self.member @ flow[-1]).numpy()
 
 
-def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samples: int, seed: int):
+def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samples: int, seed: int,
+               batch_size: int):
     ones = torch.ones(1, n_features)
     if method == "attention":
         return score.attention_to(), None
@@ -643,20 +651,20 @@ def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samp
         with torch.enable_grad():
             values, delta = ig.attribute(ones.to(score.model.device), baselines=0.0 * ones.to(score.model.device),
                                          n_steps=n_steps, method="riemann_trapezoid",
-                                         return_convergence_delta=True, internal_batch_size=64)
+                                         return_convergence_delta=True, internal_batch_size=batch_size)
         return values[0].detach().cpu().numpy(), float(delta[0])
     mask = torch.arange(n_features)[None]
     if method == "ablation":
         values = FeatureAblation(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
-                                                          perturbations_per_eval=n_features)
+                                                          perturbations_per_eval=min(n_features, batch_size))
     elif method == "shapley":
         with seeded(seed, score.model):  # captum samples from torch's global generator
             values = ShapleyValueSampling(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
                                                                    n_samples=n_samples,
-                                                                   perturbations_per_eval=n_features)
+                                                                   perturbations_per_eval=min(n_features, batch_size))
     else:
         with seeded(seed, score.model):
             values = KernelShap(score.removed).attribute(ones, baselines=0.0, feature_mask=mask,
                                                          n_samples=max(n_samples, 2 * n_features),
-                                                         perturbations_per_eval=n_features)
+                                                         perturbations_per_eval=min(n_features, batch_size))
     return values[0].numpy(), None

@@ -263,7 +263,7 @@ def logit_lens(model, batch, *, positions: Any = "image", k: int = 5) -> LogitLe
     if not isinstance(k, int) or not 1 <= k <= model.d_vocab:
         raise InputError(f"k must be an integer in [1, {model.d_vocab}], got {k!r}")
     with model.capture("blocks.*.hook_resid_post", positions=positions) as cache:
-        model.forward(batch)
+        model.forward(batch, last_position=True)  # values come from the hooks
     kept = cache.positions()
     if kept is None:  # positions="all": every position of the padded batch
         n, length = batch.input_ids.shape

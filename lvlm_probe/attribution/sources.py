@@ -196,7 +196,7 @@ def source_split(
             replaced = diffusion_noise(pixels, noise_step, generator)
         inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced], dim=axis)
     with torch.no_grad(), attention.hiding_positions(model, hidden.to(model.device)), editing(model, edits):
-        logits = model.hf(**inputs).logits[:, -1].float()
+        logits = model.run(inputs, last_position=True).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
     n = len(batch)
     rows = torch.arange(len(COALITIONS) * n)

@@ -155,7 +155,7 @@ def features(model, questions: Sequence[Any], *, batch_size: int = 32, progress:
         with model.capture(hooks, positions="last", reduce="last") as last, \
                 model.capture(hooks, positions=_selector(cells[0]), reduce="mean") as first, \
                 model.capture(hooks, positions=_selector(cells[1]), reduce="mean") as second:
-            model.forward(batch)
+            model.forward(batch, last_position=True)  # values come from the hooks
         a, b = _stack(first), _stack(second)
         has = [torch.tensor([id(layout) in c for layout in batch.layouts]) for c in cells]
         one = has[0] & ~has[1]  # single-object questions; pairs have both

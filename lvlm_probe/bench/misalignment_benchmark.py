@@ -60,7 +60,7 @@ def answer_questions(model, questions: Sequence[Any], *, batch_size: int = 32, m
         # a generated word is scored by its first token: the one the model chose at the answer position
         ids = model.answer_token_ids(batch, [[s or q.answer, q.answer] for s, q in zip(said, chunk)], first_token=True)
         with torch.no_grad():
-            probs = model.forward(batch).logits[:, -1].float().softmax(-1)
+            probs = model.forward(batch, last_position=True).logits[:, -1].float().softmax(-1)
         p = probs.gather(1, ids).cpu().numpy()
         for k, (q, out, s) in enumerate(zip(chunk, outputs, said)):
             labels = q.labels()

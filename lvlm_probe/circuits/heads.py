@@ -96,7 +96,7 @@ def image_attention(model, batch) -> torch.Tensor:
     summed over the batch's examples."""
     image = group_mask(batch, "image").float()  # [b, seq]
     with torch.no_grad(), model.capture("blocks.*.attn.hook_pattern", positions="last", reduce="last") as cache:
-        model.forward(batch)
+        model.forward(batch, last_position=True)  # values come from the hooks
     patterns = cache.stack("blocks.*.attn.hook_pattern").float().cpu()  # [layer, b, head, key]
     return torch.einsum("lbhk,bk->lh", patterns, image)
 

@@ -137,9 +137,9 @@ def patch(
              for p in points for label, mask in masks
              for head in (range(p.heads) if p.transform == "heads" else [None])]
     with torch.no_grad(), model.capture([p.name for p in points]) as cache:
-        clean_logits = model.forward(clean).logits[:, -1]
+        clean_logits = model.forward(clean, last_position=True).logits[:, -1]
     with torch.no_grad():
-        corrupted_logits = model.forward(corrupted).logits[:, -1]
+        corrupted_logits = model.forward(corrupted, last_position=True).logits[:, -1]
     score = scorer(model, clean, corrupted, metric, answers, clean_logits, corrupted_logits)
     m_clean, m_corrupted = score(clean_logits), score(corrupted_logits)
     values = run_sites(model, corrupted, sites, {p.name: cache[p.name] for p in points}, score, sites_per_pass)
@@ -173,7 +173,7 @@ def run_sites(model, corrupted, sites: Sequence[Site], sources: dict[str, Tensor
             edits[name] = _where(name, chunk, sources[name], n)
         inputs = repeat_inputs(corrupted.inputs, len(chunk), model.family.packed_inputs)
         with torch.no_grad(), editing(model, edits):
-            logits = model.hf(**inputs).logits[:, -1]
+            logits = model.run(inputs, last_position=True).logits[:, -1]
         out += [score(run) for run in rearrange(logits, "(r b) v -> r b v", b=n)]
     return torch.stack(out) if out else torch.zeros(0, n)
 

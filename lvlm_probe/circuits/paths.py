@@ -81,9 +81,9 @@ def path_patch(
     L = model.n_layers
     z_names = [f"blocks.{layer}.attn.hook_z" for layer in sorted({s[0] for s in senders})]
     with torch.no_grad(), model.capture(z_names) as clean_z:
-        clean_logits = model.forward(clean).logits[:, -1]
+        clean_logits = model.forward(clean, last_position=True).logits[:, -1]
     with torch.no_grad(), model.capture(z_names) as corrupted_z:
-        corrupted_logits = model.forward(corrupted).logits[:, -1]
+        corrupted_logits = model.forward(corrupted, last_position=True).logits[:, -1]
     score = scorer(model, clean, corrupted, metric, answers, clean_logits, corrupted_logits)
     m_clean, m_corrupted = score(clean_logits).mean(), score(corrupted_logits).mean()
 
@@ -97,7 +97,7 @@ def path_patch(
             edits = _receiver_edits(model, corrupted, chunk, deltas, receivers)
         inputs = repeat_inputs(corrupted.inputs, len(chunk), model.family.packed_inputs)
         with torch.no_grad(), editing(model, edits):
-            logits = model.hf(**inputs).logits[:, -1]
+            logits = model.run(inputs, last_position=True).logits[:, -1]
         values += [score(run).mean() for run in rearrange(logits, "(r b) v -> r b v", b=len(corrupted))]
     raw = torch.stack(values)
     normalised = normalise(raw, m_clean, m_corrupted)
@@ -148,7 +148,7 @@ def _receiver_edits(model, corrupted, chunk: Sequence[Head], deltas: Tensor, rec
         edits[f"blocks.{layer}.hook_resid_pre"] = _adding(rearrange(runs, "l k b p d -> (l k) b p d"))
     inputs = repeat_inputs(corrupted.inputs, len(layers) * k, model.family.packed_inputs)
     with torch.no_grad(), editing(model, edits), model.capture(names) as cache:
-        model.hf(**inputs)
+        model.run(inputs, last_position=True)
     patched = {}
     for j, layer in enumerate(layers):
         for x in INPUTS:

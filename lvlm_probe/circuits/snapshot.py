@@ -153,7 +153,7 @@ def snapshot(model, batch: Batch, example: int = 0, target: Answer | None = None
     L = model.n_layers
     names = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_v", "blocks.*.hook_resid_post"]
     with torch.no_grad(), model.capture(names) as cache:
-        logits = model.forward(one).logits[0, -1].float()
+        logits = model.forward(one, last_position=True).logits[0, -1].float()
     if target is None:
         target = int(logits.argmax())
     targets, foils, ids = target_ids(model, one, target, foil)

@@ -215,7 +215,7 @@ def run(model: Any, plan: Plan, examples: list[Example], dtype: torch.dtype, don
             lm = stack.enter_context(model.capture(plan.lm, positions=plan.selector, reduce=plan.reduce)) \
                 if plan.lm else None
             whole = stack.enter_context(model.capture(plan.whole)) if plan.whole else None
-            model.forward(batch)
+            model.forward(batch, last_position=True)  # values come from the hooks
     except (LayoutError, InputError, ImageTypeError) as err:
         raise _again(err, where) from err
     values: dict[str, Tensor] = {}

@@ -302,7 +302,7 @@ def _check_whole(model: Any, row: Any, patterns: list[str]) -> None:
     batch = model.prepare(images=[example["image"]], prompts=[example["prompt"]])
     names = expand(patterns, model.hook_names())
     with torch.no_grad(), model.capture(names) as cache:
-        model.forward(batch)
+        model.forward(batch, last_position=True)  # values come from the hooks
     for name in names:
         shape = tuple(cache[name].shape)
         if shape[0] != 1:
