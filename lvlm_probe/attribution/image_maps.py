@@ -44,6 +44,7 @@ answer is not the target.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -391,7 +392,7 @@ def _words(layout, positions: list[Tensor], names: list[str]) -> None:
 def image_map(
     model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None,
     method: str = "ig", n_steps: int = 256, n_samples: int = 25, seed: int = 0, grid: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
 ) -> ImageMap:
     """Score every image cell and prompt word of each example for the target (see module docstring).
 
@@ -639,6 +640,22 @@ class _Score:
         return (self.member @ flow[-1]).numpy()
 
 
+@contextlib.contextmanager
+def _weights_frozen(module: torch.nn.Module):
+    """The weights out of autograd for the block (restored after): IG needs the gradient of the
+    score with respect to the gates only, and with trainable weights autograd would also keep
+    every layer's inputs for their gradients, and the vision tower's whole graph, which at 7B
+    widths is most of a step's memory."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samples: int, seed: int,
                batch_size: int):
     ones = torch.ones(1, n_features)
@@ -648,7 +665,7 @@ def _attribute(score: _Score, method: str, n_features: int, n_steps: int, n_samp
         return score.rollout(), None
     if method == "ig":
         ig = IntegratedGradients(score.scaled)
-        with torch.enable_grad():
+        with torch.enable_grad(), _weights_frozen(score.model.hf):
             values, delta = ig.attribute(ones.to(score.model.device), baselines=0.0 * ones.to(score.model.device),
                                          n_steps=n_steps, method="riemann_trapezoid",
                                          return_convergence_delta=True, internal_batch_size=batch_size)

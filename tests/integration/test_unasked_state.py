@@ -77,3 +77,47 @@ def test_attribution_and_capture_passes_keep_no_cache_and_one_position(family, t
     assert passes
     assert all(use_cache is False and cache is None for use_cache, _, cache in passes)
     assert all(shape[1] == 1 for _, shape, _ in passes)
+
+
+def _weights_in_graph(tensor, parameters) -> int:
+    """How many of ``parameters`` the autograd graph behind ``tensor`` leads to."""
+    ids, found, seen, stack = {id(p) for p in parameters}, set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that wants a gradient
+        if variable is not None and id(variable) in ids:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(found)
+
+
+def test_integrated_gradients_differentiate_the_gates_only():
+    """IG takes gradients with respect to its gates only: its passes' graphs lead to no weight
+    (which would keep every layer's inputs, and the vision tower's graph, for the weights'
+    gradients), and the weights' trainable flags are as they were afterwards (a frozen one too)."""
+    model = lp.zoo.tiny("llava", device="cpu")
+    batch = model.prepare(images=[[random_image(40, 56, seed=1)]], prompts=PROMPTS[:1])
+    parameters = list(model.hf.parameters())
+    frozen = parameters[0]
+    frozen.requires_grad_(False)
+    graphs = []
+
+    def after(module, args, output):
+        graphs.append((output.logits.requires_grad, _weights_in_graph(output.logits, parameters)))
+
+    handle = model.hf.register_forward_hook(after)
+    try:
+        lp.attribution.image_map(model, batch, target=5, method="ig", n_steps=4)
+        assert not frozen.requires_grad and all(p.requires_grad for p in parameters[1:])
+    finally:
+        handle.remove()
+        frozen.requires_grad_(True)
+    # the integration passes carry the gates' graph (the other passes, scoring the full input,
+    # none), and no graph leads to a weight
+    assert any(on_gates for on_gates, _ in graphs)
+    assert all(weights == 0 for _, weights in graphs)
+    # a pass with trainable weights leads to them: the check can fail
+    assert _weights_in_graph(model.forward(batch, grad=True).logits, parameters) > 0
