@@ -14,17 +14,16 @@ one forward and one capture, to check that memory scales with depth as the reduc
 predict.
 
 Each operation runs in its own process, which loads the model, runs a bare forward of the same
-batch ``--repeats`` times, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), then
-runs the operation ``--repeats`` times; allocations over 64 KiB are served by mmap in that process
-(``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once and the peak is what
-was alive at one time. Reported per operation: time / bare forward (medians, same
-process), the peak resident memory above the process's resident size before the operation (on
-CUDA: ``torch.cuda.max_memory_allocated`` above the allocated bytes), the bytes of the values the
-operation returns, and whether any weight changed dtype. The formula the figures are compared with
-(``docs/scaling.md``):
-
-    peak extra of a capture = peak extra of the bare forward + kept values,
-    kept values of resid streams at image positions = n_layers x n_image_tokens x batch x d_model x bytes
+batch ``--repeats`` times, runs the operation once (what a first call loads once, libraries,
+kernels, thread pools, is not memory the operation needs per call), resets the kernel's peak-RSS
+counter (``/proc/self/clear_refs``), then runs the operation ``--repeats`` times; allocations over
+64 KiB are served by mmap in that process (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the
+resident set at once and the peak is what was alive at one time. Reported per operation: time /
+bare forward (medians, same process), the peak resident memory above the process's resident size
+before the operation (on CUDA: ``torch.cuda.max_memory_allocated`` above the allocated bytes), the
+same by the formula of ``docs/scaling.md`` section 5 (:func:`predicted`, from the model's sizes)
+and their ratio, the bytes of the values the operation returns, and whether any weight changed
+dtype.
 """
 from __future__ import annotations
 
@@ -57,11 +56,12 @@ SHAPES = {
 }
 OPERATIONS = ["forward", "capture", "extract", "source_split", "image_map_ablation", "image_map_ig", "knockout",
               "patch_one_layer", "logit_lens", "transformer_lens_run_with_cache", "nnsight_trace"]
-# image_map(method="ablation") hides each of the ~600 cells and words in its own row of one batch:
-# ~600 forward passes' work, about an hour per run on 2 CPU cores; ask for it with --operations
+# image_map(method="ablation") hides each of the ~600 cells and words in its own row, MAP_ROWS rows
+# per pass: ~600 forward passes' work, about an hour per run on 2 CPU cores; ask for it with --operations
 DEFAULT = [op for op in OPERATIONS if op != "image_map_ablation"]
 RESID = "blocks.*.hook_resid_post"
 EXTRACT_N, EXTRACT_BATCH = 32, 8
+MAP_ROWS = 16  # image_map's default batch_size: rows per forward pass
 IG_STEPS = 8  # integration steps of image_map(method="ig") here (the default is 256: time scales with it)
 
 
@@ -243,6 +243,9 @@ def child(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             model.forward(batch)
             forward.append(time.perf_counter() - start)
+        # one call before the counter is reset: what a first call loads once (libraries, kernels,
+        # thread pools) is not memory the operation needs per call
+        call()
         base = _reset_peak(model.device)
         times, kept = [], 0
         for _ in range(args.repeats):
@@ -256,7 +259,24 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"operation": args.child, "seconds": statistics.median(times),
                       "forward_seconds": statistics.median(forward), "peak_extra_bytes": peak,
                       "kept_bytes": kept, "upcast_parameters": upcast[:5], "n_image_tokens": n_image,
-                      "n_layers": model.n_layers, "d_model": model.d_model}))
+                      "n_layers": model.n_layers, "d_model": model.d_model, "dims": _dims(model, batch)}))
+
+
+def _dims(model, batch) -> dict:
+    """The sizes the memory formula reads (see :func:`predicted`)."""
+    text = model.hf.config.get_text_config()
+    vision = model.hf.config.vision_config
+    if model.family.name == "qwen2_vl":  # patches before the 2x2 merger; sdpa per image, no mask
+        n_vision = int(batch.inputs["image_grid_thw"].prod(-1).sum())
+        d_vision, mlp_vision, masked = vision.embed_dim, vision.embed_dim * vision.mlp_ratio, False
+    else:  # CLIP: the patches and the class token, under a mask like the language model's
+        n_vision = (vision.image_size // vision.patch_size) ** 2 + 1
+        d_vision, mlp_vision, masked = vision.hidden_size, vision.intermediate_size, True
+    return {"T": int(batch.input_ids.shape[1]), "T_img": int(batch.layouts[0].positions("image").numel()),
+            "d": text.hidden_size, "F": text.intermediate_size, "H": text.num_attention_heads,
+            "V": model.d_vocab, "L": model.n_layers, "N_v": n_vision, "d_v": d_vision, "F_v": mlp_vision,
+            "H_v": vision.num_attention_heads if hasattr(vision, "num_attention_heads") else vision.num_heads,
+            "vision_masked": masked}
 
 
 def run_child(model_dir: Path, operation: str, image_px: int, args: argparse.Namespace) -> dict:
@@ -272,20 +292,67 @@ def run_child(model_dir: Path, operation: str, image_px: int, args: argparse.Nam
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --- the memory formula of docs/scaling.md, section 5 ------------------------------------------------
+B = 2  # bytes per value in bfloat16
+
+
+def row_bytes(m: dict) -> float:
+    """Peak transient of one row of a pass: the larger of a language-model layer (the MLP's gate,
+    up and product, a float32 norm, and the attention scores its mask makes sdpa materialise)
+    and a vision layer (the same, scores only where its attention gets a mask)."""
+    lm = m["T"] * (3 * m["F"] * B + 4 * m["d"]) + m["H"] * m["T"] ** 2 * B
+    vision = m["N_v"] * (3 * m["F_v"] * B + 4 * m["d_v"]) + (m["H_v"] * m["N_v"] ** 2 * B if m["vision_masked"] else 0)
+    return max(lm, vision)
+
+
+def eager_row_bytes(m: dict) -> float:
+    """A row whose attention is edited (hidden keys, knocked-out edges): eager attention also keeps
+    the masked scores, their float32 softmax and its bfloat16 copy (8 bytes per score)."""
+    return row_bytes(m) + 8 * m["H"] * m["T"] ** 2
+
+
+def graph_bytes_per_layer(m: dict) -> float:
+    """What autograd keeps of one language-model layer for one row when only the inputs need a
+    gradient (the weights are out of autograd): three MLP tensors of width F (the gate, its
+    activation, up), six of width d in bfloat16 (queries, keys, values, attention output, the
+    norms' outputs) and one float32 norm input."""
+    return m["T"] * (3 * m["F"] * B + 6 * m["d"] * B + 4 * m["d"])
+
+
+def predicted(operation: str, r: dict) -> float | None:
+    """Peak extra bytes of ``operation`` by the formula (None for the peer libraries)."""
+    m = r["dims"]
+    kept = r["kept_bytes"]
+    logits = m["T"] * m["V"] * B + 4 * m["T"] * m["d"]  # every position's logits, the final norm
+    forward = max(row_bytes(m), logits)
+    return {
+        "forward": forward,
+        "capture": forward + kept,
+        "extract": EXTRACT_BATCH * row_bytes(m) + kept,
+        "source_split": 4 * eager_row_bytes(m),
+        "knockout": (m["L"] + 1) * eager_row_bytes(m),
+        "patch_one_layer": 3 * row_bytes(m) + 2 * m["T"] * m["d"] * B,
+        "logit_lens": max(row_bytes(m), 3 * m["T_img"] * m["V"] * 4) + m["L"] * m["T_img"] * m["d"] * B,
+        "image_map_ig": min(IG_STEPS, MAP_ROWS) * (m["L"] * graph_bytes_per_layer(m) + row_bytes(m)),
+        "image_map_ablation": MAP_ROWS * eager_row_bytes(m),
+    }.get(operation)
+
+
 def report(shape: str, layers: int, results: list[dict]) -> None:
-    forward = next((r for r in results if r["operation"] == "forward" and "error" not in r), None)
     print(f"\n{shape}, {layers} layers per tower, bfloat16, batch of one image")
-    print(f"{'operation':34s} {'time / forward':>15s} {'peak extra MiB':>15s} {'kept MiB':>9s}  notes")
+    print(f"{'operation':34s} {'time / forward':>15s} {'peak extra MiB':>15s} {'formula MiB':>12s} "
+          f"{'kept MiB':>9s}  notes")
     for r in results:
         if "error" in r:
             print(f"{r['operation']:34s} {'-':>15s} {'-':>15s} {'-':>9s}  {r['error']}")
             continue
         ratio = r["seconds"] / r["forward_seconds"]
         note = f"upcast {r['upcast_parameters']}" if r["upcast_parameters"] else ""
-        if r["operation"] == "capture" and forward:
-            predicted = forward["peak_extra_bytes"] + r["n_layers"] * r["n_image_tokens"] * r["d_model"] * 2
-            note += f"predicted {predicted / 2**20:.0f} MiB ({r['peak_extra_bytes'] / predicted:.2f}x)"
-        print(f"{r['operation']:34s} {ratio:15.2f} {r['peak_extra_bytes'] / 2**20:15.0f} "
+        formula = predicted(r["operation"], r)
+        shown = f"{formula / 2**20:12.0f}" if formula else f"{'-':>12s}"
+        if formula:
+            note += f"measured / formula {r['peak_extra_bytes'] / formula:.2f}"
+        print(f"{r['operation']:34s} {ratio:15.2f} {r['peak_extra_bytes'] / 2**20:15.0f} {shown} "
               f"{r['kept_bytes'] / 2**20:9.1f}  {note}")
 
 
