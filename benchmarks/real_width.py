@@ -235,7 +235,6 @@ def child(args: argparse.Namespace) -> None:
     batch = model.prepare(images=[questions[0].image], prompts=[questions[0].prompt])
     corrupted = model.prepare(images=[questions[1].image], prompts=[questions[0].prompt])
     rows = [{"id": i, "image": q.image, "prompt": q.prompt} for i, q in enumerate(questions)]
-    n_image = int(batch.layouts[0].positions("image").numel())
     with tempfile.TemporaryDirectory() as work:
         call = _operation(args.child, model, batch, corrupted, rows, Path(work))
         forward = []
@@ -258,8 +257,7 @@ def child(args: argparse.Namespace) -> None:
     upcast = sorted(n for n, p in model.hf.named_parameters() if p.dtype != dtypes[n])
     print(json.dumps({"operation": args.child, "seconds": statistics.median(times),
                       "forward_seconds": statistics.median(forward), "peak_extra_bytes": peak,
-                      "kept_bytes": kept, "upcast_parameters": upcast[:5], "n_image_tokens": n_image,
-                      "n_layers": model.n_layers, "d_model": model.d_model, "dims": _dims(model, batch)}))
+                      "kept_bytes": kept, "upcast_parameters": upcast[:5], "dims": _dims(model, batch)}))
 
 
 def _dims(model, batch) -> dict:
