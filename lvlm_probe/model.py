@@ -6,7 +6,9 @@ unchanged, and answers the questions a probe asks of it (next-token log-probabil
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from . import families, hooks
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError, LayoutError, LVLMProbeError, ModelLoadError, UnsupportedModelError
 from .families.base import Family
+from .hooks.selectors import check as check_selector
+from .hooks.selectors import gather, resolve_batch
 from .inputs import Batch, normalize
 from .layout import GROUPS, TokenLayout, locate_prompt
 
@@ -29,6 +33,64 @@ def _last_position_only(module, args):
     states goes in."""
     hidden = args[0]
     return (hidden[:, -1:], *args[1:]) if hidden.dim() == 3 else None
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Generation:
+    """What :meth:`LVLM.generate` produced for a batch.
+
+    Attributes:
+        texts: each example's new text (special tokens removed, stripped).
+        token_ids: each example's new token ids, up to and including its end-of-sequence token.
+        logprobs: per example ``[n_tokens]``, each token's log-probability when it was generated.
+        cache: the activations (``None`` without ``capture``): ``cache[name]`` is
+            ``[batch, kept, ...]``, the prompt positions the selector kept, then one position per
+            generation step after the prompt (``cache.positions()`` gives their sequence positions,
+            ``-1`` at padding); an example that stopped early has pad tokens' states after its end.
+            Values outside the token sequence (vision tower, projector) are those of the prompt pass.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[Tensor]
+    cache: hooks.ActivationCache | None = None
+
+    def __repr__(self) -> str:
+        lengths = [len(ids) for ids in self.token_ids]
+        captured = f", {len(self.cache.names())} hooks captured" if self.cache is not None else ""
+        return f"Generation({len(self.texts)} examples, {min(lengths, default=0)}-{max(lengths, default=0)} tokens{captured})"
+
+
+def _eos_ids(hf) -> set[int]:
+    """The token ids that end generation for this checkpoint."""
+    eos = getattr(hf.generation_config, "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _generated_cache(recorder: hooks.Capture, batch: Batch, selector: Any) -> hooks.ActivationCache:
+    """The per-call values a generation recorded, as one sequence per hook: the prompt pass at
+    the selected positions, then each later step's one position."""
+    length = batch.input_ids.shape[1]
+    # "all" keeps the prompt pass whole (padding included), as a capture of a forward pass does
+    kept = (torch.arange(length).expand(len(batch), -1) if selector == "all"
+            else resolve_batch(selector, batch.layouts).to(torch.long))  # [batch, n] (-1: padding)
+    cache = hooks.ActivationCache(selector, "none")
+    for point in recorder.points:
+        if point.name not in recorder.cache:
+            continue
+        calls = recorder.cache.calls(point.name)
+        if point.space != "lm":
+            cache._calls[point.name] = [calls[0]]
+            continue
+        first = calls[0]
+        if first.shape[1] < length:  # a layer that ran the prompt's last positions only (Gemma 4)
+            first = torch.cat([first.new_zeros((len(first), length - first.shape[1], *first.shape[2:])), first], 1)
+        prompt = first if selector == "all" else gather(first, kept.to(first.device), length=length)
+        cache._calls[point.name] = [torch.cat([prompt, *calls[1:]], dim=1)]
+    steps = len(next(iter(recorder.cache._calls.values()), [None])) - 1
+    generated = length + torch.arange(steps).expand(len(batch), -1)
+    cache._kept.append(torch.cat([kept.cpu(), generated], dim=1))
+    return cache
 
 
 class LVLM:
@@ -339,13 +401,118 @@ class LVLM:
         finally:
             handle.remove()
 
-    def generate(self, batch: Batch, max_new_tokens: int = 16, **kwargs: Any) -> list[str]:
-        """Greedy generation; returns the new text of each example (special tokens removed)."""
+    def generate(self, batch: Batch, max_new_tokens: int = 16, *, capture: str | list[str] | None = None,
+                 positions: Any = "last", **kwargs: Any) -> list[str] | Generation:
+        """Greedy generation (with the KV cache, as HF runs it).
+
+        Args:
+            batch: from :meth:`prepare`.
+            max_new_tokens: the most tokens each example gets.
+            capture: hook names or ``*`` patterns whose activations to keep at every step (see
+                :meth:`capture`); then a :class:`Generation` is returned instead of the texts.
+            positions: with ``capture``, the prompt positions to keep (a selector of
+                :meth:`capture`; the prompt runs in one pass); every position generation feeds
+                through the model after the prompt (each generated token but the last) is kept
+                after them. ``"last"``: one state per generated token, the one that produced it.
+            **kwargs: passed to the HF ``generate`` (e.g. ``do_sample=True``).
+
+        Returns:
+            The new text of each example (special tokens removed); with ``capture``, a
+            :class:`Generation` holding the texts, token ids, the log-probability of each token
+            when it was generated, and the activations.
+
+        Raises:
+            InputError: for attention patterns or scores in ``capture`` (their key axis grows
+                with every step: capture them on the teacher-forced text, :meth:`continued`).
+
+        Example:
+            >>> out = model.generate(batch, 12, capture="blocks.*.hook_resid_post")
+            >>> out.cache.stack("blocks.*.hook_resid_post")  # [layer, batch, 12, d_model]
+        """
+        if capture is None:
+            return self.generation(batch, max_new_tokens, **kwargs).texts
+        return self.generation(batch, max_new_tokens, capture=capture, positions=positions, **kwargs)
+
+    def generation(self, batch: Batch, max_new_tokens: int = 16, *, capture: str | list[str] | None = None,
+                   positions: Any = "last", **kwargs: Any) -> Generation:
+        """:meth:`generate`, returning a :class:`Generation` whether or not it captures."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         kwargs.setdefault("do_sample", False)
-        with torch.no_grad(), hooks.running(batch):
-            out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, **kwargs)
-        new = out[:, batch.input_ids.shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        recorder = hooks.Capture(self, capture, positions="all") if capture is not None else None
+        if recorder is not None:
+            check_selector(positions, "none")
+            patterns = [p.name for p in recorder.points if p.kind == "attention"]
+            if patterns:
+                raise InputError(f"{patterns[:3]} cannot be captured during generation: their key axis "
+                                 "grows with every step; capture them on the teacher-forced text "
+                                 "(model.continued) instead")
+        if recorder is not None and positions != "last" and "logits_to_keep" in inspect.signature(self.hf.forward).parameters:
+            # generate unembeds the prompt's last position only, and a language model may then skip
+            # the other positions in its last layers (Gemma 4): ask for them all
+            kwargs.setdefault("logits_to_keep", 0)
+        with torch.no_grad(), hooks.running(batch), recorder or contextlib.nullcontext():
+            out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, output_logits=True,
+                                   return_dict_in_generate=True, **kwargs)
+        start = batch.input_ids.shape[1]
+        new = out.sequences[:, start:].cpu()
+        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1).cpu()
+        stop = _eos_ids(self.hf)
+        ids, scores = [], []
+        for row, tokens in enumerate(new.tolist()):
+            n = next((k + 1 for k, t in enumerate(tokens) if t in stop), len(tokens))
+            ids.append(tokens[:n])
+            scores.append(logprobs[row, torch.arange(n), new[row, :n]])
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        cache = _generated_cache(recorder, batch, positions) if recorder is not None else None
+        return Generation(texts=texts, token_ids=ids, logprobs=scores, cache=cache)
+
+    def continued(self, batch: Batch, continuations: list[list[int]]) -> dict[str, Any]:
+        """``batch.inputs`` with each example's continuation appended after its last token: the
+        inputs of a teacher-forced pass over generated (or given) text.
+
+        The continuations are right-padded to the longest (attention mask 0 there; nothing before a
+        pad reads it). Every other per-position input is extended the way the checkpoint's
+        ``generate`` extends it (the family's ``continued_input``), so position ``p`` of the result
+        computes what generation computed there.
+
+        Args:
+            batch: from :meth:`prepare`.
+            continuations: one list of token ids per example (may be empty).
+
+        Raises:
+            InputError: for a number of continuations other than the batch's, or an entry that is
+                not a list of token ids in the vocabulary.
+        """
+        if not isinstance(continuations, (list, tuple)) or len(continuations) != len(batch):
+            got = len(continuations) if isinstance(continuations, (list, tuple)) else type(continuations).__name__
+            raise InputError(f"expected one list of token ids per example ({len(batch)}), got {got}")
+        for i, ids in enumerate(continuations):
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.d_vocab for t in ids):
+                raise InputError(f"continuation {i} must be a list of token ids in [0, {self.d_vocab}), "
+                                 f"got {ids!r}")
+        added = max((len(ids) for ids in continuations), default=0)
+        inputs = dict(batch.inputs)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = torch.full((len(batch), added), self.tokenizer.pad_token_id, dtype=ids.dtype)
+        extra_mask = torch.zeros((len(batch), added), dtype=mask.dtype)
+        for i, tokens in enumerate(continuations):
+            extra[i, :len(tokens)] = torch.tensor(tokens, dtype=ids.dtype)
+            extra_mask[i, :len(tokens)] = 1
+        # the processor's training labels (PaliGemma) would ask HF for a loss over the old sequence
+        inputs.pop("labels", None)
+        length = ids.shape[1]
+        for key, value in list(inputs.items()):
+            if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
+                continue
+            per_position = value.shape[-1] == length if key == "position_ids" else (
+                value.dim() >= 2 and tuple(value.shape[:2]) == tuple(ids.shape))
+            if per_position:
+                inputs[key] = self.family.continued_input(key, value, added)
+        inputs["input_ids"] = torch.cat([ids, extra.to(ids.device)], dim=1)
+        inputs["attention_mask"] = torch.cat([mask, extra_mask.to(mask.device)], dim=1)
+        return self.family.model_inputs(inputs)
 
     def answer_token_ids(self, batch: Batch, answers: list[str | int] | list[list[str | int]], *,
                          first_token: bool | None = None) -> Tensor:

@@ -9,6 +9,7 @@ Example:
     >>> split.shares()      # prior, prompt, image, full per example
     >>> split.plot()
     >>> lp.attribution.logit_lens(model, batch, positions="image", k=5).tokens(layer=-1, example=0)
+    >>> lp.attribution.explain_generation(model, batch, max_new_tokens=12).plot()  # per generated token
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .faithfulness import (
            deletion_insertion,
            randomization_check,
 )
+from .generation import GenerationSplit, explain_generation, teacher_forced
 from .groups import GROUPS
 from .image_maps import METHODS, ImageMap, image_map
 from .lens import LogitLens, logit_lens
@@ -27,6 +29,6 @@ from .results import AttributionResult, AttributionTable
 from .sources import COALITIONS, SourceSplit, source_split
 
 __all__ = ["COALITIONS", "GROUPS", "METHODS", "AttributionResult", "AttributionTable", "DeletionInsertion",
-           "DirectLogitAttribution", "ImageMap", "KnockoutCurve", "LogitLens", "RandomizationCheck",
-           "SourceSplit", "deletion_insertion", "dla", "image_map", "knockout", "logit_lens",
-           "randomization_check", "source_split"]
+           "DirectLogitAttribution", "GenerationSplit", "ImageMap", "KnockoutCurve", "LogitLens", "RandomizationCheck",
+           "SourceSplit", "deletion_insertion", "dla", "explain_generation", "image_map", "knockout", "logit_lens",
+           "randomization_check", "source_split", "teacher_forced"]

@@ -49,6 +49,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,7 @@ from torch import Tensor
 
 from ..errors import InputError, LayoutError
 from ..hooks import attention
+from .generation import continuation_ids, teacher_forced
 from .groups import repeat_inputs
 from .results import AttributionResult, legacy_calls, moved_to_keywords, number, seeded
 from .targets import Answer, target_ids
@@ -390,9 +392,9 @@ def _words(layout, positions: list[Tensor], names: list[str]) -> None:
 
 @legacy_calls(moved_to_keywords(3, ["foil"]), "image_map(model, batch, target, foil=..., method=...)")
 def image_map(
-    model, batch, target: Answer | list[Answer], *, foil: Answer | list[Answer] | None = None,
+    model, batch, target: Answer | list[Answer] | None = None, *, foil: Answer | list[Answer] | None = None,
     method: str = "ig", n_steps: int = 256, n_samples: int = 25, seed: int = 0, grid: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 16, continuation: Any = None, token: int | None = None,
 ) -> ImageMap:
     """Score every image cell and prompt word of each example for the target (see module docstring).
 
@@ -433,6 +435,11 @@ def image_map(
             ``"ablation"``, ``"shapley"`` and ``"kernelshap"`` (one per row) and IG's integration
             steps. Peak memory grows with it (IG also keeps each row's autograd graph); at 7B widths
             one row costs about a forward pass's memory (``docs/scaling.md``, section 5).
+        continuation, token: map token ``token`` (0-based) of a continuation of each example (a
+            string or list of token ids per example, e.g. ``model.generation(batch).token_ids``)
+            instead of the next token after the prompt: the continuation's tokens before it are
+            appended to the input (teacher-forced, part of the template: always visible) and the
+            target defaults to the token itself.
 
     Returns:
         An :class:`ImageMap`, with what it explains: the model's name, the full input's score
@@ -441,14 +448,21 @@ def image_map(
     Raises:
         InputError: for an unknown method, a family whose images are not in the sequence, an
             example without grid cells, a ``grid`` some image does not have (the message lists the
-            grids it has) or that is not spatial, or bad targets.
+            grids it has) or that is not spatial, bad targets, no target without a continuation,
+            or a ``token`` that is not an index into every example's continuation.
 
     Example:
         >>> maps = lp.attribution.image_map(model, batch, target="red", method="ablation")
         >>> maps.scores[0]   # [rows, cols]
         >>> maps.plot(0)
         >>> image_map(model, batch, target="red", grid="base")   # LLaVA-NeXT: the base grid
+        >>> image_map(model, batch, continuation="a small red heart", token=2, method="ablation")
     """
+    if continuation is not None:
+        batch, target = _continued(model, batch, target, continuation, token)
+    elif target is None or token is not None:
+        raise InputError("image_map needs a target, or a continuation and the index of its token "
+                         f"to map (got target={target!r}, token={token!r}, no continuation)")
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; available: {METHODS}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -497,6 +511,21 @@ def image_map(
                     model_answer_ids=answer_ids, model_answer_probs=best.exp(),
                     method=method, targets=targets, foils=foils, target_ids=ids[:, 0],
                     foil_ids=ids[:, 1] if foils else None, layouts=list(batch.layouts))
+
+
+def _continued(model, batch, target, continuation, token):
+    """The batch extended by each continuation's tokens before ``token``, and the target (by
+    default that token of each continuation)."""
+    ids = continuation_ids(model, batch, continuation)
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise InputError(f"token must be the index (an int >= 0) of the continuation's token to map, got {token!r}")
+    short = [(i, len(row)) for i, row in enumerate(ids) if token >= len(row)]
+    if short:
+        i, n = short[0]
+        raise InputError(f"token {token} is past the continuation of example {i}, which has {n} tokens "
+                         f"({model.tokenizer.convert_ids_to_tokens(ids[i])})")
+    extended = teacher_forced(model, batch, [row[:token] for row in ids])
+    return extended, [row[token] for row in ids] if target is None else target
 
 
 def model_name(model) -> str:

@@ -172,29 +172,8 @@ def source_split(
     targets, foils, ids = target_ids(model, batch, target, foil)
     masked = ablation == "mask"
     hidden = _coalitions(model, batch, hide_image=masked)
-    inputs = repeat_inputs(batch.inputs, len(COALITIONS), model.family.packed_inputs)
-    # the prompt is hidden from attention where a coalition lacks it; where something outside the
-    # language model's attention reads it too (an instruction-aware image encoder), the adapter
-    # removes it there
-    with_prompt = torch.tensor([c in ("full", "prompt") for c in COALITIONS]).repeat_interleave(len(batch))
-    inputs = model.family.hide_prompt(inputs, with_prompt)
-    edits = {}
-    if masked:  # where hiding positions cannot remove the image (cross-attention), the adapter does
-        present = torch.tensor([c in ("full", "image") for c in COALITIONS]).repeat_interleave(len(batch))
-        inputs = model.family.hide_images(inputs, present)
-        edits = {name: _zeroing_rows(~present) for name in model.family.image_write_hooks(model.config)}
-    else:  # the coalitions without the image ("prompt", "empty") see a replaced one
-        pixels = batch.inputs["pixel_values"]
-        axis = model.family.packed_inputs.get("pixel_values", 0)
-        if ablation == "mean" and axis:
-            raise InputError(f"ablation='mean' needs one image per row of pixel_values; {model.family.name} "
-                             "packs the batch's images into one row")
-        if ablation == "mean":
-            replaced = _mean_image(pixels, batch.inputs.get("image_grid_thw"))
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            replaced = diffusion_noise(pixels, noise_step, generator)
-        inputs["pixel_values"] = torch.cat([pixels, pixels, replaced, replaced], dim=axis)
+    inputs, edits = removed_inputs(model, batch, batch.inputs, [c in ("full", "image") for c in COALITIONS],
+                                   [c in ("full", "prompt") for c in COALITIONS], ablation, noise_step, seed)
     with torch.no_grad(), attention.hiding_positions(model, hidden.to(model.device)), editing(model, edits):
         logits = model.run(inputs, last_position=True).logits[:, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1).cpu()
@@ -210,6 +189,49 @@ def source_split(
                        targets=targets, foils=foils, ablation=ablation, method="source_split",
                        target_ids=ids[:n, 0], foil_ids=ids[:n, 1] if foils else None,
                        layouts=list(batch.layouts))
+
+
+def removed_inputs(
+    model, batch, inputs: dict[str, Any], image_present: list[bool], prompt_present: list[bool],
+    ablation: str, noise_step: int = 500, seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``inputs`` (the batch's, or built from them) run once per coalition, with what hiding
+    positions from attention cannot remove removed where a coalition lacks it.
+
+    The prompt: where something outside the language model's attention reads it (an
+    instruction-aware image encoder), the adapter removes it there (``hide_prompt``). The image,
+    with ``ablation="mask"``: where hiding its positions cannot remove it (cross-attention), the
+    adapter removes it (``hide_images``) and its write hooks are zeroed; otherwise the coalitions
+    without it see the batch's mean pixels or VCD's diffusion noise instead.
+
+    Args:
+        inputs: model inputs of the batch's examples, in the batch's order.
+        image_present, prompt_present: per coalition, whether it holds the player.
+        ablation, noise_step, seed: as in :func:`source_split`.
+
+    Returns:
+        The inputs of ``len(image_present) * len(batch)`` rows (coalition-major) and the value
+        edits to apply while they run.
+    """
+    n = len(batch)
+    repeated = repeat_inputs(inputs, len(image_present), model.family.packed_inputs)
+    with_prompt = torch.tensor(prompt_present).repeat_interleave(n)
+    repeated = model.family.hide_prompt(repeated, with_prompt)
+    present = torch.tensor(image_present).repeat_interleave(n)
+    if ablation == "mask":
+        repeated = model.family.hide_images(repeated, present)
+        return repeated, {name: _zeroing_rows(~present) for name in model.family.image_write_hooks(model.config)}
+    pixels = batch.inputs["pixel_values"]
+    axis = model.family.packed_inputs.get("pixel_values", 0)
+    if ablation == "mean" and axis:
+        raise InputError(f"ablation='mean' needs one image per row of pixel_values; {model.family.name} "
+                         "packs the batch's images into one row")
+    if ablation == "mean":
+        replaced = _mean_image(pixels, batch.inputs.get("image_grid_thw"))
+    else:
+        replaced = diffusion_noise(pixels, noise_step, torch.Generator().manual_seed(seed))
+    repeated["pixel_values"] = torch.cat([pixels if kept else replaced for kept in image_present], dim=axis)
+    return repeated, {}
 
 
 def _zeroing_rows(rows: Tensor):

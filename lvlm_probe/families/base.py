@@ -273,6 +273,27 @@ class Family:
         """
         return inputs
 
+    def continued_input(self, key: str, value: Tensor, added: int) -> Tensor:
+        """A per-position model input ``[batch, seq, ...]`` (``[..., batch, seq]`` for position ids)
+        extended by ``added`` positions of text continuing the sequence, as the checkpoint's
+        ``generate`` extends it step by step (``GenerationMixin._update_model_kwargs_for_generation``):
+        position ids count on, multimodal token types are 0 (text), every other input repeats its
+        last position (token types, Mllama's cross-attention mask). ``input_ids`` and
+        ``attention_mask`` are the caller's. PaliGemma marks the continuation as suffix (type 1).
+
+        Args:
+            key: the input's name (e.g. ``"token_type_ids"``).
+            value: its tensor over the original sequence.
+            added: how many positions to add.
+        """
+        if key == "position_ids":
+            steps = torch.arange(1, added + 1, dtype=value.dtype, device=value.device)
+            return torch.cat([value, value[..., -1:] + steps], dim=-1)
+        if key == "mm_token_type_ids":
+            return torch.cat([value, value.new_zeros((*value.shape[:1], added, *value.shape[2:]))], dim=1)
+        last = value[:, -1:]
+        return torch.cat([value, last.expand(-1, added, *last.shape[2:])], dim=1)
+
     def image_write_hooks(self, config) -> list[str]:
         """Hook names whose values carry the images into the residual stream where the images are
         not token positions (cross-attention outputs, before any gate). Zeroing them for a row,

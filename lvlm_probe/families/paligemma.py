@@ -7,6 +7,9 @@ appends a newline: ``<image> x N <bos> prompt \\n``. Each image is one fixed squ
 """
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from .base import Family
 
 
@@ -30,6 +33,13 @@ class PaliGemma(Family):
         """PaliGemma's forward soft-caps the logits with its text config's
         ``final_logit_softcapping`` (None for Gemma 1 language models)."""
         return getattr(self.text_config(config), "final_logit_softcapping", None)
+
+    def continued_input(self, key: str, value: Tensor, added: int) -> Tensor:
+        """The continuation is the suffix (``token_type_ids`` 1): it attends causally, the prefix
+        both ways, as PaliGemma's ``generate`` marks its new tokens."""
+        if key == "token_type_ids":
+            return torch.cat([value, value.new_ones((len(value), added))], dim=1)
+        return super().continued_input(key, value, added)
 
     def format_prompt(self, processor, prompt: str, n_images: int) -> str:
         """``<image>`` once per image, then the bare prompt.

@@ -23,6 +23,7 @@ from conftest import PROMPTS, random_image, store_files
 import lvlm_probe as lp
 from lvlm_probe import fileio
 from lvlm_probe.attribution import dla, knockout, logit_lens, source_split
+from lvlm_probe.attribution.generation import COALITIONS as GENERATION_COALITIONS
 from lvlm_probe.attribution.lens import unembed
 from lvlm_probe.circuits import editing, patch
 from lvlm_probe.circuits.patching import Site, run_sites
@@ -415,3 +416,78 @@ def test_patching_everything_restores_and_nothing_leaves_the_corrupted_run(subje
         if site.label == "all" and site.point.layer not in layers:
             continue
         torch.testing.assert_close(scores[s], expected, atol=1e-4, rtol=0, msg=f"{site.point.name} {site.label}")
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+# a continuation of a caption's shape, tokenized by each family's own tokenizer
+CAPTION = "a red heart above a blue star and a green circle"
+
+
+@pytest.fixture(scope="module")
+def generation(subject):
+    """Five greedy tokens of the subject's batch, every position's residual stream kept."""
+    return subject.model.generate(subject.batch, 5, capture=RESID, positions="all")
+
+
+def test_teacher_forced_text_reproduces_generation(subject, generation):
+    """The generated text run teacher-forced gives each token the log-probability it had when it
+    was generated (with the KV cache), and the activations captured during generation are those
+    of the teacher-forced run at every real position."""
+    model, batch = subject.model, subject.batch
+    ids = generation.token_ids
+    start = batch.input_ids.shape[1]
+    with torch.no_grad(), model.capture(RESID) as cache:
+        logits = model.run(model.continued(batch, ids)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1).cpu()
+    for i, row in enumerate(ids):
+        forced = logprobs[i, start - 1 + torch.arange(len(row)), torch.tensor(row)]
+        torch.testing.assert_close(forced, generation.logprobs[i], atol=1e-5, rtol=0)
+    # generation feeds every token but the last through the model
+    ran = start + min(len(row) for row in ids) - 1
+    real = model.continued(batch, ids)["attention_mask"][:, :ran].bool().cpu()
+    captured, forced = generation.cache.stack(RESID)[:, :, :ran], cache.stack(RESID)[:, :, :ran]
+    scale = forced.abs().amax()
+    torch.testing.assert_close((captured - forced)[:, real].abs().amax() / scale, torch.tensor(0.0),
+                               atol=1e-5, rtol=0)
+
+
+def test_generation_split_is_exact_or_raises(subject, generation):
+    """Per generated token: prior + prompt + image + generated = the token's log-probability,
+    which is the one seen during generation; the first token has no earlier words. Families whose
+    layers mix tokens without a mask cannot hide earlier words from one reader only: they raise."""
+    model, batch = subject.model, subject.batch
+    unmasked = model.family.unmasked_mixing_layers(model.config)
+    if unmasked:
+        with pytest.raises(InputError, match=f"{model.family.name} mixes tokens without an attention mask"):
+            lp.attribution.explain_generation(model, batch, continuation=generation.token_ids)
+        return
+    split = lp.attribution.explain_generation(model, batch, continuation=generation.token_ids, batch_size=3)
+    assert split.passes == 8  # 3 rows per pass: one coalition of two examples each
+    total = split.prior + split.prompt + split.image + split.generated
+    for i, row in enumerate(generation.token_ids):
+        n = len(row)
+        torch.testing.assert_close(total[i, :n], split.full[i, :n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(split.full[i, :n], generation.logprobs[i], atol=1e-5, rtol=0)
+    assert torch.equal(split.generated[:, 0], torch.zeros(len(batch)))
+    assert attention.active() == (0, 0)
+
+
+def test_hidden_earlier_words_are_removed(subject):
+    """Without the generated player, token 3's score does not depend on the continuation's first
+    two tokens (the earlier words; token 2 is the reader): two continuations differing only there
+    give the same value of every coalition without it, and different full scores (the words reach
+    the token)."""
+    model, batch = subject.model, subject.batch
+    ids = [model.continuation_tokens(batch, i, CAPTION)[:4] for i in range(len(batch))]
+    if model.family.unmasked_mixing_layers(model.config):  # declared: no removal per reader
+        with pytest.raises(InputError, match="cannot be removed per token"):
+            lp.attribution.explain_generation(model, batch, continuation=ids)
+        return
+    other = [[subject.yes, subject.no, *row[2:]] for row in ids]
+    assert all(row[:2] != [subject.yes, subject.no] for row in ids)
+    a, b = (lp.attribution.explain_generation(model, batch, continuation=c) for c in (ids, other))
+    for k, coalition in enumerate(GENERATION_COALITIONS):
+        if not coalition[2]:  # (image, prompt, generated) present
+            torch.testing.assert_close(a.values[k, :, 3], b.values[k, :, 3], atol=1e-6, rtol=0, msg=str(coalition))
+    assert (a.values[0, :, 3] - b.values[0, :, 3]).abs().max() > REACHES, "the earlier word does not reach the token"

@@ -79,6 +79,8 @@ def build(shapes, pope_file, tmp_path_factory):
             return knockout(model, batch, target, foil=foil, layers=[0, 2], window=2)
         if name == "image_map":
             return image_map(model, batch, target, foil=foil, method="ablation")
+        if name == "explain_generation":
+            return lp.attribution.explain_generation(model, batch, max_new_tokens=4)
         if name == "deletion_insertion":
             return deletion_insertion(model, batch, target, foil=foil, maps=make("image_map"), random_orders=1)
         if name == "randomization_check":
@@ -117,6 +119,8 @@ COLUMNS = {
     "knockout": ["layer", "window", "example", "target", "p", "p_knocked", "relative_change", "foil", "logodds",
                  "logodds_knocked"],
     "image_map": ["example", "target", "foil", "method", "kind", "image", "row", "col", "word", "value"],
+    "explain_generation": ["example", "index", "token", "token_id", "prior", "prompt", "image", "generated", "full",
+                           "image_share", "generated_share"],
     "deletion_insertion": ["example", "step", "fraction", "deletion", "insertion", "random_deletion",
                            "random_insertion"],
     "randomization_check": ["example", "spearman"],
@@ -201,6 +205,14 @@ def test_attribution_summaries_name_method_examples_answers_and_numbers(build, s
     assert f"table {len(curve.table)} rows x {curve.table.shape[1]} columns" in text
     assert f"image -> last, window 2; largest mean drop at layer {mean.idxmin()}: relative change " \
            f"{number(mean.min())}" in text
+
+    explained = build("explain_generation")
+    tokens = explained.to_frame()
+    text = repr(explained)
+    assert text.startswith(f"GenerationSplit(method='explain_generation', {len(batch)} examples; {len(tokens)} tokens")
+    assert f"mean log-probability {number(tokens['full'].mean())}" in text
+    assert "mean shares " + " ".join(f"{s} {tokens[f'{s}_share'].mean():.2f}"
+                                     for s in ("prior", "prompt", "image", "generated")) in text
 
     rho = build("randomization_check").to_frame()["spearman"]
     assert f"mean Spearman {number(rho.mean())}" in repr(build("randomization_check"))
