@@ -124,7 +124,9 @@ class ChairResult:
         chair_i: hallucinated mentions / mentions (NaN without mentions).
         chair_s: captions with a hallucinated mention / captions.
         mentions: one row per mention: ``caption`` (index), ``word`` (as written), ``start`` (word
-            index in the caption), ``object`` (category), ``hallucinated``.
+            index in the caption), ``object`` (category), ``hallucinated``, ``char_start`` and
+            ``char_end`` (its characters in the caption); with token ids, ``token_start`` and
+            ``token_end`` (its tokens, end exclusive).
         captions: one row per caption: ``caption``, ``text``, ``mentions``, ``hallucinated``,
             ``truth`` (sorted categories), ``missed`` (true categories never mentioned: recall).
     """
@@ -162,16 +164,18 @@ class ChairResult:
                 "recall": (truths - missed) / truths if truths else float("nan")}
 
 
-def find_mentions(caption: str, synonyms: Mapping[str, str]) -> list[tuple[int, str, str]]:
-    """``(word index, matched text, category)`` of every object mention, longest phrase first."""
-    words = re.findall(r"[a-z]+", caption.lower())
+def find_mentions(caption: str, synonyms: Mapping[str, str]) -> list[tuple[int, str, str, int, int]]:
+    """``(word index, matched text, category, first character, end character)`` of every object
+    mention, longest phrase first (the characters are the mention's span in ``caption``)."""
+    spans = [(m.group(), m.start(), m.end()) for m in re.finditer(r"[a-z]+", caption.lower())]
+    words = [w for w, _, _ in spans]
     longest = max((len(k.split()) for k in synonyms), default=1)
     out, i = [], 0
     while i < len(words):
         for size in range(min(longest, len(words) - i), 0, -1):
             phrase = " ".join(words[i:i + size])
             if phrase in synonyms:
-                out.append((i, phrase, synonyms[phrase]))
+                out.append((i, phrase, synonyms[phrase], spans[i][1], spans[i + size - 1][2]))
                 i += size
                 break
         else:
@@ -179,8 +183,21 @@ def find_mentions(caption: str, synonyms: Mapping[str, str]) -> list[tuple[int, 
     return out
 
 
-def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str, str] | str | os.PathLike | None = None
-          ) -> ChairResult:
+def token_spans(token_ids: Sequence[int], tokenizer: Any, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The tokens ``[first, end)`` covering each character span of the text the ids decode to
+    (``tokenizer.decode(token_ids, skip_special_tokens=True)``, unstripped): a token covers the
+    characters its decoded prefix adds."""
+    ends = [len(tokenizer.decode(list(token_ids[:k + 1]), skip_special_tokens=True)) for k in range(len(token_ids))]
+    starts = [0, *ends[:-1]]
+    out = []
+    for first, end in spans:
+        covering = [k for k in range(len(token_ids)) if starts[k] < end and ends[k] > first]
+        out.append((covering[0], covering[-1] + 1) if covering else (-1, -1))
+    return out
+
+
+def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str, str] | str | os.PathLike | None = None,
+          *, token_ids: Sequence[Sequence[int]] | None = None, tokenizer: Any = None) -> ChairResult:
     """CHAIR_i and CHAIR_s of captions against each image's true objects.
 
     Args:
@@ -189,13 +206,17 @@ def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str,
             ShapesWorld scene.
         synonyms: word -> category mapping, or a path to a synonym file (:func:`load_synonyms`);
             default ShapesWorld's (:func:`shapes_synonyms`).
+        token_ids, tokenizer: each caption's token ids (e.g. ``Generation.token_ids``) and the
+            tokenizer that decodes them: every mention then carries its token span
+            (``token_start``, ``token_end``), and each caption must be the text its ids decode to.
 
     Returns:
         A :class:`ChairResult`.
 
     Raises:
         InputError: for lists of different lengths, an empty list, a caption that is not a string,
-            or a synonym table that does not map strings to strings.
+            a synonym table that does not map strings to strings, token ids without a tokenizer, or
+            a caption that is not the text of its token ids.
 
     Example:
         >>> r = lp.bench.chair(["A red heart and a blue star."], [["heart"]])
@@ -212,18 +233,32 @@ def chair(captions: Sequence[str], truths: Sequence[Any], synonyms: Mapping[str,
         raise InputError(f"got {len(captions)} captions and {len(truths)} truths; expected one truth per caption")
     if not len(captions):
         raise InputError("captions is empty; expected at least one caption")
+    if token_ids is not None and (tokenizer is None or len(token_ids) != len(captions)):
+        raise InputError(f"token_ids needs the tokenizer that decodes them and one list per caption; got "
+                         f"{len(token_ids)} lists for {len(captions)} captions, tokenizer {type(tokenizer).__name__}")
+    columns = ["caption", "word", "start", "object", "hallucinated", "char_start", "char_end"]
+    columns += ["token_start", "token_end"] if token_ids is not None else []
     mention_rows, caption_rows = [], []
     for c, (text, truth) in enumerate(zip(captions, truths)):
         if not isinstance(text, str):
             raise InputError(f"captions[{c}] is {type(text).__name__}; expected a string")
         present = _truth_set(truth, table)
-        found = find_mentions(text, table)
-        for start, word, obj in found:
-            mention_rows.append(dict(caption=c, word=word, start=start, object=obj, hallucinated=obj not in present))
-        wrong = sum(obj not in present for _, _, obj in found)
+        if token_ids is not None:
+            decoded = tokenizer.decode(list(token_ids[c]), skip_special_tokens=True)
+            if decoded.strip() != text.strip():
+                raise InputError(f"captions[{c}] {text!r} is not the text of its token ids ({decoded!r})")
+            offset = len(decoded) - len(decoded.lstrip()) - (len(text) - len(text.lstrip()))
+            found = find_mentions(text, table)
+            spans = token_spans(token_ids[c], tokenizer, [(a + offset, b + offset) for *_, a, b in found])
+        else:
+            found = find_mentions(text, table)
+            spans = [()] * len(found)
+        for (start, word, obj, first, end), span in zip(found, spans):
+            mention_rows.append(dict(zip(columns, (c, word, start, obj, obj not in present, first, end, *span))))
+        wrong = sum(obj not in present for _, _, obj, _, _ in found)
         caption_rows.append(dict(caption=c, text=text, mentions=len(found), hallucinated=wrong,
-                                 truth=sorted(present), missed=sorted(present - {o for _, _, o in found})))
-    mentions = pd.DataFrame(mention_rows, columns=["caption", "word", "start", "object", "hallucinated"])
+                                 truth=sorted(present), missed=sorted(present - {o for _, _, o, _, _ in found})))
+    mentions = pd.DataFrame(mention_rows, columns=columns)
     per_caption = pd.DataFrame(caption_rows)
     chair_i = float(mentions["hallucinated"].mean()) if len(mentions) else float("nan")
     chair_s = float((per_caption["hallucinated"] > 0).mean())

@@ -23,6 +23,7 @@ th { background: #f0f0f0; } td.text { text-align: left; }
 figure { margin: 1em 0; } figure img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #444; }
 .mark { background: #fdd; }
+.cause { color: #a00; font-size: 0.75em; margin-left: 0.15em; }
 """
 
 

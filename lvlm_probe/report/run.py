@@ -24,10 +24,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..attribution.image_maps import METHODS
+from ..bench.caption_causes import (
+    CAPTION_CAUSES,
+    MENTION_COLUMNS,
+    CaptionExplanation,
+    explain_captions,
+)
 from ..bench.chair_metric import chair
 from ..bench.diagnosis import CAUSES
 from ..bench.misalignment_benchmark import Misalignment, misalignment, records
 from ..bench.stages import Stages
+from ..bench.tables import scene_key
 from ..errors import InputError
 from ..fileio import atomic_write
 from ..viz import bench as figures
@@ -89,18 +96,57 @@ def _split_examples(errors: pd.DataFrame, k: int = 36) -> pd.DataFrame:
     return order.sort_values(["_first", "_cause"], kind="stable").dropna(subset=["full"]).head(k)
 
 
-def _marked(text: str, mentions: pd.DataFrame) -> str:
-    """A caption with its hallucinated object words highlighted."""
+def _marked(text: str, mentions: pd.DataFrame, notes: dict[int, str] | None = None) -> str:
+    """A caption with its hallucinated object words highlighted (the mentions' word indices), or
+    with the words at the indices of ``notes`` highlighted and each note written after its word."""
+    notes = notes or {}
     marked = {int(r.start) + k for r in mentions.itertuples() if r.hallucinated for k in range(len(r.word.split()))}
     out, index = [], 0
     for piece in re.finditer(r"[A-Za-z]+|[^A-Za-z]+", text):
         word = piece.group()
         if word[0].isalpha():
-            out.append(f'<span class="mark">{markup.esc(word)}</span>' if index in marked else markup.esc(word))
+            shown = markup.esc(word)
+            if index in marked or index in notes:
+                shown = f'<span class="mark">{shown}</span>'
+            if index in notes:
+                shown += f'<sub class="cause">{markup.esc(notes[index])}</sub>'
+            out.append(shown)
             index += 1
         else:
             out.append(markup.esc(word))
     return "".join(out)
+
+
+def caption_causes(model, result: Misalignment, batch_size: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The benchmark's captions explained (:func:`~lvlm_probe.bench.explain_captions`, no maps):
+    the caption table and the mention table, each with the caption's ``split``."""
+    scenes = {scene_key(q.scene): q.scene for q in result.questions}
+    captions = result.captions[result.captions["caption"].str.strip() != ""].reset_index(drop=True)
+    if not len(captions):
+        return pd.DataFrame(columns=["caption", "split"]), pd.DataFrame(columns=[*MENTION_COLUMNS, "split"])
+    explained = explain_captions(model, [scenes[k] for k in captions["scene"]], list(captions["caption"]),
+                                 maps=None, batch_size=batch_size, progress=progress)
+    split = captions["split"]
+    return (explained.captions.assign(split=split[explained.captions["caption"]].values),
+            explained.mentions.assign(split=split[explained.mentions["caption"]].values))
+
+
+def _explained_captions(captions: pd.DataFrame, mentions: pd.DataFrame, k: int = 8) -> str:
+    """Up to ``k`` captions with a hallucinated mention, each hallucinated word marked with its
+    cause (and, for the caption's own words, the earlier word that carried it)."""
+    wrong = mentions[mentions["hallucinated"]]
+    rows = []
+    for c in list(dict.fromkeys(wrong["caption"]))[:k]:
+        row = captions[captions["caption"] == c].iloc[0]
+        notes = {}
+        for m in wrong[wrong["caption"] == c].itertuples():
+            note = m.cause + (f" ({m.strongest_word})" if m.cause == "own words" and m.strongest_word else "")
+            notes[int(m.start)] = note
+        rows.append(f'<tr><td class="text">{markup.esc(row["split"])}</td>'
+                    f'<td class="text">{_marked(row["text"], pd.DataFrame(), notes)}</td>'
+                    f'<td class="text">{markup.esc(", ".join(row["truth"]))}</td></tr>')
+    return ('<table id="explained_captions"><thead><tr><th>split</th><th>caption (hallucinated shapes marked with '
+            f'their cause)</th><th>shapes present</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def _caption_examples(captions: pd.DataFrame, per_split: int = 3) -> str:
@@ -128,7 +174,21 @@ def _figure(fig, caption: str, alt: str) -> str:
     return markup.figure(figures.png_bytes(fig), caption, alt)
 
 
-def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[str, Any]) -> list[str]:
+def _cause_table(mentions: pd.DataFrame) -> pd.DataFrame:
+    """Per split (and all): mentions, hallucinated ones, the mean image share of each, and the
+    causes of the hallucinated ones."""
+    rows = []
+    for split, part in [*mentions.groupby("split", sort=True), ("all", mentions)]:
+        wrong = part[part["hallucinated"]]
+        rows.append({"split": split, "mentions": len(part), "hallucinated": len(wrong),
+                     "image_share_correct": part.loc[~part["hallucinated"], "image_share"].mean(),
+                     "image_share_hallucinated": wrong["image_share"].mean(),
+                     **{cause: int((wrong["cause"] == cause).sum()) for cause in CAPTION_CAUSES}})
+    return pd.DataFrame(rows)
+
+
+def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[str, Any],
+          explained: pd.DataFrame, mentions: pd.DataFrame) -> list[str]:
     d = result.diagnosis
     levels, errors = result.levels, figures.source_columns(d.errors)
     total, wrong = int(levels["n"].sum()), int(levels["errors"].sum())
@@ -163,6 +223,18 @@ def _body(name: str, result: Misalignment, maps: pd.DataFrame, settings: dict[st
         "typical colour (a yellow object called a star): the colour prior naming the shape.</p>",
         markup.table(result.chair, "chair"),
         _caption_examples(result.captions),
+        "<h3>Why the captions name what is not there</h3>",
+        "<p>Every object mention's first token is explained teacher-forced "
+        "(<code>lp.attribution.explain_generation</code>): its log-probability split exactly into the "
+        "prior (template and the word just before it), the prompt, the image and the caption's earlier "
+        "words. A hallucinated mention's cause is the source that pushed the word up most: "
+        "<b>perception</b> (the image), <b>own words</b> (the earlier words; the word whose removal lowers "
+        "the token most is named), else <b>prior</b>.</p>",
+        markup.table(_cause_table(mentions), "caption_causes"),
+        _figure(CaptionExplanation(explained, mentions, {}).plot(),
+                "Mean credit of the mention's first token for correct and hallucinated mentions, and the "
+                "causes of the hallucinated ones.", "caption credit and causes"),
+        _explained_captions(explained, mentions),
         "<h2>Diagnosis of the errors</h2>",
         "<p>Each wrong answer gets one cause. <b>Prior override</b>: the source split of the wrong "
         "answer's log-odds against the gold one gives the prior and the prompt together a push "
@@ -253,15 +325,18 @@ def write_report(model, out: str | os.PathLike, *, name: str = "model", world: A
     chosen = pick_examples(result.diagnosis.errors, maps)
     stages = Stages(out / "stages", {**result.settings, "maps": list(chosen["id"]), "map_method": map_method})
     (shown,) = stages.run("maps", ("maps",), lambda: (example_maps(model, result.questions, chosen, map_method, progress),))
+    explained, mentions = stages.run("caption_causes", ("captions", "mentions"),
+                                     lambda: caption_causes(model, result, batch_size, progress))
     seed = world.config.seed if isinstance(world, ShapesWorld) else None
     settings = dict(summary=model.summary(), n=n, seed=seed, captions=captions, n_probe=n_probe,
                     map_method=map_method, folder=None if seed is not None else str(world))
     summary = result.summary()
     document = {"model": name, "settings": settings, **{k: summary[k] for k in TABLES},
                 "probes": summary["probes"], "errors": records(figures.source_columns(result.diagnosis.errors)),
-                "examples": records(shown.drop(columns="png"))}
+                "examples": records(shown.drop(columns="png")), "caption_causes": records(_cause_table(mentions)),
+                "caption_mentions": records(mentions)}
     html_path, json_path = out / "report.html", out / "report.json"
     atomic_write(json_path, json.dumps(document, indent=1, sort_keys=True).encode(), "report.json")
-    page = markup.document(f"Misalignment report: {name}", _body(name, result, shown, settings))
+    page = markup.document(f"Misalignment report: {name}", _body(name, result, shown, settings, explained, mentions))
     atomic_write(html_path, page.encode("utf-8"), "report.html")
     return Report(html_path, json_path, result)

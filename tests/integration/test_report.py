@@ -98,7 +98,7 @@ def test_self_contained_document_with_headings_and_captioned_figures(report, pag
     assert page.headings[0] == ("h1", "Misalignment report: shapes-llava")
     assert HEADINGS <= {t for tag, t in page.headings if tag == "h2"}
     assert "http://" not in text and "https://" not in text and not page.foreign
-    assert len(page.images) == 8  # levels, POPE, causes, emergence, two splits, two maps
+    assert len(page.images) == 9  # levels, POPE, caption causes, causes, emergence, two splits, two maps
     for image in page.images:
         assert image["src"].startswith("data:image/png;base64,") and image["alt"]
         assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,6 +141,21 @@ def test_json_numbers_are_the_tables_numbers(report, page):
     for example in numbers["examples"]:
         assert example["question"] == by_id[example["id"]]["question"]
     assert {p["kind"] for p in numbers["probes"]} == set(result.diagnosis.probes.kind)
+    # the captions' hallucinated mentions: the table's numbers are the JSON's, and every caption
+    # shown names each hallucinated word's cause after it
+    header, *body = page.tables["caption_causes"]
+    assert [cells for cells in body] == [[cell(float("nan") if r[c] is None else r[c]) for c in header]
+                                         for r in numbers["caption_causes"]]
+    mentions = pd.DataFrame(numbers["caption_mentions"])
+    assert len(mentions) == numbers["caption_causes"][-1]["mentions"] > 0
+    wrong = mentions[mentions["hallucinated"]]
+    assert len(wrong) > 0
+    assert set(wrong["cause"]) <= set(lp.bench.CAPTION_CAUSES) and mentions.loc[~mentions["hallucinated"], "cause"].isna().all()
+    shown = " ".join(cells[1] for cells in page.tables["explained_captions"][1:]).lower()
+    first = list(dict.fromkeys(wrong["caption"]))[:8]  # the captions the table shows
+    assert len(page.tables["explained_captions"]) == len(first) + 1
+    for m in wrong[wrong["caption"].isin(first)].itertuples():
+        assert f"{m.word}{m.cause}" in shown, (m.word, m.cause)
 
 
 def test_rerun_after_an_interrupted_stage_reuses_the_others_and_writes_the_same_report(model, report):
