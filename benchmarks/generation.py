@@ -6,7 +6,8 @@ On shapes-llava captioning ShapesWorld scenes, from runs interleaved in one proc
 ``--runs`` with the range):
 
 1. ``model.generate(batch, n, capture=...)`` (the residual stream of every layer at every step,
-   ``positions="last"`` and ``"all"``) against the same generation without capture;
+   ``positions="last"`` and ``"all"``) against the same generation without capture
+   (``model.generation``, which returns the same texts, ids and log-probabilities);
 2. ``lp.attribution.explain_generation`` (all coalitions of all tokens in whole-coalition passes)
    against the same split computed the way a per-token loop would: one teacher-forced pass per
    token, its eight coalitions batched, the earlier words hidden by a key mask. The script checks
@@ -79,9 +80,10 @@ def main() -> None:
 
     # 1. capture during generation, interleaved with plain generation
     plain, last, every = [], [], []
-    model.generate(batch, args.tokens)  # warm-up
+    model.generation(batch, args.tokens)  # warm-up
     for _ in range(args.runs):
-        plain += timed(lambda: model.generate(batch, args.tokens, min_new_tokens=args.tokens), 1)
+        # the same generation and outputs (texts, ids, log-probabilities), without the activations
+        plain += timed(lambda: model.generation(batch, args.tokens, min_new_tokens=args.tokens), 1)
         last += timed(lambda: model.generate(batch, args.tokens, capture=RESID, min_new_tokens=args.tokens), 1)
         every += timed(lambda: model.generate(batch, args.tokens, capture=RESID, positions="all",
                                               min_new_tokens=args.tokens), 1)

@@ -35,7 +35,7 @@ from .errors import (
 from .inputs import Batch
 from .interop.loading import load
 from .layout import ImageGrid, ImageLayout, TokenLayout
-from .model import LVLM
+from .model import LVLM, Generation
 from .store import ActivationStore, extract
 
 __version__ = "0.1.0"
@@ -51,7 +51,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LVLM", "Batch", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
+    "LVLM", "Batch", "Generation", "TokenLayout", "ImageLayout", "ImageGrid", "load", "families", "zoo", "errors",
     "worlds", "bench", "store", "extract", "ActivationStore", "alignment", "interop", "viz", "probing", "attribution",
     "circuits", "report", "widgets", "distributed",
     "LVLMProbeError", "UnsupportedModelError", "InputError", "ImageTypeError", "LayoutError",

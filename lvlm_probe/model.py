@@ -429,13 +429,18 @@ class LVLM:
             >>> out = model.generate(batch, 12, capture="blocks.*.hook_resid_post")
             >>> out.cache.stack("blocks.*.hook_resid_post")  # [layer, batch, 12, d_model]
         """
-        if capture is None:
-            return self.generation(batch, max_new_tokens, **kwargs).texts
-        return self.generation(batch, max_new_tokens, capture=capture, positions=positions, **kwargs)
+        if capture is not None:
+            return self.generation(batch, max_new_tokens, capture=capture, positions=positions, **kwargs)
+        kwargs.setdefault("do_sample", False)
+        with torch.no_grad(), hooks.running(batch):
+            out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, **kwargs)
+        new = out[:, batch.input_ids.shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def generation(self, batch: Batch, max_new_tokens: int = 16, *, capture: str | list[str] | None = None,
                    positions: Any = "last", **kwargs: Any) -> Generation:
-        """:meth:`generate`, returning a :class:`Generation` whether or not it captures."""
+        """:meth:`generate`, returning a :class:`Generation` whether or not it captures (HF keeps
+        every step's logits for the tokens' log-probabilities: ``[batch, vocab]`` per step)."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         kwargs.setdefault("do_sample", False)
@@ -455,14 +460,17 @@ class LVLM:
             out = self.hf.generate(**batch.inputs, max_new_tokens=max_new_tokens, output_logits=True,
                                    return_dict_in_generate=True, **kwargs)
         start = batch.input_ids.shape[1]
-        new = out.sequences[:, start:].cpu()
-        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1).cpu()
+        new = out.sequences[:, start:]
+        # each step's chosen token's log-probability (not every step's whole distribution)
+        logprobs = torch.stack([step.float().gather(-1, new[:, k, None])[:, 0] - step.float().logsumexp(-1)
+                                for k, step in enumerate(out.logits)], dim=1).cpu()
+        new = new.cpu()
         stop = _eos_ids(self.hf)
         ids, scores = [], []
         for row, tokens in enumerate(new.tolist()):
             n = next((k + 1 for k, t in enumerate(tokens) if t in stop), len(tokens))
             ids.append(tokens[:n])
-            scores.append(logprobs[row, torch.arange(n), new[row, :n]])
+            scores.append(logprobs[row, :n])
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         cache = _generated_cache(recorder, batch, positions) if recorder is not None else None
         return Generation(texts=texts, token_ids=ids, logprobs=scores, cache=cache)

@@ -273,6 +273,9 @@ def explain_generation(
     # the position before each token reads it; unembed only those positions
     window = slice(start - 1, start - 1 + n_max)
     per_pass = max(1, batch_size // len(batch))
+    tokens = torch.zeros(len(batch), n_max, dtype=torch.long)  # each reader's token (0 past the end)
+    for i, row in enumerate(ids):
+        tokens[i, :len(row)] = torch.tensor(row)
     scores, passes = [], 0
     for first in range(0, len(COALITIONS), per_pass):
         chosen = COALITIONS[first:first + per_pass]
@@ -281,14 +284,14 @@ def explain_generation(
         mask = torch.cat([hidden[c] for c in chosen]).to(model.device)
         with torch.no_grad(), attention.hiding_positions(model, mask), editing(model, edits), \
                 _unembedding(model, window):
-            logits = model.run(rows).logits.float()
+            logits = model.run(rows).logits.float()  # [rows, n_max, vocab]
         passes += 1
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()  # [rows, n_max, vocab]
-        scores.append(logprobs)
-    logprobs = torch.cat(scores).reshape(len(COALITIONS), len(batch), n_max, -1)
-    values = torch.full((len(COALITIONS), len(batch), n_max), float("nan"))
+        # keep only each token's log-probability: the pass's logits at a real vocabulary are large
+        wanted = tokens.repeat(len(chosen), 1).to(logits.device)[..., None]
+        scores.append((logits.gather(-1, wanted)[..., 0] - logits.logsumexp(-1)).cpu())
+    values = torch.cat(scores).reshape(len(COALITIONS), len(batch), n_max)
     for i, row in enumerate(ids):
-        values[:, i, :len(row)] = logprobs[:, i, torch.arange(len(row)), torch.tensor(row)]
+        values[:, i, len(row):] = float("nan")
     shapley = _shapley(values)
     tokens = [[model.tokenizer.decode([t]) for t in row] for row in ids]
     return GenerationSplit(
