@@ -75,6 +75,7 @@ def _generated_cache(recorder: hooks.Capture, batch: Batch, selector: Any) -> ho
     kept = (torch.arange(length).expand(len(batch), -1) if selector == "all"
             else resolve_batch(selector, batch.layouts).to(torch.long))  # [batch, n] (-1: padding)
     cache = hooks.ActivationCache(selector, "none")
+    steps = 0  # the calls after the prompt pass: one per generated token but the last
     for point in recorder.points:
         if point.name not in recorder.cache:
             continue
@@ -87,7 +88,7 @@ def _generated_cache(recorder: hooks.Capture, batch: Batch, selector: Any) -> ho
             first = torch.cat([first.new_zeros((len(first), length - first.shape[1], *first.shape[2:])), first], 1)
         prompt = first if selector == "all" else gather(first, kept.to(first.device), length=length)
         cache._calls[point.name] = [torch.cat([prompt, *calls[1:]], dim=1)]
-    steps = len(next(iter(recorder.cache._calls.values()), [None])) - 1
+        steps = len(calls) - 1
     generated = length + torch.arange(steps).expand(len(batch), -1)
     cache._kept.append(torch.cat([kept.cpu(), generated], dim=1))
     return cache
@@ -439,8 +440,14 @@ class LVLM:
 
     def generation(self, batch: Batch, max_new_tokens: int = 16, *, capture: str | list[str] | None = None,
                    positions: Any = "last", **kwargs: Any) -> Generation:
-        """:meth:`generate`, returning a :class:`Generation` whether or not it captures (HF keeps
-        every step's logits for the tokens' log-probabilities: ``[batch, vocab]`` per step)."""
+        """:meth:`generate` (same arguments), returning a :class:`Generation` whether or not it
+        captures: the texts, token ids and each token's log-probability (HF keeps every step's
+        logits ``[batch, vocab]`` for them while it generates).
+
+        Raises:
+            InputError: for ``max_new_tokens`` that is not a positive int, or attention patterns or
+                scores in ``capture``.
+        """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         kwargs.setdefault("do_sample", False)

@@ -206,8 +206,9 @@ class GenerationSplit(AttributionResult):
         ax.axis("off")
         fig.colorbar(matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=scale), ax=ax,
                      fraction=0.03, label=f"{source} share of the token's credit")
-        ax.set_title(f"{source} share per generated token ({self.ablation} ablation, exact Shapley over "
-                     "image, prompt, earlier words)", fontsize=9)
+        ax.set_title(f"{source} share per generated token", fontsize=9)
+        self.suptitle(fig, chosen, f"explain_generation ({self.ablation} ablation, exact Shapley over image, "
+                                   "prompt, earlier words)")
         return fig
 
 

@@ -76,6 +76,8 @@ def test_generated_continuation_is_explained_as_generated(llava, generated):
     assert shares.dropna().between(1 - 1e-6, 1 + 1e-6).all()
     fig = split.plot(source="image")
     assert isinstance(fig, Figure) and "image share" in fig.axes[0].get_title()
+    assert fig._suptitle.get_text().startswith("explain_generation (mask ablation") and "Describe the image." in \
+        fig._suptitle.get_text()
 
 
 def test_generation_capture_keeps_the_state_that_produced_each_token(llava, generated):
@@ -134,3 +136,16 @@ def test_bad_generation_input_is_named(llava, generated):
         model.generate(batch, 2, capture="blocks.0.attn.hook_pattern")
     with pytest.raises(InputError, match="continuation 0 must be a list of token ids"):
         model.continued(batch, [["a"], [], []])
+
+
+def test_generation_capture_keeps_values_outside_the_sequence_from_the_prompt_pass(llava):
+    """A vision hook runs once (the prompt pass) and is kept whole; the language model's values
+    still get one position per step after it."""
+    model, batch = llava
+    out = model.generate(batch, 4, capture=["vision.blocks.0.hook_resid_post", "blocks.0.hook_resid_post"])
+    with torch.no_grad(), model.capture("vision.blocks.0.hook_resid_post") as cache:
+        model.forward(batch)
+    torch.testing.assert_close(out.cache["vision.blocks.0.hook_resid_post"], cache["vision.blocks.0.hook_resid_post"])
+    n = max(len(row) for row in out.token_ids)
+    assert out.cache["blocks.0.hook_resid_post"].shape[1] == n
+    assert out.cache.positions().shape == (len(batch), n)
