@@ -105,15 +105,17 @@ def test_generation_capture_keeps_the_state_that_produced_each_token(llava, gene
         assert kept[i, :len(where)].tolist() == where.tolist()
 
 
-def test_image_map_of_a_continuation_token_scores_that_token(llava, generated):
-    """image_map(continuation=..., token=k) explains token k teacher-forced: its full score is the
-    split's full value at k."""
+@pytest.mark.parametrize("method", lp.attribution.METHODS)
+def test_image_map_of_a_continuation_token_scores_that_token(llava, generated, method):
+    """image_map(continuation=..., token=k) explains token k teacher-forced, with every method: its
+    full score is the split's full value at k."""
     model, batch = llava
     ids = generated.token_ids
     split = explain_generation(model, batch, continuation=ids)
-    maps = image_map(model, batch, continuation=ids, token=2, method="ablation")
+    maps = image_map(model, batch, continuation=ids, token=2, method=method, n_steps=8, n_samples=2)
     torch.testing.assert_close(maps.values, split.full[:, 2], atol=1e-5, rtol=0)
     assert maps.targets == [model.tokenizer.decode([row[2]]) for row in ids]
+    assert torch.isfinite(maps.scores).any()
 
 
 def test_bad_generation_input_is_named(llava, generated):
