@@ -28,11 +28,13 @@ from .inputs import Batch, normalize
 from .layout import GROUPS, TokenLayout, locate_prompt
 
 
-def _last_position_only(module, args):
-    """Forward pre-hook of the unembedding: only the last position of ``[batch, seq, d]`` hidden
-    states goes in."""
-    hidden = args[0]
-    return (hidden[:, -1:], *args[1:]) if hidden.dim() == 3 else None
+def _unembedding_only(window: slice):
+    """A forward pre-hook of the unembedding: only the positions in ``window`` of ``[batch, seq,
+    d]`` hidden states go in."""
+    def pre_hook(module, args):
+        hidden = args[0]
+        return (hidden[:, window], *args[1:]) if hidden.dim() == 3 else None
+    return pre_hook
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -374,7 +376,7 @@ class LVLM:
         with torch.set_grad_enabled(grad), hooks.running(batch):
             return self.run(batch.inputs, **kwargs)
 
-    def run(self, inputs: dict, *, last_position: bool = False, **kwargs: Any):
+    def run(self, inputs: dict, *, last_position: bool = False, unembed: slice | None = None, **kwargs: Any):
         """Call the HF model on model inputs (``batch.inputs`` or rows built from them) and return
         its output, without building a KV cache.
 
@@ -390,13 +392,17 @@ class LVLM:
                 position (HF's ``logits_to_keep`` is not used: Gemma 4 skips its last layers at
                 the other positions with it). Inputs with ``labels`` (a loss over every position)
                 are unembedded in full.
+            unembed: unembed only these positions (logits ``[batch, len(window), vocab]``), e.g.
+                the readers of a teacher-forced continuation; ``last_position=True`` is
+                ``slice(-1, None)``. Same rules as ``last_position``.
             **kwargs: passed to the HF model.
         """
         kwargs.setdefault("use_cache", False)
-        head = self.hf.get_output_embeddings() if last_position and "labels" not in inputs else None
+        window = slice(-1, None) if last_position else unembed
+        head = self.hf.get_output_embeddings() if window is not None and "labels" not in inputs else None
         if head is None:
             return self.hf(**inputs, **kwargs)
-        handle = head.register_forward_pre_hook(_last_position_only)
+        handle = head.register_forward_pre_hook(_unembedding_only(window))
         try:
             return self.hf(**inputs, **kwargs)
         finally:

@@ -283,9 +283,8 @@ def explain_generation(
         rows, edits = removed_inputs(model, batch, inputs, [c[0] for c in chosen], [c[1] for c in chosen],
                                      ablation, noise_step, seed)
         mask = torch.cat([hidden[c] for c in chosen]).to(model.device)
-        with torch.no_grad(), attention.hiding_positions(model, mask), editing(model, edits), \
-                _unembedding(model, window):
-            logits = model.run(rows).logits.float()  # [rows, n_max, vocab]
+        with torch.no_grad(), attention.hiding_positions(model, mask), editing(model, edits):
+            logits = model.run(rows, unembed=window).logits.float()  # [rows, n_max, vocab]
         passes += 1
         # keep only each token's log-probability: the pass's logits at a real vocabulary are large
         wanted = tokens.repeat(len(chosen), 1).to(logits.device)[..., None]
@@ -342,21 +341,3 @@ def _shapley(values: Tensor) -> dict[str, Tensor]:
             total = total + weight * (v[joined] - v[c])
         out[name] = total
     return out
-
-
-class _unembedding:
-    """Unembed only a window of positions (the readers of the continuation's tokens): the full
-    logits of eight coalitions would be the largest tensor of the pass at a real vocabulary."""
-
-    def __init__(self, model, window: slice):
-        self.head, self.window = model.hf.get_output_embeddings(), window
-        self.handle = None
-
-    def __enter__(self):
-        def pre_hook(module, args):
-            hidden = args[0]
-            return (hidden[:, self.window], *args[1:]) if hidden.dim() == 3 else None
-        self.handle = self.head.register_forward_pre_hook(pre_hook)
-
-    def __exit__(self, *exc):
-        self.handle.remove()

@@ -178,6 +178,8 @@ def explain_captions(
             mine = found.mentions[found.mentions["caption"] == j]
             caption_rows.append(dict(caption=k, text=texts[j], truth=found.captions.loc[j, "truth"],
                                      mentions=len(mine), hallucinated=int(mine["hallucinated"].sum())))
+            # the caption's own one-example batch, for its mentions' word ablations and maps
+            one = model.prepare(images=[pictures[k]], prompts=[prompt]) if len(mine) else None
             for m, mention in enumerate(mine.itertuples()):
                 if mention.token_start < 0:
                     continue
@@ -192,10 +194,9 @@ def explain_captions(
                 if mention.hallucinated:
                     row["cause"] = cause_of(row)
                     row["strongest_word"], row["strongest_word_drop"] = _strongest_earlier_word(
-                        model, pictures[k], prompt, split.token_ids[j], mention.token_start, batch_size)
+                        model, one, split.token_ids[j], mention.token_start, batch_size)
                 rows.append(row)
                 if maps is not None:
-                    one = model.prepare(images=[pictures[k]], prompts=[prompt])
                     kept_maps[(k, m)] = image_map(model, one, continuation=[split.token_ids[j]],
                                                   token=int(mention.token_start), method=maps,
                                                   batch_size=batch_size)
@@ -212,11 +213,11 @@ def cause_of(credit: Mapping[str, float]) -> str:
     return "prior"
 
 
-def _strongest_earlier_word(model, picture, prompt: str, ids: list[int], token: int,
-                            batch_size: int) -> tuple[str | None, float]:
+def _strongest_earlier_word(model, one, ids: list[int], token: int, batch_size: int) -> tuple[str | None, float]:
     """The earlier word (before the token's reader) whose tokens, hidden from every query, lower
-    the token's log-probability most, and by how much; one row per word, ``batch_size`` rows a pass."""
-    batch = teacher_forced(model, model.prepare(images=[picture], prompts=[prompt]), [ids[:token]])
+    the token's log-probability most, and by how much; one row per word, ``batch_size`` rows a pass.
+    ``one`` is the caption's one-example batch (image and prompt)."""
+    batch = teacher_forced(model, one, [ids[:token]])
     start = batch.input_ids.shape[1] - token  # the continuation's first position
     text = model.tokenizer.decode(ids[:max(token - 1, 0)], skip_special_tokens=True)
     words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]

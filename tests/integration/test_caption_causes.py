@@ -109,6 +109,19 @@ def test_the_strongest_earlier_word_is_the_one_whose_hiding_costs_most(model, pl
     assert max(drops.values()) == pytest.approx(row["strongest_word_drop"], abs=1e-4)
 
 
+def test_every_mention_gets_the_image_map_of_its_first_token(model, planted):
+    """maps=: one map per mention, scoring the mention's first token (its value is the token's
+    log-probability in the split)."""
+    scenes, captions, _, _ = planted
+    result = lp.bench.explain_captions(model, scenes[:3], captions[:3], maps="ablation", progress=False)
+    m = result.mentions
+    assert sorted(result.maps) == sorted(zip(m["caption"], m["mention"]))
+    for row in m.itertuples():
+        explained = result.maps[(row.caption, row.mention)]
+        assert explained.method == "ablation" and explained.targets == [row.token]
+        assert float(explained.values[0]) == pytest.approx(row.full, abs=1e-4)
+
+
 def test_bad_caption_input_is_named(model):
     world = lp.worlds.ShapesWorld(seed=5, image_size=64)
     scenes = world.scenes(2)
